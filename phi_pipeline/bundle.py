@@ -1,0 +1,213 @@
+"""The bundle: its layout, staging, manifest, model card, verification and atomic publish.
+
+Layout of dist/<pipeline>/<target>/ (the one place that defines it):
+    genai_config.json, model.onnx, model.onnx.data, tokenizer files   ONNX Runtime GenAI model folder
+    adapters/<name>.onnx_adapter                                      one per adapter
+    manifest.json                                                     what, from what, with what, sha256 of every file
+    README.md                                                         model card: how to load it
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from phi_pipeline.cache import file_sha256, tree_files
+from phi_pipeline.versions import package_versions
+
+if TYPE_CHECKING:
+    from phi_pipeline.pipeline import TrainedAdapter
+    from phi_pipeline.plan import Plan
+    from phi_pipeline.progress import Stages
+
+FORMAT = "phi-pipeline-bundle/1"
+MANIFEST = "manifest.json"
+CARD = "README.md"
+ADAPTERS_DIR = "adapters"
+MODEL_FILE = "model.onnx"
+# Olive's bookkeeping and the layout adapter's weights are not part of a bundle.
+_SKIP_FROM_EXPORT = ("model_config.json", "output_model_config.json")
+
+
+def adapter_file(name: str) -> str:
+    return f"{ADAPTERS_DIR}/{name}.onnx_adapter"
+
+
+def _prompt_format(adapter: "TrainedAdapter", bos_token: str | None) -> dict[str, Any]:
+    from phi_pipeline.data import prompt_prefix
+
+    data = adapter.plan.spec.data
+    if data.messages_field:
+        return {"type": "chat"}
+    return {
+        "type": "template",
+        "prefix": prompt_prefix(data.text_template or "", data.response_field or ""),
+        # Olive's text_template training wraps each example as "{bos} {text} {eos}".
+        "bos": bos_token,
+    }
+
+
+def _bos_token(folder: Path) -> str | None:
+    try:
+        tok = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    bos = tok.get("bos_token")
+    return bos.get("content") if isinstance(bos, dict) else bos
+
+
+def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "Stages") -> Path:
+    """Assemble the bundle in a fresh staging folder next to its destination; return that folder."""
+    from phi_pipeline.adapters import convert_adapter
+
+    root = plan.paths.staging_root
+    root.mkdir(parents=True, exist_ok=True)
+    staged = root / f"{plan.spec.name}-{plan.target.name}-{os.getpid()}"
+    shutil.rmtree(staged, ignore_errors=True)
+    for src in tree_files(export):
+        rel = src.relative_to(export)
+        if rel.name in _SKIP_FROM_EXPORT or rel.suffix == ".onnx_adapter" or rel.name == "cache-entry.json":
+            continue
+        dst = staged / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+
+    bos = _bos_token(staged)
+    adapters = []
+    for t in trained:
+        out = staged / adapter_file(t.plan.name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert_adapter(t.folder / "adapter", staged / MODEL_FILE, out)
+        spec = t.plan.spec
+        adapters.append(
+            {
+                "name": t.plan.name,
+                "file": adapter_file(t.plan.name),
+                "sha256": file_sha256(out),
+                "method": spec.lora.method,
+                "lora": {**spec.lora.model_dump(), "target_modules": list(t.plan.target_modules)},
+                "training": spec.training.model_dump(),
+                "dataset": {
+                    "train": spec.data.train,
+                    "train_sha256": t.dataset_sha256["train"],
+                    "eval": spec.data.eval,
+                    "eval_sha256": t.dataset_sha256["eval"],
+                },
+                "prompt_format": _prompt_format(t, bos),
+                "cache_key": t.key,
+                "training_history": training_history(t.folder),
+            }
+        )
+
+    manifest = {
+        "format": FORMAT,
+        "pipeline": plan.spec.name,
+        "description": plan.spec.description,
+        "target": plan.target.name,
+        "execution_provider": plan.target.execution_provider,
+        "precision": plan.precision,
+        "layout": "multi-adapter",
+        "runtime_packages": list(plan.target.runtime_packages),
+        "base_model": {"name_or_path": plan.base_model, "model_type": plan.model_type},
+        "adapters": adapters,
+        "seeds": {a["name"]: a["training"]["seed"] for a in adapters},
+        "stage_seconds": dict(stages.seconds),
+        "packages": package_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (staged / CARD).write_text(model_card(manifest))
+    manifest["files"] = {
+        p.relative_to(staged).as_posix(): file_sha256(p) for p in tree_files(staged) if p.name != MANIFEST
+    }
+    (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return staged
+
+
+def training_history(folder: Path) -> list[dict[str, Any]]:
+    """The trainer's logged history (loss, eval_loss, learning rate by step) of a fine-tune result."""
+    try:
+        return json.loads((folder / "trainer_state.json").read_text()).get("log_history", [])
+    except (OSError, ValueError):
+        return []
+
+
+def model_card(manifest: dict[str, Any]) -> str:
+    names = [a["name"] for a in manifest["adapters"]]
+    rows = "\n".join(
+        f"| `{a['name']}` | `{a['file']}` | {a['method']} r={a['lora']['r']} alpha={a['lora']['alpha']} | "
+        f"`{a['dataset']['train']}` |"
+        for a in manifest["adapters"]
+    )
+    first = names[0]
+    return f"""# {manifest['pipeline']} ({manifest['target']}, {manifest['precision']})
+
+{manifest['description']}
+
+An ONNX Runtime GenAI model with {len(names)} swappable LoRA adapter(s), built by phi-pipeline from
+`{manifest['base_model']['name_or_path']}` for the `{manifest['execution_provider']}`.
+Runtime: `pip install {' '.join(manifest['runtime_packages'])}` (no torch needed).
+
+| adapter | file | LoRA | trained on |
+|---|---|---|---|
+{rows}
+
+## Use it
+
+```python
+import onnxruntime_genai as og
+
+model = og.Model("{manifest['pipeline']}/{manifest['target']}")      # this folder
+tokenizer = og.Tokenizer(model)
+adapters = og.Adapters(model)
+adapters.load("adapters/{first}.onnx_adapter", "{first}")   # load each adapter once
+
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=256, do_sample=False)
+generator = og.Generator(model, params)
+generator.set_active_adapter(adapters, "{first}")           # omit for the base model
+generator.append_tokens(tokenizer.encode(prompt))
+while not generator.is_done():
+    generator.generate_next_token()
+print(tokenizer.decode(generator.get_sequence(0)))
+```
+
+Each adapter expects prompts in the format it was trained on (`prompt_format` in manifest.json):
+chat adapters use the model's chat template, template adapters the text before the answer.
+Or from the command line: `phi-pipeline generate <this folder> --adapter {first} --prompt "..."`.
+
+`manifest.json` lists the sha256 of every file; `phi-pipeline verify <this folder>` checks them and
+that each adapter fits the model's LoRA inputs.
+"""
+
+
+def verify(folder: Path) -> list[str]:
+    """Every way the bundle differs from its manifest, or an adapter misfits the graph; [] if none."""
+    from phi_pipeline.adapters import check_adapter_fits
+
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return [f"{folder / MANIFEST}: missing; not a phi-pipeline bundle"]
+    except ValueError as exc:
+        return [f"{folder / MANIFEST}: not valid JSON ({exc})"]
+    problems = []
+    listed: dict[str, str] = manifest.get("files", {})
+    present = {p.relative_to(folder).as_posix() for p in tree_files(folder)} - {MANIFEST}
+    for rel in sorted(set(listed) - present):
+        problems.append(f"{rel}: listed in the manifest but missing")
+    for rel in sorted(present - set(listed)):
+        problems.append(f"{rel}: present but not in the manifest")
+    for rel in sorted(set(listed) & present):
+        if file_sha256(folder / rel) != listed[rel]:
+            problems.append(f"{rel}: sha256 differs from the manifest (modified or corrupted)")
+    model = folder / MODEL_FILE
+    if model.exists():
+        for a in manifest.get("adapters", []):
+            path = folder / a["file"]
+            if path.exists():
+                problems += [f"{a['file']}: {p}" for p in check_adapter_fits(model, path)]
+    return problems

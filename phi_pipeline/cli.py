@@ -1,0 +1,124 @@
+"""`phi-pipeline`: argument parsing only; each subcommand calls one function of the package.
+
+Exit codes: 0 success, 1 a stage failed, 2 bad input (spec, data, arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from phi_pipeline.errors import PipelineError, UsageError
+from phi_pipeline.targets import TARGETS
+
+SHIPPED_SPECS = Path("pipelines")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from phi_pipeline.pipeline import run
+
+    run(args.spec, args.target, precision=args.precision, echo=args.verbose)
+    return 0
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from phi_pipeline.configs import write_configs
+    from phi_pipeline.pipeline import load_plan
+
+    if args.all:
+        jobs = [(spec, t) for spec in sorted(SHIPPED_SPECS.glob("*.yaml")) for t in TARGETS]
+    elif args.spec:
+        jobs = [(Path(args.spec), args.target)]
+    else:
+        raise UsageError("phi-pipeline configs", ["give a SPEC, or --all for every spec in pipelines/"])
+    for spec, target in jobs:
+        plan = load_plan(spec, target, args.precision)
+        for path in write_configs(plan).values():
+            print(path)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from phi_pipeline.generate import generate_cli
+
+    return generate_cli(args.bundle, args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens, raw=args.raw)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from phi_pipeline.bundle import verify
+
+    problems = verify(Path(args.bundle))
+    if problems:
+        print(f"{args.bundle}: verification failed", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print(f"{args.bundle}: every file matches manifest.json and every adapter fits the model's inputs")
+    return 0
+
+
+def _cmd_tiny_base(args: argparse.Namespace) -> int:
+    from phi_pipeline.tiny.base_model import build_tiny_base
+
+    print(build_tiny_base(Path(args.out)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phi-pipeline",
+        description="Fine-tune LoRA adapters and export a multi-adapter ONNX Runtime GenAI bundle, through Olive.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def spec_and_target(p: argparse.ArgumentParser, spec_required: bool = True) -> None:
+        p.add_argument("spec", nargs=None if spec_required else "?", help="pipeline spec (pipelines/*.yaml)")
+        p.add_argument("--target", default="cpu", choices=list(TARGETS), help="deployment target (default: cpu)")
+        p.add_argument("--precision", help="override the spec's export precision")
+
+    p = sub.add_parser("run", help="run the whole pipeline and publish the bundle")
+    spec_and_target(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="stream Olive's log to the console")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("configs", help="write the Olive workflow configs to olive_configs/ and stop (a dry run)")
+    spec_and_target(p, spec_required=False)
+    p.add_argument("--all", action="store_true", help="every spec in pipelines/ for every target")
+    p.set_defaults(func=_cmd_configs)
+
+    p = sub.add_parser("generate", help="generate text with a published bundle (onnxruntime-genai only)")
+    p.add_argument("bundle", help="bundle folder, e.g. dist/tiny-phi3/cpu")
+    p.add_argument("--prompt", required=True, help="the user's text; formatted like the adapter's training data")
+    p.add_argument("--adapter", help="adapter name to activate (default: none, the base model)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the adapter's format")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("verify", help="re-hash a bundle against its manifest and check adapters fit the model")
+    p.add_argument("bundle")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("tiny-base", help="build the embedded tiny Phi-3 base model (no hub access)")
+    p.add_argument("out", help="output folder")
+    p.set_defaults(func=_cmd_tiny_base)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"error: {exc.render()}", file=sys.stderr)
+        return 2
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the published bundle was left as it was", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

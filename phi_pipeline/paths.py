@@ -1,0 +1,64 @@
+"""Where everything lives: the one place for the pipeline's folder layout.
+
+Olive configs only ever name the stable run folders below (never cache keys), so the generated
+JSON is the same on every machine and can be golden-tested.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+OLIVE_CONFIGS = Path("olive_configs")
+
+
+@dataclass(frozen=True)
+class PipelinePaths:
+    work_dir: Path
+    output_dir: Path
+    pipeline: str
+    target: str
+
+    @property
+    def run_dir(self) -> Path:
+        """Olive's working outputs for this pipeline and target (rewritten by every run)."""
+        return self.work_dir / "runs" / self.pipeline / self.target
+
+    def finetune_dir(self, adapter: str) -> Path:
+        return self.run_dir / "finetune" / adapter
+
+    @property
+    def lora_layout_dir(self) -> Path:
+        """A zero-initialised PEFT adapter with the pipeline's LoRA layout, exported once with the base."""
+        return self.run_dir / "lora-layout"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.run_dir / "export"
+
+    @property
+    def olive_cache_dir(self) -> Path:
+        return self.work_dir / "olive-cache"
+
+    @property
+    def cache_dir(self) -> Path:
+        """phi-pipeline's own content-addressed cache (adapters, exports)."""
+        return self.work_dir / "cache"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def configs_dir(self) -> Path:
+        return OLIVE_CONFIGS / self.pipeline / self.target
+
+    @property
+    def bundle_dir(self) -> Path:
+        """Where the published bundle lives."""
+        return self.output_dir / self.pipeline / self.target
+
+    @property
+    def staging_root(self) -> Path:
+        """Bundles are assembled here, on the same file system as bundle_dir, then swapped in."""
+        return self.output_dir / ".staging"

@@ -1,0 +1,82 @@
+"""The only place that starts Olive: `olive run` on a generated workflow config, in a subprocess.
+
+Each run goes through `python -m phi_pipeline.olive_compat run --config ...` so the
+onnxruntime-genai shim is applied inside Olive's process. Olive's log is streamed to a log file
+(and, with `echo`, to the console); a non-zero exit or a missing output is a PipelineError
+that quotes the end of the log. Olive exits 0 when a workflow produces no model, so the caller
+always names the files the run must leave behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+from phi_pipeline.errors import PipelineError
+
+# Offline by design: nothing may reach a model hub at run time, and Olive's telemetry waits
+# about 9 s per process for its host unless CI is set.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "OLIVE_DISABLE_TELEMETRY": "1",
+    "CI": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def olive_env(offline: bool = True) -> dict[str, str]:
+    env = dict(os.environ)
+    if offline:
+        env.update(OFFLINE_ENV)
+    else:
+        env.update({k: v for k, v in OFFLINE_ENV.items() if not k.endswith("OFFLINE")})
+    return env
+
+
+def run_olive(
+    config_path: Path,
+    log_path: Path,
+    expected_outputs: Iterable[Path],
+    *,
+    echo: bool = False,
+    offline: bool = True,
+) -> float:
+    """Run one workflow; return its wall time in seconds."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "phi_pipeline.olive_compat", "run", "--config", str(config_path)]
+    tail: collections.deque[str] = collections.deque(maxlen=25)
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=olive_env(offline), bufsize=1
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            tail.append(line.rstrip("\n"))
+            if echo:
+                sys.stderr.write(line)
+        rc = proc.wait()
+    elapsed = time.perf_counter() - start
+    last_lines = "\n".join(f"    {line}" for line in tail)
+    if rc != 0:
+        raise PipelineError(
+            f"olive run failed (exit code {rc}) for {config_path}.\n  Last lines of the log:\n{last_lines}\n"
+            f"  Full log: {log_path}"
+        )
+    missing = [str(p) for p in expected_outputs if not p.exists()]
+    if missing:
+        raise PipelineError(
+            f"olive run exited 0 for {config_path} but produced no model: missing {', '.join(missing)}.\n"
+            f"  Last lines of the log:\n{last_lines}\n  Full log: {log_path}"
+        )
+    return elapsed

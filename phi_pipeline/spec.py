@@ -1,0 +1,293 @@
+"""The pipeline spec: pydantic models of `pipelines/*.yaml` and the loader that reports every error at once.
+
+Pure: no torch, Olive or onnxruntime import, so validating a spec takes well under a second.
+Relative paths in a spec are relative to the directory phi-pipeline runs from (the project root),
+as in Olive's own configs.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from phi_pipeline.errors import UsageError
+from phi_pipeline.targets import Precision
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+# LoRA target modules by Hugging Face `model_type`. Phi-3 fuses q/k/v and gate/up into one Linear
+# each; LoRA on the fused layer is the "MergedLinear" case, and Model Builder splits it on export.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_safe_name(value: str, what: str) -> str:
+    if not SAFE_NAME.match(value) or ".." in value:
+        raise ValueError(
+            f"{what} {value!r} is not a safe file name: use letters, digits, '.', '_' and '-' "
+            "(no path separators, no '..', at most 64 characters)"
+        )
+    return value
+
+
+class BaseModelSpec(_Model):
+    name_or_path: str = Field(
+        description="Local folder with a Hugging Face model (config.json + safetensors), or a hub id "
+        "such as microsoft/Phi-3-mini-4k-instruct (needs network access or a filled HF cache)."
+    )
+    builtin: Optional[Literal["tiny-phi3"]] = Field(
+        None,
+        description="Build this embedded base model into name_or_path when that folder is missing "
+        "(tiny-phi3: a small Phi-3-architecture model and tokenizer built locally, no hub access).",
+    )
+    model_type: Optional[str] = Field(
+        None,
+        description="Hugging Face model_type (phi3, llama, qwen2, ...). Read from the local config.json "
+        "when omitted; set it for hub ids so default LoRA targets can be chosen offline.",
+    )
+    num_hidden_layers: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Decoder layers. Read from the local config.json when omitted; set it for hub ids so the "
+        "int4 export can name the LoRA MatMuls it keeps unquantized without downloading anything.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow the model repository's own Python code to run. Off unless you trust it."
+    )
+
+
+class LoraSpec(_Model):
+    method: Literal["lora", "qlora"] = Field(
+        "lora", description="lora: fp adapters on an fp base; qlora: adapters on an nf4 base (needs bitsandbytes)."
+    )
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    target_modules: Optional[list[str]] = Field(
+        None,
+        min_length=1,
+        description="Module names to adapt. Default by model type: phi3 -> qkv_proj, o_proj, gate_up_proj, "
+        "down_proj; llama/qwen2/mistral -> q/k/v/o and gate/up/down projections.",
+    )
+
+
+class TrainingSpec(_Model):
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    epochs: Optional[float] = Field(None, gt=0, description="Passes over the training split (default 1).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(8, ge=1, description="Examples per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps to accumulate before an update.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"] = Field(
+        "linear", description="Learning-rate schedule (transformers' lr_scheduler_type)."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    seed: int = Field(42, ge=0, description="Seed for data order and LoRA initialisation.")
+    max_seq_len: int = Field(256, ge=8, description="Tokens per example; longer examples are truncated.")
+    logging_steps: int = Field(10, ge=1, description="Log the training loss every this many steps.")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: less memory, slower steps."
+    )
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="dtype the base model is loaded in for training (float32 on CPU is fastest)."
+    )
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainingSpec:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set max_steps or epochs, not both")
+        return self
+
+
+class DataSpec(_Model):
+    train: str = Field(description="Training split: a JSON Lines file, one example per line.")
+    eval: str = Field(description="Evaluation split, same format; must not be empty.")
+    text_template: Optional[str] = Field(
+        None,
+        description="How a row becomes text, with {field} placeholders, e.g. 'Q: {question}\\nA: {answer}'. "
+        "The response_field placeholder must come last: the text before it is the prompt.",
+    )
+    response_field: Optional[str] = Field(
+        None, description="With text_template: the field holding the expected answer."
+    )
+    messages_field: Optional[str] = Field(
+        None,
+        description="Chat data instead of a template: the field holding a list of {role, content} messages "
+        "(roles system/user/assistant, ending with the assistant's answer), rendered with the model's chat template.",
+    )
+
+    @model_validator(mode="after")
+    def _one_format(self) -> DataSpec:
+        if (self.text_template is None) == (self.messages_field is None):
+            raise ValueError("set exactly one of text_template (with response_field) or messages_field")
+        if self.text_template is not None:
+            if not self.response_field:
+                raise ValueError("text_template needs response_field: the field holding the answer")
+            fields = template_fields(self.text_template)
+            if not fields or fields[-1] != self.response_field:
+                raise ValueError(
+                    f"text_template must end with the {{{self.response_field}}} placeholder "
+                    f"(found placeholders: {fields})"
+                )
+            if not self.text_template.endswith("{" + self.response_field + "}"):
+                raise ValueError(f"nothing may follow {{{self.response_field}}} in text_template")
+        return self
+
+
+class AdapterSpec(_Model):
+    name: str = Field(description="Adapter name: its file is adapters/<name>.onnx_adapter in the bundle.")
+    data: DataSpec = Field(description="Where this adapter's examples are and how a row becomes text.")
+    lora: LoraSpec = Field(description="LoRA settings (the top-level lora block, overridden key by key here).")
+    training: TrainingSpec = Field(description="Training settings (the top-level training block, overridden here).")
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        return _check_safe_name(v, "adapter name")
+
+
+class ExportSpec(_Model):
+    precision: Optional[Precision] = Field(
+        None, description="Weight precision of the exported model; default: the target's (int4 on cpu)."
+    )
+    int4_block_size: Literal[16, 32, 64, 128, 256] = Field(
+        32, description="Block size of int4 quantization (Model Builder int4_block_size)."
+    )
+    int4_accuracy_level: Optional[Literal[1, 2, 3, 4]] = Field(
+        None, description="MatMulNBits accuracy level (4 = int8 activations, fastest on CPU); default: builder's."
+    )
+
+
+class PipelineSpec(_Model):
+    name: str = Field(description="Pipeline name: names the olive_configs/ and dist/ folders.")
+    description: str = Field("", description="One line for the model card.")
+    base_model: BaseModelSpec = Field(description="The model every adapter is trained on.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Default LoRA settings for every adapter.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Default training settings.")
+    adapters: list[AdapterSpec] = Field(min_length=1, description="One or more adapters, each from its own data.")
+    export: ExportSpec = Field(default_factory=ExportSpec, description="ONNX export settings.")
+    output_dir: str = Field("dist", description="Bundles are published to <output_dir>/<name>/<target>/.")
+    work_dir: str = Field(".phi-pipeline", description="Olive runs, staging and the content-addressed cache.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        return _check_safe_name(v, "pipeline name")
+
+    @model_validator(mode="after")
+    def _unique_adapters(self) -> PipelineSpec:
+        problem = _duplicate_names([a.name for a in self.adapters])
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def _duplicate_names(names: list[Any]) -> str | None:
+    dupes = sorted({str(n) for n in names if names.count(n) > 1})
+    return f"adapter names must be unique; repeated: {', '.join(dupes)}" if dupes else None
+
+
+def template_fields(template: str) -> list[str]:
+    """The {field} names of a str.format template, in order."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _merge_adapter_defaults(raw: Any) -> Any:
+    """Fill each adapter's lora/training blocks from the top-level ones, key by key."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("adapters"), list):
+        return raw
+    merged = []
+    for adapter in raw["adapters"]:
+        if isinstance(adapter, dict):
+            adapter = dict(adapter)
+            for block in ("lora", "training"):
+                top, own = raw.get(block) or {}, adapter.get(block) or {}
+                if isinstance(top, dict) and isinstance(own, dict):
+                    adapter[block] = {**top, **own}
+        merged.append(adapter)
+    return {**raw, "adapters": merged}
+
+
+def _inherited(raw: dict, loc: tuple[Any, ...]) -> bool:
+    """Whether an error inside adapters[i].lora/training concerns a key copied from the top-level block."""
+    if len(loc) < 4 or loc[0] != "adapters" or loc[2] not in ("lora", "training"):
+        return False
+    adapters = raw.get("adapters")
+    own = adapters[loc[1]].get(loc[2]) if isinstance(adapters[loc[1]], dict) else None
+    return not (isinstance(own, dict) and loc[3] in own)
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at a pydantic error location (or of its nearest parent)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = next((v for k, v in node.value if k.value == key), None)
+            if found is None:
+                # an unknown key sits in the mapping; point at the key itself
+                found = next((k for k, _ in node.value if k.value == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            found = node.value[key]
+        else:
+            found = None
+        if found is None:
+            break
+        node, line = found, found.start_mark.line + 1
+    return line
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    """Parse and validate a spec file; raise UsageError listing every problem with its line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(str(path), [f"cannot read the spec: {exc.strerror or exc}"]) from None
+    return parse_spec(text, source=str(path))
+
+
+def parse_spec(text: str, source: str = "<spec>") -> PipelineSpec:
+    try:
+        raw = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise UsageError(source, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if not isinstance(raw, dict):
+        raise UsageError(source, ["the spec must be a YAML mapping (key: value lines)"])
+    try:
+        return PipelineSpec.model_validate(_merge_adapter_defaults(raw))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = err["loc"]
+            if _inherited(raw, loc):
+                continue  # the same error is reported once, at the top-level block it came from
+            field = ".".join(str(p) for p in loc) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check its spelling against the documented keys)"
+            line = _line_of(root, loc)
+            problems.append(f"{'line ' + str(line) + ', ' if line else ''}{field}: {msg}")
+        # pydantic skips whole-spec checks when a field failed; run this one on the raw names anyway
+        adapters = raw.get("adapters")
+        if isinstance(adapters, list):
+            dupes = _duplicate_names([a.get("name") for a in adapters if isinstance(a, dict)])
+            if dupes and not any(dupes in p for p in problems):
+                problems.append(f"line {_line_of(root, ('adapters',))}, adapters: {dupes}")
+        raise UsageError(source, problems) from None
