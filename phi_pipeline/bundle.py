@@ -74,7 +74,8 @@ def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "
             continue
         dst = staged / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
+        shutil.copyfile(src, dst)
+        dst.chmod(0o644)  # Olive writes model.onnx.data owner-only; a bundle is meant to be shipped
 
     bos = _bos_token(staged)
     adapters = []

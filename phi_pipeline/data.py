@@ -128,5 +128,9 @@ def load_examples(path: Path, data: DataSpec) -> list[Example]:
 
 
 def prompt_prefix(template: str, response_field: str) -> str:
-    """The part of a text template before the answer placeholder: what generation starts from."""
-    return template[: template.rindex("{" + response_field + "}")]
+    """The part of a text template before the answer placeholder: what generation starts from.
+
+    Trailing spaces are left for the answer: BPE and SentencePiece tokenizers fold a word's leading
+    space into its first token, so a prompt ending in a bare space never occurs in training.
+    """
+    return template[: template.rindex("{" + response_field + "}")].rstrip(" ")

@@ -285,10 +285,35 @@ def patch_telemetry_shutdown() -> bool:
     return True
 
 
+SEED_ENV = "PHI_PIPELINE_SEED"
+
+
+def seed_from_env() -> int | None:
+    """Seed Python, NumPy and torch from PHI_PIPELINE_SEED, if set.
+
+    Olive's LoRA pass creates the PEFT weights before the Trainer applies its seed, so two runs of one
+    workflow train from different initialisations; seeding the process first makes them identical.
+    """
+    value = os.environ.get(SEED_ENV)
+    if value is None:
+        return None
+    import random
+
+    import numpy as np
+    import torch
+
+    seed = int(value)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return seed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m phi_pipeline.olive_compat <olive args>``: apply() then Olive's own CLI with the same argv."""
     args = list(sys.argv[1:] if argv is None else argv)
     apply()
+    seed_from_env()
     if telemetry_disabled_by_env():
         patch_telemetry_shutdown()
     from olive.cli.launcher import main as olive_main

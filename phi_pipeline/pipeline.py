@@ -132,6 +132,7 @@ def train_adapters(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bo
                     [out / "adapter" / name for name in ADAPTER_FILES],
                     echo=echo,
                     offline=plan.base_is_local,
+                    seed=adapter.spec.training.seed,
                 )
                 entry = cache.put("adapters", key, collect_finetune_result(out), {"adapter": adapter.name, "datasets": shas})
             else:

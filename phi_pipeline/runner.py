@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from phi_pipeline.errors import PipelineError
+from phi_pipeline.olive_compat import SEED_ENV
 
 # Offline by design: nothing may reach a model hub at run time, and Olive's telemetry waits
 # about 9 s per process for its host unless CI is set.
@@ -47,8 +48,9 @@ def run_olive(
     *,
     echo: bool = False,
     offline: bool = True,
+    seed: int | None = None,
 ) -> float:
-    """Run one workflow; return its wall time in seconds."""
+    """Run one workflow; return its wall time in seconds. `seed` seeds Olive's process (olive_compat)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "phi_pipeline.olive_compat", "run", "--config", str(config_path)]
     tail: collections.deque[str] = collections.deque(maxlen=25)
@@ -57,7 +59,12 @@ def run_olive(
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=olive_env(offline), bufsize=1
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=olive_env(offline) | ({SEED_ENV: str(seed)} if seed is not None else {}),
+            bufsize=1,
         )
         assert proc.stdout is not None
         for line in proc.stdout:

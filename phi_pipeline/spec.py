@@ -148,11 +148,45 @@ class DataSpec(_Model):
         return self
 
 
+class EvalSpec(_Model):
+    metric: Literal["exact_match", "chrf"] = Field(
+        "exact_match",
+        description="Task metric on the eval split: exact_match for label-style answers, chrf (character "
+        "n-gram F-score, 0-100) for free text.",
+    )
+    max_new_tokens: int = Field(32, ge=1, description="Generation budget per eval example.")
+    max_examples: Optional[int] = Field(None, ge=1, description="Evaluate the first N eval rows only (default: all).")
+
+
+class GateSpec(_Model):
+    min_gain_over_base: float = Field(
+        0.0,
+        description="The adapter's ONNX metric must exceed the base model's by more than this "
+        "(metric units: 0-1 for exact_match, 0-100 for chrf).",
+    )
+    max_drop_vs_pytorch: float = Field(
+        0.05,
+        ge=0,
+        description="The ONNX metric may trail PyTorch+PEFT (fp32) by at most this (metric units).",
+    )
+    max_perplexity_ratio: float = Field(
+        1.10, gt=0, description="ONNX perplexity / PyTorch perplexity of the eval answers must stay below this."
+    )
+    min_token_agreement: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of greedy tokens the ONNX bundle must produce identically to PyTorch+PEFT.",
+    )
+
+
 class AdapterSpec(_Model):
     name: str = Field(description="Adapter name: its file is adapters/<name>.onnx_adapter in the bundle.")
     data: DataSpec = Field(description="Where this adapter's examples are and how a row becomes text.")
     lora: LoraSpec = Field(description="LoRA settings (the top-level lora block, overridden key by key here).")
     training: TrainingSpec = Field(description="Training settings (the top-level training block, overridden here).")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="How this adapter is evaluated before publishing.")
+    gates: GateSpec = Field(description="Publish gates (the top-level gates block, overridden here).")
 
     @field_validator("name")
     @classmethod
@@ -178,6 +212,7 @@ class PipelineSpec(_Model):
     base_model: BaseModelSpec = Field(description="The model every adapter is trained on.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Default LoRA settings for every adapter.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Default training settings.")
+    gates: GateSpec = Field(default_factory=GateSpec, description="Default publish gates for every adapter.")
     adapters: list[AdapterSpec] = Field(min_length=1, description="One or more adapters, each from its own data.")
     export: ExportSpec = Field(default_factory=ExportSpec, description="ONNX export settings.")
     output_dir: str = Field("dist", description="Bundles are published to <output_dir>/<name>/<target>/.")
@@ -206,15 +241,19 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
+# Top-level blocks that each adapter inherits and may override key by key.
+_INHERITED_BLOCKS = ("lora", "training", "gates")
+
+
 def _merge_adapter_defaults(raw: Any) -> Any:
-    """Fill each adapter's lora/training blocks from the top-level ones, key by key."""
+    """Fill each adapter's lora/training/gates blocks from the top-level ones, key by key."""
     if not isinstance(raw, dict) or not isinstance(raw.get("adapters"), list):
         return raw
     merged = []
     for adapter in raw["adapters"]:
         if isinstance(adapter, dict):
             adapter = dict(adapter)
-            for block in ("lora", "training"):
+            for block in _INHERITED_BLOCKS:
                 top, own = raw.get(block) or {}, adapter.get(block) or {}
                 if isinstance(top, dict) and isinstance(own, dict):
                     adapter[block] = {**top, **own}
@@ -224,7 +263,7 @@ def _merge_adapter_defaults(raw: Any) -> Any:
 
 def _inherited(raw: dict, loc: tuple[Any, ...]) -> bool:
     """Whether an error inside adapters[i].lora/training concerns a key copied from the top-level block."""
-    if len(loc) < 4 or loc[0] != "adapters" or loc[2] not in ("lora", "training"):
+    if len(loc) < 4 or loc[0] != "adapters" or loc[2] not in _INHERITED_BLOCKS:
         return False
     adapters = raw.get("adapters")
     own = adapters[loc[1]].get(loc[2]) if isinstance(adapters[loc[1]], dict) else None

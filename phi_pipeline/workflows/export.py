@@ -25,6 +25,10 @@ TEMPLATE: dict[str, Any] = {
             "dynamic_lora_r": True,
             "optional_inputs": True,
             "save_format": "onnx_adapter",
+            # weights beside the graph in model.onnx.data, as Model Builder writes them
+            "save_as_external_data": True,
+            "all_tensors_to_one_file": True,
+            "external_data_name": "model.onnx.data",
         },
     },
     "host": "local_system",
