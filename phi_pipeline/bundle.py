@@ -60,12 +60,31 @@ def _bos_token(folder: Path) -> str | None:
     return bos.get("content") if isinstance(bos, dict) else bos
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_abandoned_staging(root: Path) -> None:
+    """Delete staging folders of runs that were killed (their pid, the name's suffix, is gone)."""
+    for folder in root.iterdir():
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "Stages") -> Path:
     """Assemble the bundle in a fresh staging folder next to its destination; return that folder."""
     from phi_pipeline.adapters import convert_adapter
 
     root = plan.paths.staging_root
     root.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(root)
     staged = root / f"{plan.spec.name}-{plan.target.name}-{os.getpid()}"
     shutil.rmtree(staged, ignore_errors=True)
     for src in tree_files(export):
@@ -117,6 +136,7 @@ def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "
         "adapters": adapters,
         "seeds": {a["name"]: a["training"]["seed"] for a in adapters},
         "stage_seconds": dict(stages.seconds),
+        "cached_stages": sorted(stages.cached),
         "packages": package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -41,6 +41,11 @@ class PipelinePaths:
         return self.work_dir / "olive-cache"
 
     @property
+    def hf_cache_dir(self) -> Path:
+        """Model Builder's scratch space for local base models (it defaults to the user's HF cache)."""
+        return self.work_dir / "hf-cache"
+
+    @property
     def cache_dir(self) -> Path:
         """phi-pipeline's own content-addressed cache (adapters, exports)."""
         return self.work_dir / "cache"

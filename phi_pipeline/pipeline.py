@@ -49,12 +49,12 @@ def check_inputs(plan: Plan) -> None:
         problems += check_data(adapter.spec.data, f"adapters.{i}.data ({adapter.name})")
     base = plan.spec.base_model
     if base.builtin is None:
-        if is_local_path(base.name_or_path):
+        if is_local_path(base.name_or_path):  # make_plan refused a folder without config.json
             folder = Path(base.name_or_path)
-            if not (folder / "config.json").is_file():
+            if not any(folder.glob("*.safetensors")):
                 problems.append(
-                    f"base_model.name_or_path: {folder} is not a model folder (no config.json there); "
-                    "fix the path, or use a hub id such as microsoft/Phi-3-mini-4k-instruct"
+                    f"base_model.name_or_path: {folder} has no *.safetensors weights; pickled checkpoints "
+                    "(.bin/.pt) are never loaded: convert them with save_pretrained(safe_serialization=True)"
                 )
         elif os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hf_cache(base.name_or_path):
             problems.append(
@@ -87,6 +87,20 @@ def base_digest(plan: Plan, memo: DigestMemo) -> str:
     if plan.base_is_local:
         return tree_sha256(Path(plan.base_model), memo)
     return f"hub:{plan.base_model}"
+
+
+def _run_workflow(plan: Plan, config_file: str, outputs: list[Path], echo: bool, seed: int | None = None) -> None:
+    """Run one of the plan's Olive workflows; a local base keeps Olive offline and inside work_dir."""
+    local = plan.base_is_local
+    run_olive(
+        plan.paths.configs_dir / config_file,
+        plan.paths.logs_dir / config_file.replace(".json", ".log"),
+        outputs,
+        echo=echo,
+        offline=local,
+        hf_cache=plan.paths.hf_cache_dir if local else None,
+        seed=seed,
+    )
 
 
 def collect_finetune_result(out: Path) -> Path:
@@ -126,12 +140,11 @@ def train_adapters(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bo
             if entry is None:
                 out = plan.paths.finetune_dir(adapter.name)
                 shutil.rmtree(out, ignore_errors=True)
-                run_olive(
-                    plan.paths.configs_dir / finetune_file(adapter.name),
-                    plan.paths.logs_dir / f"finetune-{adapter.name}.log",
+                _run_workflow(
+                    plan,
+                    finetune_file(adapter.name),
                     [out / "adapter" / name for name in ADAPTER_FILES],
-                    echo=echo,
-                    offline=plan.base_is_local,
+                    echo,
                     seed=adapter.spec.training.seed,
                 )
                 entry = cache.put("adapters", key, collect_finetune_result(out), {"adapter": adapter.name, "datasets": shas})
@@ -159,13 +172,7 @@ def export_base(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool)
             write_layout_adapter(plan)
             out = plan.paths.export_dir
             shutil.rmtree(out, ignore_errors=True)
-            run_olive(
-                plan.paths.configs_dir / EXPORT_FILE,
-                plan.paths.logs_dir / "export.log",
-                [out / "model.onnx", out / "genai_config.json"],
-                echo=echo,
-                offline=plan.base_is_local,
-            )
+            _run_workflow(plan, EXPORT_FILE, [out / "model.onnx", out / "genai_config.json"], echo)
             entry = cache.put("exports", key, out, {"pipeline": plan.spec.name, "target": plan.target.name})
         else:
             stages.mark_cached("export")

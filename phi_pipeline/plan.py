@@ -32,6 +32,7 @@ class Plan:
     source: str
     target: Target
     precision: str
+    layout: str
     model_type: str | None
     num_layers: int | None
     adapters: tuple[AdapterPlan, ...]
@@ -100,6 +101,17 @@ def make_plan(spec: PipelineSpec, target_name: str, *, source: str = "<spec>", p
         hf_config = builtin_config(base.builtin)
     model_type = base.model_type or hf_config.get("model_type")
     num_layers = base.num_hidden_layers or hf_config.get("num_hidden_layers")
+    if not hf_config and base.builtin is None and is_local_path(base.name_or_path):
+        # Refused here, before anything asks the hub what this name might be; what depends on
+        # the model's config is not reported on top.
+        raise UsageError(
+            source,
+            [
+                *problems,
+                f"base_model.name_or_path: {base.name_or_path} is not a model folder (no config.json there); "
+                "fix the path, or use a hub id such as microsoft/Phi-3-mini-4k-instruct",
+            ],
+        )
     if num_layers is None and chosen == "int4":
         problems.append(
             "base_model.num_hidden_layers: unknown (no local config.json); set it so the int4 export can keep "
@@ -123,6 +135,11 @@ def make_plan(spec: PipelineSpec, target_name: str, *, source: str = "<spec>", p
             "adapters: every adapter of one bundle must adapt the same target_modules, because they share one "
             f"exported graph; found {sorted(sorted(m) for m in layouts)}"
         )
+    if spec.export.layout == "multi-adapter" and not target.multi_lora:
+        problems.append(
+            f"export.layout: target {target.name!r} cannot swap adapters at run time; use layout: merged "
+            "(one model per adapter) or leave layout unset"
+        )
     if problems:
         raise UsageError(source, problems)
     return Plan(
@@ -130,6 +147,7 @@ def make_plan(spec: PipelineSpec, target_name: str, *, source: str = "<spec>", p
         source=source,
         target=target,
         precision=chosen,
+        layout=spec.export.layout or target.default_layout,
         model_type=model_type,
         num_layers=num_layers,
         adapters=tuple(adapters),

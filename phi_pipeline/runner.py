@@ -32,12 +32,17 @@ OFFLINE_ENV = {
 }
 
 
-def olive_env(offline: bool = True) -> dict[str, str]:
+def olive_env(offline: bool, hf_cache: Path | None) -> dict[str, str]:
+    """Olive's environment. offline: the base model is local, so nothing may reach a hub.
+    hf_cache: where Model Builder keeps its intermediate files (it uses the HF hub cache), so a
+    local run writes nothing outside the pipeline's own folders."""
     env = dict(os.environ)
     if offline:
         env.update(OFFLINE_ENV)
     else:
         env.update({k: v for k, v in OFFLINE_ENV.items() if not k.endswith("OFFLINE")})
+    if hf_cache is not None:
+        env["HF_HUB_CACHE"] = str(hf_cache.resolve())
     return env
 
 
@@ -48,6 +53,7 @@ def run_olive(
     *,
     echo: bool = False,
     offline: bool = True,
+    hf_cache: Path | None = None,
     seed: int | None = None,
 ) -> float:
     """Run one workflow; return its wall time in seconds. `seed` seeds Olive's process (olive_compat)."""
@@ -63,7 +69,7 @@ def run_olive(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=olive_env(offline) | ({SEED_ENV: str(seed)} if seed is not None else {}),
+            env=olive_env(offline, hf_cache) | ({SEED_ENV: str(seed)} if seed is not None else {}),
             bufsize=1,
         )
         assert proc.stdout is not None

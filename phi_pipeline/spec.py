@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from phi_pipeline.errors import UsageError
-from phi_pipeline.targets import Precision
+from phi_pipeline.targets import Layout, Precision
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -197,6 +197,12 @@ class AdapterSpec(_Model):
 class ExportSpec(_Model):
     precision: Optional[Precision] = Field(
         None, description="Weight precision of the exported model; default: the target's (int4 on cpu)."
+    )
+    layout: Optional[Layout] = Field(
+        None,
+        description="multi-adapter: one base model plus swappable .onnx_adapter files; merged: one full model "
+        "per adapter (adapter merged into the weights). Default: multi-adapter where the target's runtime can "
+        "swap adapters, else merged.",
     )
     int4_block_size: Literal[16, 32, 64, 128, 256] = Field(
         32, description="Block size of int4 quantization (Model Builder int4_block_size)."

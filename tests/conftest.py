@@ -36,3 +36,47 @@ def project(tmp_path, monkeypatch) -> Path:
     shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def _run_in(project: Path, spec: str) -> Path:
+    from phi_pipeline.pipeline import run
+
+    old = Path.cwd()
+    os.chdir(project)
+    try:
+        return project / run(spec, "cpu")
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """The shipped tiny pipeline run once, end to end, in a scratch project; its published bundle."""
+    project = tmp_path_factory.mktemp("tiny-project")
+    shutil.copytree(ROOT / "pipelines", project / "pipelines")
+    return _run_in(project, "pipelines/tiny-phi3.yaml")
+
+
+FAST_STEPS = 4
+
+
+@pytest.fixture(scope="session")
+def fast_project(tmp_path_factory, tiny_bundle) -> Path:
+    """A scratch project running a few-step variant of the tiny spec, sharing the built base model:
+    for the caching, interruption and integrity tests, where what is learned does not matter."""
+    import yaml
+
+    project = tmp_path_factory.mktemp("fast-project")
+    shutil.copytree(ROOT / "pipelines", project / "pipelines")
+    base = ".phi-pipeline/base/tiny-phi3"
+    shutil.copytree(tiny_bundle.parents[2] / base, project / base)
+    spec = yaml.safe_load((ROOT / "pipelines/tiny-phi3.yaml").read_text())
+    spec["name"] = "fast"
+    spec["training"]["max_steps"] = FAST_STEPS
+    for adapter in spec["adapters"]:
+        adapter.pop("training", None)
+        adapter.pop("gates", None)
+    spec["gates"] = {"min_gain_over_base": -1000.0, "max_drop_vs_pytorch": 1000.0, "max_perplexity_ratio": 1000.0}
+    (project / "pipelines/fast.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    _run_in(project, "pipelines/fast.yaml")
+    return project

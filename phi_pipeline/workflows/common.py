@@ -12,9 +12,10 @@ def system(device: str, execution_provider: str) -> dict[str, Any]:
 
 
 def hf_model(name_or_path: str, *, trust_remote_code: bool, adapter_path: Path | None = None) -> dict[str, Any]:
-    config: dict[str, Any] = {"type": "HfModel", "model_path": name_or_path}
+    # Weights are only ever read from safetensors: a pickled checkpoint can run code when unpickled.
+    config: dict[str, Any] = {"type": "HfModel", "model_path": name_or_path, "load_kwargs": {"use_safetensors": True}}
     if trust_remote_code:
-        config["load_kwargs"] = {"trust_remote_code": True}
+        config["load_kwargs"]["trust_remote_code"] = True
     if adapter_path is not None:
         config["adapter_path"] = adapter_path.as_posix()
     return config
