@@ -2,25 +2,49 @@
 # Everything runs from a local virtual environment built from pyproject.toml's exact pins.
 
 PYTHON   ?= python3
-VENV     ?= .venv
 TARGET   ?= cpu
 PIPELINE ?= pipelines/tiny-phi3.yaml
 PYTEST_ARGS ?=
 
+# What TARGET builds with, read from the target table (phi_pipeline/targets.py is plain Python, so the
+# system interpreter reads it before any venv exists): its pyproject extras, the venv they go in (one
+# per set of extras: the CPU and CUDA onnxruntime builds install the same modules), and the dependency
+# group of a second venv that some export passes run in ("-": none). EXTRAS=cpu,qlora adds extras.
+TARGET_INFO := $(shell $(PYTHON) -c 'from phi_pipeline.targets import get_target; t = get_target("$(TARGET)"); \
+	print(",".join(t.install_extras), t.venv, t.pass_venv or "-", t.pass_environment or "-")')
+$(if $(TARGET_INFO),,$(error TARGET=$(TARGET) is not a target of phi_pipeline/targets.py))
+EXTRAS   ?= $(word 1,$(TARGET_INFO))
+VENV     ?= $(word 2,$(TARGET_INFO))
+PASS_VENV  := $(filter-out -,$(word 3,$(TARGET_INFO)))
+PASS_GROUP := $(filter-out -,$(word 4,$(TARGET_INFO)))
+comma := ,
+
 BIN := $(VENV)/bin
 # torch goes in first, alone: pip then takes the local CPU build instead of a multi-GB CUDA one.
-TORCH_PIN := $(shell grep -o '"torch==[0-9.]*"' pyproject.toml | tr -d '"')
+TORCH_PIN := $(shell grep -m1 -o '"torch==[0-9.]*"' pyproject.toml | tr -d '"')
 
-.PHONY: venv finetune-and-export configs test clean
+.PHONY: venv finetune-and-export configs test bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,$(EXTRAS)]"
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+ifneq ($(PASS_VENV),)
+# Only the dependency group, not phi-pipeline: Olive runs passes there by subprocess.
+$(PASS_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PASS_VENV)
+	$(PASS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PASS_VENV)/bin/python -m pip install -q "$(TORCH_PIN)"
+	$(PASS_VENV)/bin/python -m pip install -q --group $(PASS_GROUP)
+	touch $@
+
+venv: $(PASS_VENV)/.installed
+endif
 
 finetune-and-export: venv
 	$(BIN)/phi-pipeline run $(PIPELINE) --target $(TARGET)
@@ -31,6 +55,14 @@ configs: venv
 
 test: venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Benchmark a bundle (built first if missing) and a 150M Phi-3-shaped model: bench/results.json,
+# bench/report.md, bench/decode.png. About 15 minutes on 2 cores; BENCH_ARGS="--size 300m --reps 5" etc.
+BUNDLE ?= dist/tiny-phi3/$(TARGET)
+BENCH_ARGS ?=
+bench: venv
+	@test -f $(BUNDLE)/manifest.json || $(MAKE) finetune-and-export
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/phi-pipeline bench $(BUNDLE) $(BENCH_ARGS)
 
 clean:
 	rm -rf .phi-pipeline dist

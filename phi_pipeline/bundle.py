@@ -2,9 +2,11 @@
 
 Layout of dist/<pipeline>/<target>/ (the one place that defines it):
     genai_config.json, model.onnx, model.onnx.data, tokenizer files   ONNX Runtime GenAI model folder
-    adapters/<name>.onnx_adapter                                      one per adapter
+    adapters/<name>.onnx_adapter                                      one per adapter (multi-adapter layout)
+    variants/<name>/ (model.onnx, genai_config.json, tokenizer ...)   one model per adapter (merged layout)
     manifest.json                                                     what, from what, with what, sha256 of every file
     README.md                                                         model card: how to load it
+    eval.json, report.md, report/*.png                                evaluation figures, publish gates, charts
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ FORMAT = "phi-pipeline-bundle/1"
 MANIFEST = "manifest.json"
 CARD = "README.md"
 ADAPTERS_DIR = "adapters"
+VARIANTS_DIR = "variants"
 MODEL_FILE = "model.onnx"
 # Olive's bookkeeping and the layout adapter's weights are not part of a bundle.
 _SKIP_FROM_EXPORT = ("model_config.json", "output_model_config.json")
@@ -35,6 +38,11 @@ _SKIP_FROM_EXPORT = ("model_config.json", "output_model_config.json")
 
 def adapter_file(name: str) -> str:
     return f"{ADAPTERS_DIR}/{name}.onnx_adapter"
+
+
+def variant_dir(name: str) -> str:
+    """Merged layout: the folder of the model with adapter `name` merged into its weights."""
+    return f"{VARIANTS_DIR}/{name}"
 
 
 def _prompt_format(adapter: "TrainedAdapter", bos_token: str | None) -> dict[str, Any]:
@@ -78,51 +86,54 @@ def remove_abandoned_staging(root: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "Stages") -> Path:
-    """Assemble the bundle in a fresh staging folder next to its destination; return that folder."""
-    from phi_pipeline.adapters import convert_adapter
-
+def _new_staging(plan: "Plan") -> Path:
     root = plan.paths.staging_root
     root.mkdir(parents=True, exist_ok=True)
     remove_abandoned_staging(root)
     staged = root / f"{plan.spec.name}-{plan.target.name}-{os.getpid()}"
     shutil.rmtree(staged, ignore_errors=True)
+    return staged
+
+
+def _copy_model(export: Path, dest: Path) -> None:
+    """An exported model folder's shippable files (not Olive's bookkeeping or the layout adapter)."""
     for src in tree_files(export):
         rel = src.relative_to(export)
         if rel.name in _SKIP_FROM_EXPORT or rel.suffix == ".onnx_adapter" or rel.name == "cache-entry.json":
             continue
-        dst = staged / rel
+        dst = dest / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
         dst.chmod(0o644)  # Olive writes model.onnx.data owner-only; a bundle is meant to be shipped
 
-    bos = _bos_token(staged)
-    adapters = []
-    for t in trained:
-        out = staged / adapter_file(t.plan.name)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        convert_adapter(t.folder / "adapter", staged / MODEL_FILE, out)
-        spec = t.plan.spec
-        adapters.append(
-            {
-                "name": t.plan.name,
-                "file": adapter_file(t.plan.name),
-                "sha256": file_sha256(out),
-                "method": spec.lora.method,
-                "lora": {**spec.lora.model_dump(), "target_modules": list(t.plan.target_modules)},
-                "training": spec.training.model_dump(),
-                "dataset": {
-                    "train": spec.data.train,
-                    "train_sha256": t.dataset_sha256["train"],
-                    "eval": spec.data.eval,
-                    "eval_sha256": t.dataset_sha256["eval"],
-                },
-                "prompt_format": _prompt_format(t, bos),
-                "cache_key": t.key,
-                "training_history": training_history(t.folder),
-            }
-        )
 
+def _adapter_entry(t: "TrainedAdapter", location: dict[str, str], bos: str | None) -> dict[str, Any]:
+    spec = t.plan.spec
+    return {
+        "name": t.plan.name,
+        **location,
+        "method": spec.lora.method,
+        "lora": {**spec.lora.model_dump(), "target_modules": list(t.plan.target_modules)},
+        "training": spec.training.model_dump(),
+        "dataset": {
+            "train": spec.data.train,
+            "train_sha256": t.dataset_sha256["train"],
+            "eval": spec.data.eval,
+            "eval_sha256": t.dataset_sha256["eval"],
+            # how a row becomes text, so `phi-pipeline eval` can re-read the eval split
+            "text_template": spec.data.text_template,
+            "response_field": spec.data.response_field,
+            "messages_field": spec.data.messages_field,
+        },
+        "eval": spec.eval.model_dump(),
+        "gates": spec.gates.model_dump(),
+        "prompt_format": _prompt_format(t, bos),
+        "cache_key": t.key,
+        "training_history": training_history(t.folder),
+    }
+
+
+def _write_manifest(plan: "Plan", staged: Path, adapters: list[dict[str, Any]], stages: "Stages") -> None:
     manifest = {
         "format": FORMAT,
         "pipeline": plan.spec.name,
@@ -130,7 +141,7 @@ def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "
         "target": plan.target.name,
         "execution_provider": plan.target.execution_provider,
         "precision": plan.precision,
-        "layout": "multi-adapter",
+        "layout": plan.layout,
         "runtime_packages": list(plan.target.runtime_packages),
         "base_model": {"name_or_path": plan.base_model, "model_type": plan.model_type},
         "adapters": adapters,
@@ -145,7 +156,58 @@ def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "
         p.relative_to(staged).as_posix(): file_sha256(p) for p in tree_files(staged) if p.name != MANIFEST
     }
     (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "Stages") -> Path:
+    """Assemble a multi-adapter bundle in a fresh staging folder next to its destination."""
+    from phi_pipeline.adapters import convert_adapter
+
+    staged = _new_staging(plan)
+    _copy_model(export, staged)
+    bos = _bos_token(staged)
+    adapters = []
+    for t in trained:
+        out = staged / adapter_file(t.plan.name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert_adapter(t.folder / "adapter", staged / MODEL_FILE, out)
+        adapters.append(_adapter_entry(t, {"file": adapter_file(t.plan.name), "sha256": file_sha256(out)}, bos))
+    _write_manifest(plan, staged, adapters, stages)
     return staged
+
+
+def stage_merged(plan: "Plan", variants: dict[str, Path], trained: list["TrainedAdapter"], stages: "Stages") -> Path:
+    """Assemble a merged bundle: one complete model folder per adapter, for runtimes that cannot
+    swap adapters (DirectML, NPUs)."""
+    staged = _new_staging(plan)
+    adapters = []
+    for t in trained:
+        folder = variant_dir(t.plan.name)
+        _copy_model(variants[t.plan.name], staged / folder)
+        adapters.append(_adapter_entry(t, {"model_dir": folder}, _bos_token(staged / folder)))
+    _write_manifest(plan, staged, adapters, stages)
+    return staged
+
+
+def finalize_manifest(folder: Path, updates: dict[str, Any]) -> dict[str, Any]:
+    """Merge `updates` into a staged bundle's manifest and list the files added since stage().
+
+    Files already listed keep their sha256 (verify() has just checked them); files written after
+    stage() (the evaluation report) are hashed and added, so verify() stays exact.
+    """
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for key, value in updates.items():  # mappings are merged one level deep, other values replaced
+        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+            manifest[key] = {**manifest[key], **value}
+        else:
+            manifest[key] = value
+    files: dict[str, str] = manifest.get("files", {})
+    for p in tree_files(folder):
+        rel = p.relative_to(folder).as_posix()
+        if rel != MANIFEST and rel not in files:
+            files[rel] = file_sha256(p)
+    manifest["files"] = dict(sorted(files.items()))
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def training_history(folder: Path) -> list[dict[str, Any]]:
@@ -158,19 +220,40 @@ def training_history(folder: Path) -> list[dict[str, Any]]:
 
 def model_card(manifest: dict[str, Any]) -> str:
     names = [a["name"] for a in manifest["adapters"]]
+    merged = manifest["layout"] == "merged"
     rows = "\n".join(
-        f"| `{a['name']}` | `{a['file']}` | {a['method']} r={a['lora']['r']} alpha={a['lora']['alpha']} | "
-        f"`{a['dataset']['train']}` |"
+        f"| `{a['name']}` | `{a.get('file') or a['model_dir']}` | {a['method']} r={a['lora']['r']} "
+        f"alpha={a['lora']['alpha']} | `{a['dataset']['train']}` |"
         for a in manifest["adapters"]
     )
     first = names[0]
-    return f"""# {manifest['pipeline']} ({manifest['target']}, {manifest['precision']})
+    if merged:
+        what = (
+            f"{len(names)} ONNX Runtime GenAI model(s), one per adapter with the adapter merged into its "
+            f"weights (the runtime for `{manifest['execution_provider']}` cannot swap adapters)"
+        )
+        usage = f"""model = og.Model("{variant_dir(first)}")        # one folder per adapter
+tokenizer = og.Tokenizer(model)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=256, do_sample=False)
+generator = og.Generator(model, params)"""
+    else:
+        what = f"An ONNX Runtime GenAI model with {len(names)} swappable LoRA adapter(s)"
+        usage = f"""model = og.Model(".")                                  # this folder
+tokenizer = og.Tokenizer(model)
+adapters = og.Adapters(model)
+adapters.load("adapters/{first}.onnx_adapter", "{first}")   # load each adapter once
+
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=256, do_sample=False)
+generator = og.Generator(model, params)
+generator.set_active_adapter(adapters, "{first}")           # omit for the base model"""
+    return f"""# {manifest['pipeline']} ({manifest['target']}, {manifest['precision']}, {manifest['layout']})
 
 {manifest['description']}
 
-An ONNX Runtime GenAI model with {len(names)} swappable LoRA adapter(s), built by phi-pipeline from
-`{manifest['base_model']['name_or_path']}` for the `{manifest['execution_provider']}`.
-Runtime: `pip install {' '.join(manifest['runtime_packages'])}` (no torch needed).
+{what}, built by phi-pipeline from `{manifest['base_model']['name_or_path']}` for the
+`{manifest['execution_provider']}`. Runtime: `pip install {' '.join(manifest['runtime_packages'])}` (no torch needed).
 
 | adapter | file | LoRA | trained on |
 |---|---|---|---|
@@ -181,15 +264,7 @@ Runtime: `pip install {' '.join(manifest['runtime_packages'])}` (no torch needed
 ```python
 import onnxruntime_genai as og
 
-model = og.Model("{manifest['pipeline']}/{manifest['target']}")      # this folder
-tokenizer = og.Tokenizer(model)
-adapters = og.Adapters(model)
-adapters.load("adapters/{first}.onnx_adapter", "{first}")   # load each adapter once
-
-params = og.GeneratorParams(model)
-params.set_search_options(max_length=256, do_sample=False)
-generator = og.Generator(model, params)
-generator.set_active_adapter(adapters, "{first}")           # omit for the base model
+{usage}
 generator.append_tokens(tokenizer.encode(prompt))
 while not generator.is_done():
     generator.generate_next_token()
@@ -200,6 +275,8 @@ Each adapter expects prompts in the format it was trained on (`prompt_format` in
 chat adapters use the model's chat template, template adapters the text before the answer.
 Or from the command line: `phi-pipeline generate <this folder> --adapter {first} --prompt "..."`.
 
+`report.md` and `eval.json`: each adapter's task metric against the base model, ONNX against the
+PyTorch reference (metric, perplexity, token agreement, logit differences) and the publish gates.
 `manifest.json` lists the sha256 of every file; `phi-pipeline verify <this folder>` checks them and
 that each adapter fits the model's LoRA inputs.
 """
@@ -228,7 +305,7 @@ def verify(folder: Path) -> list[str]:
     model = folder / MODEL_FILE
     if model.exists():
         for a in manifest.get("adapters", []):
-            path = folder / a["file"]
-            if path.exists():
+            path = folder / a.get("file", "")
+            if "file" in a and path.exists():
                 problems += [f"{a['file']}: {p}" for p in check_adapter_fits(model, path)]
     return problems

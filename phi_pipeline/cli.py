@@ -18,8 +18,22 @@ SHIPPED_SPECS = Path("pipelines")
 def _cmd_run(args: argparse.Namespace) -> int:
     from phi_pipeline.pipeline import run
 
-    run(args.spec, args.target, precision=args.precision, echo=args.verbose)
+    run(args.spec, args.target, precision=args.precision, echo=args.verbose, no_gate=args.no_gate)
     return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from phi_pipeline.evaluate import eval_cli
+
+    return eval_cli(
+        args.bundle,
+        adapter=args.adapter,
+        data=args.data,
+        spec=args.spec,
+        cache_dir=args.cache_dir,
+        onnx_only=args.onnx_only,
+        out=args.out,
+    )
 
 
 def _cmd_configs(args: argparse.Namespace) -> int:
@@ -58,6 +72,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from phi_pipeline.bench.__main__ import bench_cli
+
+    return bench_cli(args)
+
+
 def _cmd_tiny_base(args: argparse.Namespace) -> int:
     from phi_pipeline.tiny.base_model import build_tiny_base
 
@@ -80,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole pipeline and publish the bundle")
     spec_and_target(p)
     p.add_argument("-v", "--verbose", action="store_true", help="stream Olive's log to the console")
+    p.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="publish even if a publish gate fails (the failures are recorded in manifest.json and report.md)",
+    )
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("configs", help="write the Olive workflow configs to olive_configs/ and stop (a dry run)")
@@ -95,9 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the adapter's format")
     p.set_defaults(func=_cmd_generate)
 
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a bundle: task metric, perplexity and parity with PyTorch+PEFT, base vs adapters; "
+        "exit 1 if a publish gate fails",
+    )
+    p.add_argument("bundle", help="bundle folder, e.g. dist/tiny-phi3/cpu")
+    p.add_argument("--adapter", help="evaluate this adapter only (default: every adapter)")
+    p.add_argument("--data", help="eval split to use instead of the adapter's own (same format; needs --adapter "
+                   "when the bundle has several adapters)")
+    p.add_argument("--spec", help="take data format, eval settings and gates from this spec instead of the manifest")
+    p.add_argument("--cache-dir", help="phi-pipeline cache holding the PEFT adapters (default: <work_dir>/cache "
+                   "of --spec, else .phi-pipeline/cache)")
+    p.add_argument("--onnx-only", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--out", help="also write eval.json, report.md and charts to this folder")
+    p.set_defaults(func=_cmd_eval)
+
     p = sub.add_parser("verify", help="re-hash a bundle against its manifest and check adapters fit the model")
     p.add_argument("bundle")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("bench", help="benchmark a bundle and a larger model: speed, memory, size, adapter and pipeline costs")
+    from phi_pipeline.bench.__main__ import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("tiny-base", help="build the embedded tiny Phi-3 base model (no hub access)")
     p.add_argument("out", help="output folder")

@@ -8,14 +8,15 @@ import string
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline.bundle import MANIFEST
+from phi_pipeline.bundle import MANIFEST, variant_dir
 from phi_pipeline.errors import UsageError
 
 
 class BundleModel:
     """A bundle loaded once; every adapter in its manifest loaded once and switchable per call."""
 
-    def __init__(self, bundle: Path, *, intra_op_threads: int | None = None):
+    def __init__(self, bundle: Path, *, intra_op_threads: int | None = None, variant: str | None = None):
+        """`variant`: for a merged bundle (one model per adapter), which adapter's model to load."""
         import onnxruntime_genai as og
 
         self.og = og
@@ -24,7 +25,16 @@ class BundleModel:
             self.manifest: dict[str, Any] = json.loads((self.bundle / MANIFEST).read_text())
         except FileNotFoundError:
             raise UsageError(str(bundle), [f"no {MANIFEST} here; give a folder published by phi-pipeline run"]) from None
-        config = og.Config(str(self.bundle))
+        model_dir = self.bundle
+        self.merged_variant = None
+        if self.manifest.get("layout") == "merged":
+            names = [a["name"] for a in self.manifest["adapters"]]
+            if variant not in names:
+                raise UsageError(
+                    str(bundle), [f"this bundle has one model per adapter ({', '.join(names)}); choose one with --adapter"]
+                )
+            model_dir, self.merged_variant = self.bundle / variant_dir(variant), variant
+        config = og.Config(str(model_dir))
         if intra_op_threads:
             config.overlay(
                 json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": intra_op_threads}}}})
@@ -34,8 +44,11 @@ class BundleModel:
         self.adapters = og.Adapters(self.model)
         self.formats: dict[str, dict[str, Any]] = {}
         for a in self.manifest["adapters"]:
-            self.adapters.load(str(self.bundle / a["file"]), a["name"])
-            self.formats[a["name"]] = a["prompt_format"]
+            if "file" in a:
+                self.adapters.load(str(self.bundle / a["file"]), a["name"])
+                self.formats[a["name"]] = a["prompt_format"]
+            elif a["name"] == self.merged_variant:
+                self.formats[a["name"]] = a["prompt_format"]
 
     @property
     def adapter_names(self) -> list[str]:
@@ -75,7 +88,7 @@ class BundleModel:
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(do_sample=False, max_length=len(tokens) + max_new_tokens)
         generator = self.og.Generator(self.model, params)
-        if adapter is not None:
+        if adapter is not None and self.merged_variant is None:  # a merged model has its adapter built in
             generator.set_active_adapter(self.adapters, adapter)
         generator.append_tokens(tokens)
         while not generator.is_done():
@@ -85,7 +98,7 @@ class BundleModel:
 
 
 def generate_cli(bundle: str, prompt: str, *, adapter: str | None, max_new_tokens: int, raw: bool) -> int:
-    model = BundleModel(Path(bundle))
+    model = BundleModel(Path(bundle), variant=adapter)
     text = prompt if raw else model.user_prompt(prompt, adapter)
     print(model.generate(text, adapter, max_new_tokens))
     return 0

@@ -25,7 +25,14 @@ class PipelinePaths:
         return self.work_dir / "runs" / self.pipeline / self.target
 
     def finetune_dir(self, adapter: str) -> Path:
-        return self.run_dir / "finetune" / adapter
+        """Olive's fine-tune output of one adapter. Not per target: the fine-tune workflow depends only on
+        the spec and the training device, so every target of a pipeline shares it (and its cache entry)."""
+        return self.work_dir / "runs" / self.pipeline / "finetune" / adapter
+
+    def trained_adapter_dir(self, adapter: str) -> Path:
+        """The trained PEFT adapter a merged export reads; the run copies it here from its cache first
+        (a cache hit leaves finetune_dir empty, or holding another target's adapter)."""
+        return self.run_dir / "adapters" / adapter
 
     @property
     def lora_layout_dir(self) -> Path:
@@ -34,7 +41,12 @@ class PipelinePaths:
 
     @property
     def export_dir(self) -> Path:
+        """The multi-adapter export: one base model for every adapter."""
         return self.run_dir / "export"
+
+    def merged_export_dir(self, adapter: str) -> Path:
+        """The merged export of one adapter: a full model with that adapter's weights merged in."""
+        return self.run_dir / "exports" / adapter
 
     @property
     def olive_cache_dir(self) -> Path:

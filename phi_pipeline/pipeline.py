@@ -7,6 +7,8 @@ retrains exactly its adapter, and an interrupted run resumes from what finished.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -72,15 +74,38 @@ def _in_hf_cache(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
+def _builder_fingerprint() -> str:
+    """sha256 of the embedded base model's builder code and corpus: a change means a rebuild."""
+    import phi_pipeline.tiny as tiny
+
+    h = hashlib.sha256()
+    for f in sorted(Path(tiny.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def ensure_base(plan: Plan, stages: Stages) -> None:
+    """Build the embedded base model when it is missing or was built by other builder code.
+
+    Built beside its destination and renamed into place, so a killed build leaves nothing
+    that looks like a model."""
     base = plan.spec.base_model
+    if base.builtin is None:
+        return
     folder = Path(base.name_or_path)
-    if base.builtin is None or (folder / "config.json").is_file():
+    stamp = folder.with_name(folder.name + ".built-by")
+    fingerprint = _builder_fingerprint()
+    if (folder / "config.json").is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
         return
     from phi_pipeline.tiny.base_model import build_tiny_base
 
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     with stages.stage("base", f"building the embedded {base.builtin} base model into {folder}"):
-        build_tiny_base(folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tiny_base(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+        stamp.write_text(fingerprint)
 
 
 def base_digest(plan: Plan, memo: DigestMemo) -> str:
@@ -179,8 +204,80 @@ def export_base(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool)
     return entry
 
 
-def run(spec_path: str | Path, target: str, *, precision: str | None = None, echo: bool = False) -> Path:
-    """The whole pipeline; returns the published bundle folder."""
+def export_merged(
+    plan: Plan, stages: Stages, cache: Cache, base: str, trained: list[TrainedAdapter], echo: bool
+) -> dict[str, Path]:
+    """Merged layout: one export per adapter (MergeAdapterWeights, then the target's route)."""
+    from phi_pipeline.configs import export_file, workflow_configs
+
+    configs = workflow_configs(plan)
+    variants = {}
+    for t in trained:
+        name = t.plan.name
+        key = content_key(
+            {
+                "stage": "export-merged",
+                "base": base,
+                "adapter": t.key,
+                "workflow": configs[export_file(name)],
+                "packages": package_versions(),
+            }
+        )
+        stage = f"export:{name}"
+        with stages.stage(stage, f"exporting the model with adapter {name!r} merged ({plan.target.name}, {plan.precision})"):
+            entry = cache.get("exports", key)
+            if entry is None:
+                # the workflow reads the trained adapter from a stable run path, not the cache
+                adapter_dir = plan.paths.trained_adapter_dir(name)
+                shutil.rmtree(adapter_dir, ignore_errors=True)
+                shutil.copytree(t.folder / "adapter", adapter_dir)
+                out = plan.paths.merged_export_dir(name)
+                shutil.rmtree(out, ignore_errors=True)
+                _run_workflow(plan, export_file(name), [out / "genai_config.json"], echo)
+                entry = cache.put("exports", key, out, {"pipeline": plan.spec.name, "adapter": name})
+            else:
+                stages.mark_cached(stage)
+        variants[name] = entry
+    return variants
+
+
+def _evaluate_and_gate(plan: Plan, staged: Path, trained: list[TrainedAdapter], stages: Stages, no_gate: bool) -> None:
+    """Evaluate the staged bundle and record the figures; a failed gate raises unless `no_gate`."""
+    from phi_pipeline.evaluate import evaluate_staged, manifest_summary
+
+    with stages.stage("evaluate", "evaluating the base model and each adapter (ONNX bundle vs PyTorch+PEFT)"):
+        results = evaluate_staged(plan, staged, trained, enforced=not no_gate)
+    failures = results["gates"]["failures"]
+    if failures and not no_gate:
+        raise PipelineError(
+            f"{len(failures)} publish gate(s) failed; {plan.paths.bundle_dir} was left as it was:\n"
+            + "\n".join(f"  - {f}" for f in failures)
+            + f"\nreport: {results['report_copy']}/report.md (phi-pipeline run --no-gate publishes anyway)"
+        )
+    for failure in failures:
+        stages.say(f"gate failed, not enforced (--no-gate): {failure}")
+    gates = {k: results["gates"][k] for k in ("enforced", "passed", "failures")}
+    # the base's digest lets `phi-pipeline eval` tell whether the PyTorch reference is still the same model
+    digest = base_digest(plan, DigestMemo(plan.paths.cache_dir / "digests.json"))
+    bundle.finalize_manifest(
+        staged,
+        {
+            "gates": gates,
+            "evaluation": manifest_summary(results),
+            "stage_seconds": dict(stages.seconds),
+            "base_model": {"digest": digest},
+        },
+    )
+
+
+def run(
+    spec_path: str | Path, target: str, *, precision: str | None = None, echo: bool = False, no_gate: bool = False
+) -> Path:
+    """The whole pipeline; returns the published bundle folder.
+
+    The staged bundle is evaluated before it is published; a failed publish gate raises
+    PipelineError and leaves the published bundle as it was, unless `no_gate`.
+    """
     plan = load_plan(spec_path, target, precision)
     check_inputs(plan)
     stages = Stages()
@@ -192,13 +289,29 @@ def run(spec_path: str | Path, target: str, *, precision: str | None = None, ech
     base = base_digest(plan, memo)
     memo.save()
     trained = train_adapters(plan, stages, cache, base, echo)
-    export = export_base(plan, stages, cache, base, echo)
-    with stages.stage("bundle", "assembling, verifying and publishing the bundle"):
-        staged = bundle.stage(plan, export, trained, stages)
+    if plan.layout == "merged":
+        variants = export_merged(plan, stages, cache, base, trained, echo)
+        assemble = functools.partial(bundle.stage_merged, plan, variants, trained, stages)
+    else:
+        export = export_base(plan, stages, cache, base, echo)
+        assemble = functools.partial(bundle.stage, plan, export, trained, stages)
+    with stages.stage("bundle", "assembling and verifying the bundle"):
+        staged = assemble()
         problems = bundle.verify(staged)
         if problems:
             shutil.rmtree(staged, ignore_errors=True)
             raise PipelineError("the staged bundle failed verification:\n" + "\n".join(f"  - {p}" for p in problems))
-        publish_dir(staged, plan.paths.bundle_dir)
+    try:
+        if plan.layout == "merged":
+            # evaluate.py drives one model with swappable adapters; merged variants are not evaluated yet
+            stages.say("merged layout: evaluation and publish gates are not run for merged variants")
+            not_run = {"enforced": False, "passed": None, "failures": [], "reason": "merged variants are not evaluated"}
+            bundle.finalize_manifest(staged, {"gates": not_run, "stage_seconds": dict(stages.seconds)})
+        else:
+            _evaluate_and_gate(plan, staged, trained, stages, no_gate)
+        with stages.stage("publish", f"publishing {plan.paths.bundle_dir}"):
+            publish_dir(staged, plan.paths.bundle_dir)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # gone already when published
     stages.say(f"published {plan.paths.bundle_dir}")
     return plan.paths.bundle_dir

@@ -1,18 +1,21 @@
-"""A spec resolved for one target: precision, LoRA targets, devices and folders, all decided once.
+"""A spec resolved for one target: precision, layout, LoRA targets, devices and folders, all decided once.
 
 Everything the workflow builders need is here, so they stay pure functions of a Plan.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from phi_pipeline.errors import UsageError
 from phi_pipeline.paths import PipelinePaths
 from phi_pipeline.spec import DEFAULT_TARGET_MODULES, AdapterSpec, PipelineSpec
-from phi_pipeline.targets import Target, check_precision, get_target
+from phi_pipeline.targets import Target, TrainingDevice, check_precision, get_target
 from phi_pipeline.tiny import builtin_config
 
 
@@ -20,6 +23,8 @@ from phi_pipeline.tiny import builtin_config
 class AdapterPlan:
     spec: AdapterSpec
     target_modules: tuple[str, ...]
+    """The modules the trained adapter has LoRA weights on (for qlora: the ones Olive's QLoRA adapts)."""
+    training_device: TrainingDevice
 
     @property
     def name(self) -> str:
@@ -29,12 +34,15 @@ class AdapterPlan:
 @dataclass(frozen=True)
 class Plan:
     spec: PipelineSpec
+    """The spec as built for this target (its `targets.<name>` block applied)."""
     source: str
     target: Target
     precision: str
     layout: str
     model_type: str | None
     num_layers: int | None
+    max_positions: int | None
+    """The model's context window (max_position_embeddings), when a local config.json tells it."""
     adapters: tuple[AdapterPlan, ...]
     paths: PipelinePaths
 
@@ -47,17 +55,8 @@ class Plan:
         return is_local_path(self.base_model) or self.spec.base_model.builtin is not None
 
     @property
-    def training_device(self) -> str:
-        """Adapters train on the GPU only for the cuda target; every other target trains on CPU."""
-        return "gpu" if self.target.name == "cuda" else "cpu"
-
-    @property
-    def training_provider(self) -> str:
-        return "CUDAExecutionProvider" if self.training_device == "gpu" else "CPUExecutionProvider"
-
-    @property
     def lora_layout(self) -> tuple[str, ...]:
-        """The LoRA target modules shared by every adapter: they fix the exported graph's inputs."""
+        """The LoRA target modules shared by every adapter: they fix the multi-adapter graph's inputs."""
         return self.adapters[0].target_modules
 
     def adapter(self, name: str) -> AdapterPlan:
@@ -88,12 +87,22 @@ def make_plan(spec: PipelineSpec, target_name: str, *, source: str = "<spec>", p
         target = get_target(target_name)
     except ValueError as exc:
         raise UsageError(source, [str(exc)]) from None
+    try:
+        spec = spec.for_target(target.name)
+    except ValidationError as exc:
+        raise UsageError(source, _target_block_problems(target.name, exc)) from None
 
     chosen = precision or spec.export.precision or target.default_precision
     try:
         check_precision(target, chosen)
     except ValueError as exc:
         problems.append(f"export.precision: {exc}")
+    layout = spec.export.layout or target.default_layout
+    if layout == "multi-adapter" and not target.multi_lora:
+        problems.append(
+            f"export.layout: target {target.name!r} cannot swap adapters at run time; use layout: merged "
+            "(one model per adapter) or leave layout unset"
+        )
 
     base = spec.base_model
     hf_config = read_hf_config(Path(base.name_or_path)) if is_local_path(base.name_or_path) else {}
@@ -112,33 +121,18 @@ def make_plan(spec: PipelineSpec, target_name: str, *, source: str = "<spec>", p
                 "fix the path, or use a hub id such as microsoft/Phi-3-mini-4k-instruct",
             ],
         )
-    if num_layers is None and chosen == "int4":
+    if num_layers is None and chosen == "int4" and layout == "multi-adapter":
         problems.append(
             "base_model.num_hidden_layers: unknown (no local config.json); set it so the int4 export can keep "
             "the LoRA MatMuls unquantized"
         )
 
-    adapters = []
-    for i, a in enumerate(spec.adapters):
-        modules = a.lora.target_modules or DEFAULT_TARGET_MODULES.get(model_type or "")
-        if not modules:
-            problems.append(
-                f"adapters.{i}.lora.target_modules: no default for model type {model_type!r}; "
-                "list the modules to adapt, or set base_model.model_type"
-            )
-            modules = []
-        adapters.append(AdapterPlan(spec=a, target_modules=tuple(modules)))
-
+    adapters = [_adapter_plan(i, a, model_type, target, problems) for i, a in enumerate(spec.adapters)]
     layouts = {a.target_modules for a in adapters}
-    if len(layouts) > 1:
+    if layout == "multi-adapter" and len(layouts) > 1:
         problems.append(
             "adapters: every adapter of one bundle must adapt the same target_modules, because they share one "
-            f"exported graph; found {sorted(sorted(m) for m in layouts)}"
-        )
-    if spec.export.layout == "multi-adapter" and not target.multi_lora:
-        problems.append(
-            f"export.layout: target {target.name!r} cannot swap adapters at run time; use layout: merged "
-            "(one model per adapter) or leave layout unset"
+            f"exported graph; found {sorted(sorted(m) for m in layouts)} (or use export.layout: merged)"
         )
     if problems:
         raise UsageError(source, problems)
@@ -147,9 +141,79 @@ def make_plan(spec: PipelineSpec, target_name: str, *, source: str = "<spec>", p
         source=source,
         target=target,
         precision=chosen,
-        layout=spec.export.layout or target.default_layout,
+        layout=layout,
         model_type=model_type,
         num_layers=num_layers,
+        max_positions=hf_config.get("max_position_embeddings"),
         adapters=tuple(adapters),
         paths=PipelinePaths(Path(spec.work_dir), Path(spec.output_dir), spec.name, target.name),
     )
+
+
+def _target_block_problems(target: str, exc: ValidationError) -> list[str]:
+    """What is wrong with the spec once `targets.<target>` is applied; an error every adapter inherits
+    from the top-level block is reported once, there."""
+    errors = [(tuple(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+    top_level = {(loc, msg) for loc, msg in errors if loc[:1] != ("adapters",)}
+    return [
+        f"targets.{target} applied: {'.'.join(map(str, loc))}: {msg}"
+        for loc, msg in errors
+        if not (loc[:1] == ("adapters",) and (loc[2:], msg) in top_level)
+    ]
+
+
+def _adapter_plan(i: int, a: AdapterSpec, model_type: str | None, target: Target, problems: list[str]) -> AdapterPlan:
+    where = f"adapters.{i}.lora"
+    default = DEFAULT_TARGET_MODULES.get(model_type or "")
+    if a.lora.method == "qlora":
+        # Olive's QLoRA pass puts LoRA on every 4-bit Linear and ignores target_modules; the layout
+        # recorded is therefore the decoder's Linear modules, whatever the spec lists.
+        if a.lora.target_modules is not None:
+            known = f" (for {model_type}: {', '.join(default)})" if default else ""
+            problems.append(
+                f"{where}.target_modules ({a.name}): method qlora adapts every 4-bit Linear of the decoder "
+                f"layers{known} and ignores target_modules; remove target_modules, or use method: lora"
+            )
+        elif default is None:
+            problems.append(
+                f"{where}.method ({a.name}): qlora needs the Linear modules of model type {model_type!r}, known "
+                f"for: {', '.join(DEFAULT_TARGET_MODULES)}; use method: lora with target_modules, or set "
+                "base_model.model_type"
+            )
+        modules = default or []
+    else:
+        modules = a.lora.target_modules or default or []
+        if not modules:
+            problems.append(
+                f"{where}.target_modules: no default for model type {model_type!r}; "
+                "list the modules to adapt, or set base_model.model_type"
+            )
+    device = target.training_device if a.training.device == "auto" else a.training.device
+    return AdapterPlan(spec=a, target_modules=tuple(modules), training_device=device)
+
+
+def missing_installs(plan: Plan) -> list[str]:
+    """What running the plan needs installed here and is not, naming the install step that adds it.
+
+    Checked before a run, not by make_plan: `phi-pipeline configs` writes any target's workflows
+    on any machine. Looks packages up without importing them (no torch import).
+    """
+    problems = []
+    qlora = [a.name for a in plan.adapters if a.spec.lora.method == "qlora"]
+    if qlora and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(
+            f"lora.method: qlora (adapters {', '.join(qlora)}) needs bitsandbytes, which is not installed: "
+            "install the qlora extra (pip install -e '.[qlora]', or make venv EXTRAS=cpu,qlora), or use method: lora"
+        )
+    if "qnn" in plan.target.install_extras and importlib.util.find_spec("onnxruntime_qnn") is None:
+        problems.append(
+            f"target {plan.target.name!r} needs onnxruntime-qnn, which is not installed: "
+            f"make venv TARGET={plan.target.name} (builds {plan.target.venv} with the cpu and qnn extras)"
+        )
+    pass_venv = plan.target.pass_venv
+    if pass_venv and not (Path(pass_venv) / "bin" / "python").exists():
+        problems.append(
+            f"target {plan.target.name!r} runs its export passes in {pass_venv} (pyproject dependency group "
+            f"{plan.target.pass_environment!r}), which does not exist: make venv TARGET={plan.target.name}"
+        )
+    return problems

@@ -10,18 +10,20 @@ from __future__ import annotations
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from phi_pipeline.errors import UsageError
-from phi_pipeline.targets import Layout, Precision
+from phi_pipeline.targets import TARGETS, Layout, Precision
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-# LoRA target modules by Hugging Face `model_type`. Phi-3 fuses q/k/v and gate/up into one Linear
-# each; LoRA on the fused layer is the "MergedLinear" case, and Model Builder splits it on export.
+# LoRA target modules by Hugging Face `model_type`: every Linear of a decoder layer, which is also
+# what QLoRA adapts (Olive's QLoRA pass puts LoRA on every 4-bit Linear; lm_head stays unquantized).
+# Phi-3 fuses q/k/v and gate/up into one Linear each; LoRA on the fused layer is the "MergedLinear"
+# case, and Model Builder splits it on export.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -72,7 +74,9 @@ class BaseModelSpec(_Model):
 
 class LoraSpec(_Model):
     method: Literal["lora", "qlora"] = Field(
-        "lora", description="lora: fp adapters on an fp base; qlora: adapters on an nf4 base (needs bitsandbytes)."
+        "lora",
+        description="lora: fp adapters on an fp base; qlora: adapters trained on an nf4 (double-quantized) base, "
+        "on every Linear of the decoder layers (needs the qlora extra: bitsandbytes).",
     )
     r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
@@ -80,8 +84,8 @@ class LoraSpec(_Model):
     target_modules: Optional[list[str]] = Field(
         None,
         min_length=1,
-        description="Module names to adapt. Default by model type: phi3 -> qkv_proj, o_proj, gate_up_proj, "
-        "down_proj; llama/qwen2/mistral -> q/k/v/o and gate/up/down projections.",
+        description="Module names to adapt (method lora only). Default by model type: phi3 -> qkv_proj, o_proj, "
+        "gate_up_proj, down_proj; llama/qwen2/mistral -> q/k/v/o and gate/up/down projections.",
     )
 
 
@@ -104,6 +108,12 @@ class TrainingSpec(_Model):
     )
     torch_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="dtype the base model is loaded in for training (float32 on CPU is fastest)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where adapters train. auto: on CUDA when building the cuda target, else on CPU. The fine-tune "
+        "workflow depends only on this (not on the export target), so targets that train on the same device "
+        "share their trained adapters.",
     )
 
     @model_validator(mode="after")
@@ -212,6 +222,25 @@ class ExportSpec(_Model):
     )
 
 
+def _overrides(model: type[_Model]) -> type[_Model]:
+    """A block with the keys of `model`, every one optional: only the keys it sets are applied."""
+    fields: dict[str, Any] = {}
+    for name, f in model.model_fields.items():
+        annotation = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        fields[name] = (Optional[annotation], Field(None, description=f.description))
+    return create_model(f"{model.__name__}Overrides", __base__=_Model, **fields)
+
+
+class TargetOverrides(_Model):
+    lora: Optional[_overrides(LoraSpec)] = Field(None, description="LoRA keys for this target.")
+    training: Optional[_overrides(TrainingSpec)] = Field(None, description="Training keys for this target.")
+    gates: Optional[_overrides(GateSpec)] = Field(None, description="Publish-gate keys for this target.")
+    export: Optional[_overrides(ExportSpec)] = Field(None, description="Export keys for this target.")
+
+
+TargetName = Literal[tuple(TARGETS)]
+
+
 class PipelineSpec(_Model):
     name: str = Field(description="Pipeline name: names the olive_configs/ and dist/ folders.")
     description: str = Field("", description="One line for the model card.")
@@ -223,6 +252,11 @@ class PipelineSpec(_Model):
     export: ExportSpec = Field(default_factory=ExportSpec, description="ONNX export settings.")
     output_dir: str = Field("dist", description="Bundles are published to <output_dir>/<name>/<target>/.")
     work_dir: str = Field(".phi-pipeline", description="Olive runs, staging and the content-addressed cache.")
+    targets: dict[TargetName, TargetOverrides] = Field(
+        default_factory=dict,
+        description="Settings for one target only, e.g. {cuda: {lora: {method: qlora}}}: each key replaces the "
+        "top-level block's and every adapter's own when that target is built.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -235,6 +269,25 @@ class PipelineSpec(_Model):
         if problem:
             raise ValueError(problem)
         return self
+
+    def for_target(self, target: str) -> PipelineSpec:
+        """This spec as built for `target`: the keys of its `targets.<target>` block replace the top-level
+        blocks' and every adapter's. Raises pydantic's ValidationError when the result is not a valid spec
+        (e.g. a target's `epochs` next to the spec's `max_steps`)."""
+        overrides = self.targets.get(target)
+        if overrides is None:
+            return self
+        data = self.model_dump()
+        for block in ("lora", "training", "gates", "export"):
+            patch = getattr(overrides, block)
+            if patch is None:
+                continue
+            keys = patch.model_dump(exclude_unset=True)
+            data[block].update(keys)
+            if block in _INHERITED_BLOCKS:
+                for adapter in data["adapters"]:
+                    adapter[block].update(keys)
+        return PipelineSpec.model_validate(data)
 
 
 def _duplicate_names(names: list[Any]) -> str | None:

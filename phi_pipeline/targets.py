@@ -1,8 +1,9 @@
 """The target matrix: the one place that knows what each deployment target is.
 
-Nothing else in the package hard-codes an execution provider, a precision list or a runtime
-package name; workflows, validation, the manifest and the model card all read this table.
-Pure data: no torch, Olive or onnxruntime import.
+Nothing else in the package hard-codes an execution provider, a precision list, an export route
+or a package name; workflows, validation, the Makefile's install step, the manifest and the model
+card all read this table. Pure data: no torch, Olive or onnxruntime import (the Makefile imports it
+with the system Python before any virtual environment exists).
 """
 
 from __future__ import annotations
@@ -12,22 +13,33 @@ from typing import Literal
 
 Precision = Literal["int4", "int8", "fp16", "bf16", "fp32"]
 Layout = Literal["multi-adapter", "merged"]
+ExportRoute = Literal["model_builder", "qnn", "openvino"]
+TrainingDevice = Literal["cpu", "cuda"]
 
 
 @dataclass(frozen=True)
 class Target:
-    """One deployment target and what its runtime can do."""
+    """One deployment target: how it is built and what its runtime can do."""
 
     name: str
     execution_provider: str
     """Olive's execution provider name for the accelerator spec of the export workflow."""
     device: Literal["cpu", "gpu", "npu"]
+    export_route: ExportRoute
+    """How the ONNX model is built: Model Builder, or Olive's QNN / OpenVINO pass chain (workflows/npu.py)."""
     precisions: tuple[Precision, ...]
-    """Precisions Model Builder can produce for this execution provider; the first is the default."""
+    """Weight precisions the export route produces for this execution provider; the first is the default."""
     runtime_packages: tuple[str, ...]
     """What a user installs to run the bundle on this target."""
+    install_extras: tuple[str, ...]
+    """pyproject extras of phi-pipeline that build for this target (`make venv TARGET=...` installs them)."""
     multi_lora: bool
     """Whether onnxruntime-genai can swap `.onnx_adapter` files at run time on this provider."""
+    training_device: TrainingDevice
+    """Where adapters train when the spec says `training.device: auto` and this target is built."""
+    pass_environment: str | None = None
+    """pyproject dependency group of a separate virtual environment (`.venv-<group>`) that Olive runs this
+    target's export passes in, when they cannot share the main environment's pins."""
     model_builder_options: dict[str, object] = field(default_factory=dict)
     """Extra Model Builder options always used for this target."""
     note: str = ""
@@ -40,6 +52,16 @@ class Target:
     def default_layout(self) -> Layout:
         return "multi-adapter" if self.multi_lora else "merged"
 
+    @property
+    def venv(self) -> str:
+        """The virtual environment that builds this target: one per distinct set of extras, because
+        the CPU and CUDA builds of onnxruntime(-genai) install the same Python modules."""
+        return ".venv" if self.install_extras == ("cpu",) else f".venv-{self.name}"
+
+    @property
+    def pass_venv(self) -> str | None:
+        return f".venv-{self.pass_environment}" if self.pass_environment else None
+
 
 TARGETS: dict[str, Target] = {
     t.name: t
@@ -48,35 +70,80 @@ TARGETS: dict[str, Target] = {
             name="cpu",
             execution_provider="CPUExecutionProvider",
             device="cpu",
+            export_route="model_builder",
             precisions=("int4", "fp32", "int8"),
             runtime_packages=("onnxruntime-genai",),
+            install_extras=("cpu",),
             multi_lora=True,
+            training_device="cpu",
         ),
         Target(
             name="cuda",
             execution_provider="CUDAExecutionProvider",
             device="gpu",
+            export_route="model_builder",
             precisions=("fp16", "int4", "bf16", "fp32"),
             runtime_packages=("onnxruntime-genai-cuda", "onnxruntime-gpu"),
+            # qlora: the real Phi-3 spec fine-tunes with QLoRA on this target.
+            install_extras=("cuda", "qlora"),
             multi_lora=True,
+            training_device="cuda",
         ),
         Target(
             name="webgpu",
             execution_provider="WebGpuExecutionProvider",
             device="gpu",
+            export_route="model_builder",
             precisions=("int4",),
             runtime_packages=("onnxruntime-genai",),
+            install_extras=("cpu",),
             multi_lora=True,
+            training_device="cpu",
             note="WebGPU ships in the Windows and macOS onnxruntime-genai wheels and in onnxruntime-web.",
         ),
         Target(
             name="dml",
             execution_provider="DmlExecutionProvider",
             device="gpu",
+            export_route="model_builder",
             precisions=("int4", "fp16"),
             runtime_packages=("onnxruntime-genai-directml", "onnxruntime-genai-winml"),
+            install_extras=("cpu",),
             # The runtime skips adapters on DirectML ("EP DML does not support adapters").
             multi_lora=False,
+            training_device="cpu",
+        ),
+        Target(
+            name="qnn",
+            execution_provider="QNNExecutionProvider",
+            device="npu",
+            export_route="qnn",
+            # GPTQ int4 weights as QDQ with uint16 activations (the olive-recipes QNN chain); nothing else.
+            precisions=("int4",),
+            runtime_packages=("onnxruntime-genai", "onnxruntime-qnn"),
+            # onnxruntime-qnn is an onnxruntime plugin execution provider: it adds to the CPU build.
+            install_extras=("cpu", "qnn"),
+            # Static graphs compiled to context binaries: an adapter cannot be swapped in at run time.
+            multi_lora=False,
+            training_device="cpu",
+            note="onnxruntime-qnn is a plugin execution provider: register its library "
+            "(onnxruntime_qnn.get_library_path()) before loading the model.",
+        ),
+        Target(
+            name="openvino",
+            execution_provider="OpenVINOExecutionProvider",
+            device="npu",
+            export_route="openvino",
+            # NNCF weight compression to symmetric int4 (the recipe's) or int8, both NPU formats.
+            precisions=("int4", "int8"),
+            runtime_packages=("onnxruntime-genai", "onnxruntime-ep-openvino"),
+            install_extras=("cpu",),
+            multi_lora=False,
+            training_device="cpu",
+            # optimum-intel caps transformers below the main environment's pin.
+            pass_environment="openvino",
+            note="onnxruntime-ep-openvino is a plugin execution provider (on Windows, onnxruntime-genai-winml "
+            "finds the OpenVINO EP through Windows ML).",
         ),
     )
 }
@@ -93,7 +160,8 @@ def get_target(name: str) -> Target:
 def check_precision(target: Target, precision: str) -> None:
     """Refuse a precision the target cannot build, naming what it allows."""
     if precision not in target.precisions:
+        route = "Model Builder" if target.export_route == "model_builder" else f"the {target.export_route} pass chain"
         raise ValueError(
             f"precision {precision!r} is not available for target {target.name!r}; "
-            f"choose one of: {', '.join(target.precisions)}"
+            f"choose one of: {', '.join(target.precisions)} (what {route} builds for {target.execution_provider})"
         )

@@ -9,6 +9,11 @@ PACKAGES = (
     "olive-ai",
     "onnxruntime",
     "onnxruntime-genai",
+    # the cuda extra's builds of the two above, and what the qlora and qnn extras add
+    "onnxruntime-gpu",
+    "onnxruntime-genai-cuda",
+    "bitsandbytes",
+    "onnxruntime-qnn",
     "onnx",
     "torch",
     "transformers",

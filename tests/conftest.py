@@ -68,7 +68,7 @@ def fast_project(tmp_path_factory, tiny_bundle) -> Path:
 
     project = tmp_path_factory.mktemp("fast-project")
     shutil.copytree(ROOT / "pipelines", project / "pipelines")
-    base = ".phi-pipeline/base/tiny-phi3"
+    base = ".phi-pipeline/base"  # the built model and its builder stamp
     shutil.copytree(tiny_bundle.parents[2] / base, project / base)
     spec = yaml.safe_load((ROOT / "pipelines/tiny-phi3.yaml").read_text())
     spec["name"] = "fast"

@@ -11,6 +11,8 @@ from phi_pipeline.errors import UsageError
 from phi_pipeline.pipeline import load_plan
 from phi_pipeline.targets import TARGETS
 
+from olive_validation import olive_check
+
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "pipelines").glob("*.yaml"))
 CASES = [(spec, target) for spec in SPECS for target in TARGETS]
@@ -32,11 +34,9 @@ def test_committed_configs_match_regenerated(spec, target, monkeypatch):
 
 
 @pytest.mark.parametrize("spec,target", CASES, ids=lambda v: getattr(v, "stem", v))
-def test_generated_configs_pass_olive_validation(spec, target, monkeypatch):
-    from olive.workflows.run.config import RunConfig
-
+def test_generated_configs_pass_olive_validation(spec, target, monkeypatch, tmp_path):
     for name, config in workflow_configs(plan_for(spec, target, monkeypatch)).items():
-        RunConfig.parse_file_or_obj(config)  # raises on any schema error
+        olive_check(config, tmp_path)  # raises on any schema error or pass parameter Olive refuses
 
 
 def test_int4_export_keeps_every_lora_matmul_unquantized(monkeypatch):
@@ -50,10 +50,17 @@ def test_int4_export_keeps_every_lora_matmul_unquantized(monkeypatch):
 
 
 def test_phi3_defaults_to_fused_lora_targets(monkeypatch):
-    plan = plan_for(ROOT / "pipelines/phi3-mini-4k.yaml", "cuda", monkeypatch)
+    plan = plan_for(ROOT / "pipelines/phi3-mini-4k.yaml", "cpu", monkeypatch)
     finetune = workflow_configs(plan)[finetune_file("support")]["passes"]["finetune"]
     assert finetune["target_modules"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     assert finetune["type"] == "LoRA"
+
+
+def test_phi3_cuda_target_fine_tunes_with_qlora(monkeypatch):
+    plan = plan_for(ROOT / "pipelines/phi3-mini-4k.yaml", "cuda", monkeypatch)
+    finetune = workflow_configs(plan)[finetune_file("support")]["passes"]["finetune"]
+    assert finetune["type"] == "QLoRA" and "target_modules" not in finetune
+    assert plan.lora_layout == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def test_hub_id_becomes_hf_model_path(monkeypatch):

@@ -2,14 +2,22 @@
 
 The base must be a real (tiny) language model that knows the datasets' words, Phi-3's chat
 format and plain "Question/Answer" text, yet must not already solve the two tasks, so that
-fine-tuning has something to show. So the corpus uses the tasks' vocabulary in ordinary prose
-(sentences that contrast opposite adjectives or group words of the same tone, as real text
-would) and answers *other* requests (repeat, arithmetic, next day, plurals, ...). It never
-asks to classify a tone or to rewrite a phrase with its opposite.
+fine-tuning has something to show. It never asks for the tone of a phrase or for a phrase with
+its opposite adjective.
 
-Pretraining sees each document about once: with a corpus this small, repeated epochs make a
-~1M-parameter model memorise answers instead of learning to copy and look up words from its
-context, which is the skill both fine-tuning tasks build on. Copy requests are therefore common.
+Measured on this model size (see tests and the base_model docstring): a base pretrained on prose
+and unrelated requests cannot be LoRA-tuned to either task in a few hundred steps, because its
+attention has hardened onto the positions its own requests use, and nothing routes the phrase's
+adjective to the answer. A real LM has such routes from pretraining; this corpus supplies them
+with *sibling* requests of the same shape:
+
+- ``Classify the topic: <phrase>`` -> colour | size | temperature, decided by the adjective slot
+  of the same phrase templates the tone task uses (tone adds new labels and new words).
+- ``Repeat: <determiner adjective noun>`` -> the phrase, in chat and in Question/Answer text
+  (the antonym task copies the phrase but swaps the adjective, which prose pairs as opposites).
+
+Nouns and adjectives are drawn from one shared pool in every template, so the model's
+predictions stay broad in new combinations instead of memorising template-specific word lists.
 """
 
 from __future__ import annotations
@@ -17,9 +25,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from phi_pipeline.tiny.datasets import (
-    ANTONYM_NOUNS, ANTONYM_PAIRS, DETERMINERS, OPPOSITE, TONE_NOUNS, TONE_VERBS, TONE_WORDS,
-)
+from phi_pipeline.tiny.datasets import ANTONYM_NOUNS, ANTONYM_PAIRS, PHRASE_TEMPLATES, TONE_NOUNS, TONE_WORDS
 
 NUMBERS = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
@@ -31,10 +37,23 @@ COLOURS = ("red", "blue", "green", "yellow", "white", "black", "brown", "pink")
 ANIMALS = {"dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "sheep": "baa", "bird": "tweet"}
 PEOPLE = ("anna", "ben", "the teacher", "my friend", "the children", "our neighbour", "tom", "lucy")
 PLACES = ("park", "market", "school", "beach", "station", "kitchen", "library", "garden")
+DETERMINERS = ("the", "my", "your", "this", "that", "his", "her", "our")
 LABEL_WORDS = ("positive", "negative", "neutral")
 SYSTEM_PROMPT = "You are a helpful assistant."
-ALL_NOUNS = ANTONYM_NOUNS + TONE_NOUNS
-ALL_ADJECTIVES = tuple(OPPOSITE) + tuple(w for words in TONE_WORDS.values() for w in words) + COLOURS
+# The sibling classification: labels follow the adjective, as tone labels do.
+TOPICS: dict[str, tuple[str, ...]] = {
+    "colour": COLOURS,
+    "size": ("big", "small", "tall", "short", "wide", "narrow", "thick", "thin"),
+    "temperature": ("hot", "cold", "warm", "cool", "icy", "frozen", "boiling", "chilly"),
+    "feeling": TONE_WORDS["positive"] + TONE_WORDS["negative"],
+    "shape": TONE_WORDS["neutral"],
+}
+NOUNS = tuple(dict.fromkeys(ANTONYM_NOUNS + TONE_NOUNS + tuple(ANIMALS) + PLACES))
+ADJECTIVES = tuple(dict.fromkeys(
+    [w for pair in ANTONYM_PAIRS for w in pair]
+    + [w for words in TONE_WORDS.values() for w in words]
+    + [w for words in TOPICS.values() for w in words]
+))
 
 
 def chat(user: str, assistant: str, system: str | None = None) -> str:
@@ -48,34 +67,27 @@ def _plural(noun: str) -> str:
 
 
 def _phrase(rng: random.Random) -> str:
-    """A determiner-adjective-noun phrase over the whole vocabulary."""
-    return f"{rng.choice(DETERMINERS)} {rng.choice(ALL_ADJECTIVES)} {rng.choice(ALL_NOUNS)}"
+    return f"{rng.choice(DETERMINERS)} {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
 
 
 def _prose(rng: random.Random) -> str:
-    """One sentence of narrative English over the datasets' words."""
+    """One sentence of narrative English over the shared vocabulary."""
     a, b = rng.sample(rng.choice(ANTONYM_PAIRS), 2)
-    n1, n2 = rng.sample(ANTONYM_NOUNS, 2)
-    tone = rng.choice(tuple(TONE_WORDS))
-    t1, t2 = rng.sample(TONE_WORDS[tone], 2)
-    tn1, tn2 = rng.sample(TONE_NOUNS, 2)
-    who, place, det = rng.choice(PEOPLE), rng.choice(PLACES), rng.choice(DETERMINERS)
-    phrase = _phrase(rng)
+    n1, n2 = rng.sample(NOUNS, 2)
+    t1, t2 = rng.sample(TONE_WORDS[rng.choice(tuple(TONE_WORDS))], 2)
+    who, place, phrase = rng.choice(PEOPLE), rng.choice(PLACES), _phrase(rng)
     templates = (
         f"the {n1} was {a}, but the {n2} was {b}.",
-        f"{det} {n1} is {b} and {det} {n2} is {a}.",
-        f"the opposite of {a} is {b}.",
         f"it is not {a}, it is {b}.",
+        f"the opposite of {a} is {b}.",
+        f"{who} said the {n1} was {t1} and the {n2} was {t2}.",
+        f"the {n1} was {t1}, and the {n2} was {t2} too.",
+        f"{who} did not like the tone of the {n1}.",
         f"{who} found {phrase} near the {place}. {phrase} was still there on {rng.choice(DAYS)}.",
-        f"{det} {b} {n1} is next to the {rng.choice(COLOURS)} {n2}.",
-        f"{who} said the {tn1} was {t1} and the {tn2} was {t2}.",
-        f"the {tn1} was {t1}, and the {tn2} was {t2} too.",
-        f"{who} will {rng.choice(TONE_VERBS[tone])} the {t1} {tn1}.",
         f"on {rng.choice(DAYS)} {who} went to the {place} with {phrase}.",
-        f"the {rng.choice(tuple(ANIMALS))} sat on the {a} {n2} in the {place}.",
+        f"the {rng.choice(tuple(ANIMALS))} sat on the {rng.choice(ADJECTIVES)} {n2} in the {place}.",
         f"the answer was {rng.choice(LABEL_WORDS)}, so {who} wrote it down.",
-        f"there are {rng.choice(NUMBERS[2:])} {_plural(n1)} and {rng.choice(NUMBERS[2:])} {_plural(tn1)} "
-        f"in the {place}.",
+        f"there are {rng.choice(NUMBERS[2:])} {_plural(n1)} in the {place}.",
     )
     return rng.choice(templates)
 
@@ -83,15 +95,16 @@ def _prose(rng: random.Random) -> str:
 def _request(rng: random.Random) -> tuple[str, str]:
     """One general request and its answer (never one of the fine-tuning tasks)."""
     phrase = _phrase(rng)
-    noun = rng.choice(ALL_NOUNS)
-    x, y = rng.randrange(0, 11), rng.randrange(0, 10)
-    day = rng.randrange(len(DAYS))
-    animal = rng.choice(tuple(ANIMALS))
-    count = rng.randrange(2, 8)
+    topic = rng.choice(tuple(TOPICS))
+    topical = rng.choice(PHRASE_TEMPLATES).format(n=rng.choice(NOUNS), a=rng.choice(TOPICS[topic]))
+    noun, animal = rng.choice(NOUNS), rng.choice(tuple(ANIMALS))
+    x, y, day, count = rng.randrange(0, 11), rng.randrange(0, 10), rng.randrange(7), rng.randrange(2, 8)
     makers: tuple[Callable[[], tuple[str, str]], ...] = (
         lambda: (f"Repeat: {phrase}", phrase),
         lambda: (f"Repeat: {phrase}", phrase),
         lambda: (f"Say it again: {phrase}", phrase),
+        lambda: (f"Classify the topic: {topical}", topic),
+        lambda: (f"Classify the topic: {topical}", topic),
         lambda: (f"What is {NUMBERS[x]} plus {NUMBERS[y]}?", NUMBERS[x + y]),
         lambda: (f"What day comes after {DAYS[day]}?", DAYS[(day + 1) % 7]),
         lambda: (f"Count to {NUMBERS[count]}.", " ".join(NUMBERS[1:count + 1])),
@@ -104,11 +117,11 @@ def _request(rng: random.Random) -> tuple[str, str]:
 
 
 def _document(rng: random.Random) -> str:
-    """A prose paragraph, a chat of 1-2 turns (sometimes with a system prompt) or Question/Answer text."""
+    """Prose (1-3 sentences), a chat of 1-2 turns (sometimes with a system prompt), or Question/Answer text."""
     kind = rng.random()
-    if kind < 0.4:
+    if kind < 0.3:
         return " ".join(_prose(rng) for _ in range(rng.randint(1, 3)))
-    if kind < 0.85:
+    if kind < 0.8:
         system = SYSTEM_PROMPT if rng.random() < 0.2 else None
         turns = [_request(rng) for _ in range(rng.randint(1, 2))]
         return chat(*turns[0], system=system) + "".join(chat(*t) for t in turns[1:])

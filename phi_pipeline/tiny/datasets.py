@@ -36,27 +36,22 @@ TONE_WORDS: dict[str, tuple[str, ...]] = {
         "rude", "ugly", "gloomy", "annoying", "broken", "painful", "disappointing",
     ),
     "neutral": (
-        "square", "wooden", "round", "grey", "metal", "flat", "ordinary",
-        "plain", "average", "typical", "usual", "beige", "folded", "striped",
+        "square", "round", "flat", "oval", "curved", "folded", "striped",
+        "plain", "pointed", "hollow", "spotted", "bent", "twisted", "dotted",
     ),
-}
-TONE_VERBS: dict[str, tuple[str, ...]] = {
-    "positive": ("love", "enjoy", "adore", "like"),
-    "negative": ("hate", "dislike", "dread", "regret"),
-    "neutral": ("own", "carry", "check", "describe"),
 }
 TONE_NOUNS = (
     "movie", "meal", "trip", "song", "book", "day", "hotel", "show", "game", "party",
     "room", "class", "phone", "coffee", "garden", "concert", "weekend", "story", "visit", "film",
 )
-# {a}: a tone adjective, {v}: a tone verb, {n}: a noun; each template has exactly one of {a}/{v}.
-TONE_TEMPLATES = (
+# The tone word always fills the adjective slot; corpus.py's sibling task uses the same templates.
+PHRASE_TEMPLATES = (
     "the {n} was {a}",
     "what a {a} {n}",
     "this {n} is really {a}",
     "such a {a} {n} today",
-    "i {v} this {n}",
-    "we {v} the {n}",
+    "my {n} felt {a}",
+    "our {n} looked {a}",
 )
 
 ANTONYM_PAIRS: tuple[tuple[str, str], ...] = (
@@ -70,7 +65,6 @@ ANTONYM_NOUNS = (
     "drink", "box", "car", "room", "road", "river", "coat", "bag", "dog", "house",
     "book", "bed", "cup", "door", "street", "shirt", "chair", "bottle", "stone", "table",
 )
-DETERMINERS = ("the", "my", "your", "this", "that", "his", "her", "our")
 OPPOSITE = {a: b for a, b in ANTONYM_PAIRS} | {b: a for a, b in ANTONYM_PAIRS}
 
 Rows = list[dict]
@@ -88,9 +82,7 @@ def tone_rows(seed: int = SEED) -> tuple[Rows, Rows]:
         n_train = N_TRAIN // len(labels) + (i < N_TRAIN % len(labels))
         rows: Rows = []
         while len(rows) < n_train + n_eval:
-            phrase = rng.choice(TONE_TEMPLATES).format(
-                n=rng.choice(TONE_NOUNS), a=rng.choice(TONE_WORDS[label]), v=rng.choice(TONE_VERBS[label])
-            )
+            phrase = rng.choice(PHRASE_TEMPLATES).format(n=rng.choice(TONE_NOUNS), a=rng.choice(TONE_WORDS[label]))
             if phrase in seen:
                 continue
             seen.add(phrase)
@@ -117,8 +109,7 @@ def antonym_rows(seed: int = SEED) -> tuple[Rows, Rows]:
     eval_pairs = eval_pairs[:N_EVAL]
 
     def row(adj: str, noun: str) -> dict:
-        det = rng.choice(DETERMINERS)
-        return {"input": f"{det} {adj} {noun}", "output": f"{det} {OPPOSITE[adj]} {noun}"}
+        return {"input": f"the {adj} {noun}", "output": f"the {OPPOSITE[adj]} {noun}"}
 
     return [row(*p) for p in train_pairs], [row(*p) for p in eval_pairs]
 

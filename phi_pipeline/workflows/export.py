@@ -12,13 +12,13 @@ from copy import deepcopy
 from typing import Any
 
 from phi_pipeline.plan import Plan
-from phi_pipeline.workflows.common import engine, hf_model, system
+from phi_pipeline.workflows.common import engine, hf_model, target_system
 
 TEMPLATE: dict[str, Any] = {
     "input_model": None,
     "systems": {"local_system": None},
     "passes": {
-        "builder": {"type": "ModelBuilder", "precision": None},
+        "builder": None,
         "extract": {
             "type": "ExtractAdapters",
             "make_inputs": True,
@@ -66,6 +66,21 @@ def lora_matmul_nodes(target_modules: tuple[str, ...], num_layers: int) -> list[
     return names
 
 
+def model_builder_pass(plan: Plan, *, lora_nodes: list[str] | None = None) -> dict[str, Any]:
+    """Olive's ModelBuilder pass at the plan's precision; `lora_nodes` are kept out of int4 quantization."""
+    builder: dict[str, Any] = {"type": "ModelBuilder", "precision": plan.precision}
+    extra: dict[str, Any] = dict(plan.target.model_builder_options)
+    if plan.precision == "int4":
+        builder["int4_block_size"] = plan.spec.export.int4_block_size
+        if plan.spec.export.int4_accuracy_level is not None:
+            builder["int4_accuracy_level"] = plan.spec.export.int4_accuracy_level
+        if lora_nodes:
+            extra["nodes_to_exclude"] = lora_nodes
+    if extra:
+        builder["extra_options"] = extra
+    return builder
+
+
 def export_config(plan: Plan) -> dict[str, Any]:
     config = deepcopy(TEMPLATE)
     config["input_model"] = hf_model(
@@ -73,18 +88,8 @@ def export_config(plan: Plan) -> dict[str, Any]:
         trust_remote_code=plan.spec.base_model.trust_remote_code,
         adapter_path=plan.paths.lora_layout_dir,
     )
-    config["systems"]["local_system"] = system(
-        "cpu" if plan.target.device == "cpu" else plan.target.device, plan.target.execution_provider
-    )
-    builder = config["passes"]["builder"]
-    builder["precision"] = plan.precision
-    extra: dict[str, Any] = dict(plan.target.model_builder_options)
-    if plan.precision == "int4":
-        builder["int4_block_size"] = plan.spec.export.int4_block_size
-        if plan.spec.export.int4_accuracy_level is not None:
-            builder["int4_accuracy_level"] = plan.spec.export.int4_accuracy_level
-        extra["nodes_to_exclude"] = lora_matmul_nodes(plan.lora_layout, plan.num_layers)
-    if extra:
-        builder["extra_options"] = extra
+    config["systems"]["local_system"] = target_system(plan.target)
+    nodes = lora_matmul_nodes(plan.lora_layout, plan.num_layers) if plan.precision == "int4" else None
+    config["passes"]["builder"] = model_builder_pass(plan, lora_nodes=nodes)
     config.update(engine(plan.paths.export_dir, plan.paths.olive_cache_dir))
     return config

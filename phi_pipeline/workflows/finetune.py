@@ -1,4 +1,9 @@
-"""LoRA / QLoRA fine-tune of one adapter on its own dataset (Olive's LoRA or QLoRA pass)."""
+"""LoRA / QLoRA fine-tune of one adapter on its own dataset (Olive's LoRA or QLoRA pass).
+
+The workflow depends on the spec and the adapter's training device only, never on the export
+target: every target of a pipeline that trains on the same device runs the same fine-tune config,
+so its trained adapter (cached by content) serves them all.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from typing import Any
 
 from phi_pipeline.paths import PipelinePaths
 from phi_pipeline.plan import AdapterPlan, Plan
-from phi_pipeline.workflows.common import engine, hf_model, system
+from phi_pipeline.workflows.common import data_config, engine, hf_model, training_system
 
 TEMPLATE: dict[str, Any] = {
     "input_model": None,
@@ -17,29 +22,6 @@ TEMPLATE: dict[str, Any] = {
     "host": "local_system",
     "target": "local_system",
 }
-
-
-def data_config(name: str, plan: AdapterPlan, split_file: str) -> dict[str, Any]:
-    """One split as Olive's HuggingfaceContainer: JSON Lines in, one example per sequence."""
-    data = plan.spec.data
-    pre: dict[str, Any] = {
-        "max_seq_len": plan.spec.training.max_seq_len,
-        # Olive's default packs examples together ("join"); each example is its own sequence here,
-        # so the model learns where an answer ends.
-        "strategy": "line-by-line",
-        "pad_to_max_len": False,
-    }
-    if data.messages_field:
-        pre.update({"chat_template": True, "message_col": data.messages_field})
-    else:
-        pre.update({"text_template": data.text_template, "add_special_tokens": True})
-    return {
-        "name": name,
-        "type": "HuggingfaceContainer",
-        "load_dataset_config": {"data_name": "json", "data_files": [split_file], "split": "train"},
-        "pre_process_data_config": pre,
-        "dataloader_config": {"batch_size": plan.spec.training.batch_size},
-    }
 
 
 def training_args(plan: AdapterPlan, plan_paths: PipelinePaths) -> dict[str, Any]:
@@ -76,12 +58,13 @@ def training_args(plan: AdapterPlan, plan_paths: PipelinePaths) -> dict[str, Any
 
 def finetune_config(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
     lora = adapter.spec.lora
+    training = adapter.spec.training
     config = deepcopy(TEMPLATE)
     config["input_model"] = hf_model(plan.base_model, trust_remote_code=plan.spec.base_model.trust_remote_code)
-    config["systems"]["local_system"] = system(plan.training_device, plan.training_provider)
+    config["systems"]["local_system"] = training_system(adapter.training_device)
     config["data_configs"] = [
-        data_config("train_data", adapter, adapter.spec.data.train),
-        data_config("eval_data", adapter, adapter.spec.data.eval),
+        data_config("train_data", adapter, adapter.spec.data.train, batch_size=training.batch_size),
+        data_config("eval_data", adapter, adapter.spec.data.eval, batch_size=training.batch_size),
     ]
     finetune = config["passes"]["finetune"]
     finetune.update(
@@ -90,14 +73,24 @@ def finetune_config(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
             "r": lora.r,
             "alpha": lora.alpha,
             "lora_dropout": lora.dropout,
-            "torch_dtype": adapter.spec.training.torch_dtype,
+            "torch_dtype": training.torch_dtype,
             "training_args": training_args(adapter, plan.paths),
         }
     )
     if lora.method == "lora":
-        # Olive's QLoRA pass picks its own targets (every quantized Linear) and ignores this key.
         finetune["target_modules"] = list(adapter.target_modules)
     else:
-        finetune["save_quant_config"] = False
+        # Olive's QLoRA pass picks its own targets (every 4-bit Linear), so no target_modules.
+        finetune.update(
+            {
+                "quant_type": "nf4",
+                "double_quant": True,
+                "compute_dtype": training.torch_dtype,
+                # The trained adapter is merged into, or exported beside, the full-precision base.
+                "save_quant_config": False,
+            }
+        )
+        # Paged optimizers page optimizer state through CUDA unified memory; on CPU use the plain one.
+        finetune["training_args"]["optim"] = "paged_adamw_32bit" if adapter.training_device == "cuda" else "adamw_torch"
     config.update(engine(plan.paths.finetune_dir(adapter.name), plan.paths.olive_cache_dir))
     return config

@@ -1,0 +1,343 @@
+"""Evaluation and publish gates: metrics, gate messages, the report, and end-to-end on a built bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import yaml
+
+from phi_pipeline.errors import UsageError
+from phi_pipeline.evaluate import (
+    EvalTask,
+    _split_answer,
+    check_gates,
+    chrf,
+    chrf_statistics,
+    exact_match,
+    gate_checks,
+    record_gates,
+    sentence_chrf,
+    tasks_from_manifest,
+)
+from phi_pipeline.spec import DataSpec, EvalSpec, GateSpec
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def _f2(p: Fraction, r: Fraction) -> float:
+    return float(100 * 5 * p * r / (4 * p + r))
+
+
+def test_chrf_equals_hand_computed_value_when_hypothesis_is_a_prefix():
+    # "ab" vs "abc": 1-grams 2 hyp / 3 ref / 2 match; 2-grams 1 / 2 / 1; no 3-grams in the hypothesis,
+    # so only orders 1-2 count: P = (1 + 1) / 2, R = (2/3 + 1/2) / 2 = 7/12; F2 = 5PR / (4P + R) = 7/11
+    assert chrf_statistics("ab", "abc")[:9] == [2, 3, 2, 1, 2, 1, 0, 1, 0]
+    assert sentence_chrf("ab", "abc") == pytest.approx(_f2(Fraction(1), Fraction(7, 12)))
+    assert sentence_chrf("ab", "abc") == pytest.approx(700 / 11)
+
+
+def test_chrf_equals_hand_computed_value_when_last_character_differs():
+    # "abc" vs "abd": orders 1-3: matches 2/3, 1/2, 0/1 on both sides: P = R = (2/3 + 1/2 + 0) / 3 = 7/18
+    assert sentence_chrf("abc", "abd") == pytest.approx(_f2(Fraction(7, 18), Fraction(7, 18)))
+    assert sentence_chrf("abc", "abd") == pytest.approx(700 / 18)
+
+
+def test_corpus_chrf_sums_statistics_before_scoring():
+    # summed: 1-grams 5/6/4, 2-grams 3/4/2, 3-grams 1/2/0 -> P = (4/5 + 2/3 + 0)/3, R = (4/6 + 2/4 + 0)/3
+    p = (Fraction(4, 5) + Fraction(2, 3)) / 3
+    r = (Fraction(4, 6) + Fraction(2, 4)) / 3
+    assert chrf(["ab", "abc"], ["abc", "abd"]) == pytest.approx(_f2(p, r))
+    assert chrf(["ab", "abc"], ["abc", "abd"]) != pytest.approx(
+        (sentence_chrf("ab", "abc") + sentence_chrf("abc", "abd")) / 2
+    )
+
+
+def test_chrf_ignores_whitespace_and_scores_identity_100():
+    assert sentence_chrf("his wide drink", "his  wide\ndrink") == pytest.approx(100.0)
+    assert sentence_chrf("a b c d e f g", "abcdefg") == pytest.approx(100.0)
+
+
+def test_chrf_is_zero_when_nothing_matches_or_hypothesis_empty():
+    assert sentence_chrf("xyz", "abc") == 0.0
+    assert sentence_chrf("", "abc") == 0.0
+    assert chrf([], []) == 0.0
+
+
+def test_exact_match_strips_whitespace_and_is_case_sensitive():
+    assert exact_match([" positive\n", "Negative", "neutral"], ["positive", "negative", "neutral "]) == pytest.approx(2 / 3)
+    assert exact_match([], []) == 0.0
+    with pytest.raises(ValueError):
+        exact_match(["a"], [])
+
+
+def test_answer_split_falls_back_to_shared_prefix_when_tokens_merge_across_boundary():
+    assert _split_answer([1, 2, 3], [1, 2, 3, 4, 5]) == ([1, 2, 3], [4, 5])
+    assert _split_answer([1, 2, 3], [1, 2, 9, 5]) == ([1, 2], [9, 5])
+
+
+def test_separator_is_the_template_text_between_prompt_and_answer():
+    template = DataSpec(train="t", eval="e", text_template="Q: {q}\nA: {a}", response_field="a")
+    chat = DataSpec(train="t", eval="e", messages_field="messages")
+    assert EvalTask("x", template, EvalSpec(), GateSpec(), Path("e")).separator == " "
+    assert EvalTask("x", chat, EvalSpec(), GateSpec(), Path("e")).separator == ""
+
+
+# -------------------------------------------------------------------------------------------- gates
+
+
+def _results(metric="exact_match", base=0.45, onnx=0.41, torch=0.44, ppl=(3.3, 3.0), agreement=0.9, gates=None):
+    def figures(value, torch_value):
+        return {
+            "onnx": {"metric": value, "perplexity": ppl[0]},
+            "pytorch": {"metric": torch_value, "perplexity": ppl[1]},
+            "parity": {
+                "token_agreement": agreement,
+                "perplexity_ratio": ppl[0] / ppl[1],
+                "identical_outputs": 0.5,
+                "logit_max_abs_diff": 0.2,
+                "logit_mean_abs_diff": 0.01,
+                "positions": 10,
+            },
+        }
+
+    return {
+        "pytorch": {"available": True},
+        "adapters": {
+            "tone": {
+                "metric": metric,
+                "examples": 10,
+                "gates": (gates or GateSpec()).model_dump(),
+                "base": figures(base, base),
+                "adapter": figures(onnx, torch),
+            }
+        },
+    }
+
+
+def test_gate_message_names_adapter_metric_figures_and_bound_when_adapter_does_not_beat_base():
+    failures = check_gates(_results(), {"tone": GateSpec(min_gain_over_base=0.0)})
+    assert (
+        "adapter 'tone': exact_match 0.410 does not beat the base model's 0.450 by more than 0.000 "
+        "(gates.min_gain_over_base)"
+    ) in failures
+
+
+def test_every_gate_fails_with_its_own_message_when_bounds_are_impossible():
+    gates = GateSpec(min_gain_over_base=2.0, max_drop_vs_pytorch=0.0, max_perplexity_ratio=1.0, min_token_agreement=1.0)
+    failures = check_gates(_results(base=0.1, onnx=0.5, torch=0.6), {"tone": gates})
+    assert len(failures) == 4
+    assert all(f.startswith("adapter 'tone': ") for f in failures)
+    joined = "\n".join(failures)
+    assert "exact_match 0.500 does not beat the base model's 0.100 by more than 2.000 (gates.min_gain_over_base)" in joined
+    assert "ONNX exact_match 0.500 trails PyTorch+PEFT's 0.600 by 0.100, more than 0.000 (gates.max_drop_vs_pytorch)" in joined
+    assert "ONNX perplexity 3.300 is 1.100x PyTorch's 3.000, above 1.000 (gates.max_perplexity_ratio)" in joined
+    assert "token agreement with PyTorch 0.900 is below 1.000 (gates.min_token_agreement)" in joined
+
+
+def test_gates_pass_when_adapter_beats_base_and_matches_pytorch():
+    assert check_gates(_results(base=0.1, onnx=0.5, torch=0.5, ppl=(3.0, 3.0)), None) == []
+
+
+def test_chrf_gate_figures_use_metric_units():
+    failures = check_gates(_results(metric="chrf", base=40.0, onnx=38.5, torch=45.0), {"tone": GateSpec(max_drop_vs_pytorch=5.0)})
+    assert "adapter 'tone': chrf 38.50 does not beat the base model's 40.00 by more than 0.00 (gates.min_gain_over_base)" in failures
+    assert "adapter 'tone': ONNX chrf 38.50 trails PyTorch+PEFT's 45.00 by 6.50, more than 5.00 (gates.max_drop_vs_pytorch)" in failures
+
+
+def test_pytorch_gates_are_not_checked_and_not_failed_when_reference_unavailable():
+    results = _results(base=0.1, onnx=0.5, gates=GateSpec(min_token_agreement=1.0, max_drop_vs_pytorch=0.0))
+    results["adapters"]["tone"]["adapter"]["pytorch"] = None
+    results["adapters"]["tone"]["adapter"]["parity"] = None
+    checks = {c.gate: c.passed for c in gate_checks(results)}
+    assert checks == {
+        "min_gain_over_base": True,
+        "max_drop_vs_pytorch": None,
+        "max_perplexity_ratio": None,
+        "min_token_agreement": None,
+    }
+    assert record_gates(results, None, enforced=True) == []
+    assert results["gates"]["passed"] is True
+
+
+def test_gates_recorded_in_results_come_from_the_adapter_when_spec_not_given():
+    results = _results(base=0.1, onnx=0.5, torch=0.5, ppl=(3.0, 3.0), gates=GateSpec(min_gain_over_base=0.5))
+    failures = record_gates(results, None, enforced=False)
+    assert failures == [
+        "adapter 'tone': exact_match 0.500 does not beat the base model's 0.100 by more than 0.500 (gates.min_gain_over_base)"
+    ]
+    assert results["gates"]["enforced"] is False and results["gates"]["passed"] is False
+
+
+def test_manifest_without_data_format_asks_for_spec():
+    manifest = {"adapters": [{"name": "tone", "dataset": {"train": "t", "eval": "e"}, "prompt_format": {"type": "chat"}}]}
+    with pytest.raises(UsageError, match="pass --spec"):
+        tasks_from_manifest(manifest)
+
+
+def test_manifest_tasks_take_format_eval_and_gates_and_data_override():
+    manifest = {
+        "adapters": [
+            {
+                "name": "ant",
+                "dataset": {"train": "t", "eval": "e.jsonl", "text_template": "Q: {q}\nA: {a}", "response_field": "a"},
+                "eval": {"metric": "chrf", "max_new_tokens": 7},
+                "gates": {"min_gain_over_base": 3.0},
+            },
+            {"name": "tone", "dataset": {"train": "t", "eval": "x.jsonl", "messages_field": "messages"}},
+        ]
+    }
+    tasks = tasks_from_manifest(manifest)
+    assert [t.adapter for t in tasks] == ["ant", "tone"]
+    assert tasks[0].eval.metric == "chrf" and tasks[0].gates.min_gain_over_base == 3.0
+    (only,) = tasks_from_manifest(manifest, adapter="tone", data_file="other.jsonl")
+    assert only.eval_file == Path("other.jsonl") and only.data.messages_field == "messages"
+    with pytest.raises(UsageError, match="--adapter"):
+        tasks_from_manifest(manifest, data_file="other.jsonl")
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def test_report_writes_json_markdown_and_png_charts(tmp_path):
+    from phi_pipeline.report import EVAL_JSON, METRICS_CHART, REPORT_MD, format_table, loss_chart, write_report
+
+    results = _results()
+    record_gates(results, None, enforced=True)
+    results.update(bundle={"pipeline": "p", "target": "cpu", "precision": "int4"}, seconds=1.0)
+    results["adapters"]["tone"].update(eval_file="e.jsonl", max_new_tokens=4, answer_tokens=12, predictions=[])
+    history = [{"step": 10, "loss": 2.0}, {"step": 10, "eval_loss": 1.9}, {"step": 20, "loss": 1.5}]
+    written = write_report(tmp_path, results, histories={"tone": history}, tensorboard={"tone": Path("/x/tensorboard")})
+    assert {p.relative_to(tmp_path).as_posix() for p in written} == {EVAL_JSON, REPORT_MD, METRICS_CHART, loss_chart("tone")}
+    assert json.loads((tmp_path / EVAL_JSON).read_text())["adapters"]["tone"]["adapter"]["onnx"]["metric"] == 0.41
+    for chart in (METRICS_CHART, loss_chart("tone")):
+        assert (tmp_path / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / REPORT_MD).read_text()
+    assert "**FAILED**" in md and "does not beat the base model's 0.450" in md and "/x/tensorboard" in md
+    assert "| tone | 0.410 | 0.440 |" in md
+    assert "FAIL adapter 'tone'" in format_table(results)
+
+
+def test_finalized_manifest_lists_report_files_and_bundle_still_verifies(tmp_path):
+    from phi_pipeline.bundle import MANIFEST, finalize_manifest, verify
+    from phi_pipeline.cache import file_sha256
+
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": {"a.txt": file_sha256(tmp_path / "a.txt")}}))
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "metrics.png").write_bytes(b"png")
+    (tmp_path / "eval.json").write_text("{}")
+    manifest = finalize_manifest(tmp_path, {"gates": {"enforced": True, "passed": True, "failures": []}})
+    assert set(manifest["files"]) == {"a.txt", "eval.json", "report/metrics.png"}
+    assert json.loads((tmp_path / MANIFEST).read_text())["gates"]["passed"] is True
+    assert verify(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------- end to end (slow)
+
+
+def _fast_bundle(fast_project: Path) -> Path:
+    return fast_project / "dist" / "fast" / "cpu"
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_reported_onnx_exact_match_equals_independent_onnxruntime_genai_run(fast_project):
+    """Recompute the tone adapter's ONNX exact match with onnxruntime-genai alone, as the model card
+    shows a user would, and compare with what the pipeline wrote into eval.json."""
+    import onnxruntime_genai as og
+
+    from phi_pipeline.bundle import verify
+
+    bundle = _fast_bundle(fast_project)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    report = json.loads((bundle / "eval.json").read_text())
+    assert {"eval.json", "report.md", "report/metrics.png"} <= set(manifest["files"])
+    assert verify(bundle) == []
+    assert set(manifest["gates"]) == {"enforced", "passed", "failures"}
+
+    entry = next(a for a in manifest["adapters"] if a["name"] == "tone")
+    rows = [json.loads(line) for line in (fast_project / entry["dataset"]["eval"]).read_text().splitlines() if line.strip()]
+    rows = rows[: entry["eval"]["max_examples"]] if entry["eval"]["max_examples"] else rows
+    model = og.Model(str(bundle))
+    tokenizer = og.Tokenizer(model)
+    adapters = og.Adapters(model)
+    adapters.load(str(bundle / entry["file"]), "tone")
+    hits = 0
+    for row in rows:
+        messages = row["messages"]
+        prompt = tokenizer.apply_chat_template(json.dumps(messages[:-1]), add_generation_prompt=True)
+        tokens = tokenizer.encode(prompt)
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(tokens) + entry["eval"]["max_new_tokens"])
+        generator = og.Generator(model, params)
+        generator.set_active_adapter(adapters, "tone")
+        generator.append_tokens(tokens)
+        while not generator.is_done():
+            generator.generate_next_token()
+        text = tokenizer.decode(generator.get_sequence(0)[len(tokens) :]).strip()
+        hits += text == messages[-1]["content"].strip()
+    reported = report["adapters"]["tone"]
+    assert reported["examples"] == len(rows)
+    assert reported["adapter"]["onnx"]["metric"] == pytest.approx(hits / len(rows))
+    assert manifest["evaluation"]["adapters"]["tone"]["adapter_onnx"] == pytest.approx(hits / len(rows))
+
+
+@pytest.mark.slow
+def test_failing_gate_exits_1_names_adapter_and_metric_and_leaves_published_bundle_intact(
+    fast_project, monkeypatch, capsys
+):
+    from phi_pipeline.cli import main
+
+    monkeypatch.chdir(fast_project)
+    bundle = _fast_bundle(fast_project)
+    before = _tree_digest(bundle)
+    spec = yaml.safe_load((fast_project / "pipelines/fast.yaml").read_text())
+    spec["gates"]["min_gain_over_base"] = 2.0  # exact match is at most 1: no adapter can pass
+    (fast_project / "pipelines/fast-gated.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+    assert main(["run", "pipelines/fast-gated.yaml", "--target", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "publish gate(s) failed" in err
+    assert "adapter 'tone': exact_match" in err and "by more than 2.000 (gates.min_gain_over_base)" in err
+    assert "adapter 'antonyms': chrf" in err
+    assert _tree_digest(bundle) == before
+    staging = fast_project / "dist" / ".staging"
+    assert not staging.exists() or not any(staging.iterdir())
+    report = fast_project / ".phi-pipeline/runs/fast/cpu/evaluation/report.md"
+    assert "**FAILED**" in report.read_text()
+
+
+@pytest.mark.slow
+def test_eval_command_exits_1_when_gate_fails_and_0_with_onnx_only_figures(fast_project, monkeypatch, capsys, tmp_path):
+    from phi_pipeline.cli import main
+
+    monkeypatch.chdir(fast_project)
+    bundle = str(_fast_bundle(fast_project))
+    assert main(["eval", bundle, "--adapter", "tone", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "tone" in out and "antonyms" not in out and "gates: 4 passed, 0 failed" in out
+    assert (tmp_path / "out" / "report.md").is_file()
+
+    spec = yaml.safe_load((fast_project / "pipelines/fast.yaml").read_text())
+    spec["gates"]["min_gain_over_base"] = 2.0
+    (tmp_path / "gated.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["eval", bundle, "--adapter", "tone", "--spec", str(tmp_path / "gated.yaml"), "--onnx-only"]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL adapter 'tone': exact_match" in captured.out
+    assert "evaluating the ONNX bundle only" in captured.err
+
+    empty_cache = tmp_path / "no-cache"
+    assert main(["eval", bundle, "--adapter", "tone", "--cache-dir", str(empty_cache)]) == 0
+    assert "not found" in capsys.readouterr().err
+
