@@ -1,23 +1,27 @@
 # phi-pipeline: `make finetune-and-export [TARGET=cpu] [PIPELINE=pipelines/tiny-phi3.yaml]`, `make test`.
+# Several targets from one training: `make finetune-and-export TARGETS=cpu,cuda` (also writes an ORT model package).
 # Everything runs from a local virtual environment built from pyproject.toml's exact pins.
 
 PYTHON   ?= python3
 TARGET   ?= cpu
 PIPELINE ?= pipelines/tiny-phi3.yaml
 PYTEST_ARGS ?=
+comma := ,
+TARGETS  ?= $(TARGET)
+# The venv is the one of the last target named: its runtime build (e.g. onnxruntime-gpu) also runs the CPU EP.
+VENV_TARGET := $(lastword $(subst $(comma), ,$(TARGETS)))
 
 # What TARGET builds with, read from the target table (phi_pipeline/targets.py is plain Python, so the
 # system interpreter reads it before any venv exists): its pyproject extras, the venv they go in (one
 # per set of extras: the CPU and CUDA onnxruntime builds install the same modules), and the dependency
 # group of a second venv that some export passes run in ("-": none). EXTRAS=cpu,qlora adds extras.
-TARGET_INFO := $(shell $(PYTHON) -c 'from phi_pipeline.targets import get_target; t = get_target("$(TARGET)"); \
+TARGET_INFO := $(shell $(PYTHON) -c 'from phi_pipeline.targets import get_target; t = get_target("$(VENV_TARGET)"); \
 	print(",".join(t.install_extras), t.venv, t.pass_venv or "-", t.pass_environment or "-")')
-$(if $(TARGET_INFO),,$(error TARGET=$(TARGET) is not a target of phi_pipeline/targets.py))
+$(if $(TARGET_INFO),,$(error TARGET=$(VENV_TARGET) is not a target of phi_pipeline/targets.py))
 EXTRAS   ?= $(word 1,$(TARGET_INFO))
 VENV     ?= $(word 2,$(TARGET_INFO))
 PASS_VENV  := $(filter-out -,$(word 3,$(TARGET_INFO)))
 PASS_GROUP := $(filter-out -,$(word 4,$(TARGET_INFO)))
-comma := ,
 
 BIN := $(VENV)/bin
 # torch goes in first, alone: pip then takes the local CPU build instead of a multi-GB CUDA one.
@@ -47,7 +51,7 @@ venv: $(PASS_VENV)/.installed
 endif
 
 finetune-and-export: venv
-	$(BIN)/phi-pipeline run $(PIPELINE) --target $(TARGET)
+	$(BIN)/phi-pipeline run $(PIPELINE) --target $(TARGETS) $(if $(findstring $(comma),$(TARGETS)),--package)
 
 # Regenerate the committed Olive workflow configs of every shipped spec and target.
 configs: venv

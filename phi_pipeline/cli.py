@@ -18,8 +18,26 @@ SHIPPED_SPECS = Path("pipelines")
 def _cmd_run(args: argparse.Namespace) -> int:
     from phi_pipeline.pipeline import run
 
-    run(args.spec, args.target, precision=args.precision, echo=args.verbose, no_gate=args.no_gate)
+    bundles = [
+        run(args.spec, target, precision=args.precision, echo=args.verbose, no_gate=args.no_gate)
+        for target in args.target
+    ]
+    if args.package:
+        from phi_pipeline.package import build_package
+
+        from phi_pipeline.spec import load_spec
+
+        print(build_package(bundles, Path(load_spec(args.spec).work_dir) / "logs"))
     return 0
+
+
+def _targets(value: str) -> list[str]:
+    """--target cpu or --target cpu,cuda: adapters are trained once and exported per target."""
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown target(s) {', '.join(unknown) or value!r}; known: {', '.join(TARGETS)}")
+    return list(dict.fromkeys(names))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -43,7 +61,7 @@ def _cmd_configs(args: argparse.Namespace) -> int:
     if args.all:
         jobs = [(spec, t) for spec in sorted(SHIPPED_SPECS.glob("*.yaml")) for t in TARGETS]
     elif args.spec:
-        jobs = [(Path(args.spec), args.target)]
+        jobs = [(Path(args.spec), target) for target in args.target]
     else:
         raise UsageError("phi-pipeline configs", ["give a SPEC, or --all for every spec in pipelines/"])
     for spec, target in jobs:
@@ -94,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def spec_and_target(p: argparse.ArgumentParser, spec_required: bool = True) -> None:
         p.add_argument("spec", nargs=None if spec_required else "?", help="pipeline spec (pipelines/*.yaml)")
-        p.add_argument("--target", default="cpu", choices=list(TARGETS), help="deployment target (default: cpu)")
+        p.add_argument(
+            "--target",
+            default=["cpu"],
+            type=_targets,
+            help=f"deployment target(s), comma-separated: {', '.join(TARGETS)} (default: cpu)",
+        )
         p.add_argument("--precision", help="override the spec's export precision")
 
     p = sub.add_parser("run", help="run the whole pipeline and publish the bundle")
@@ -104,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-gate",
         action="store_true",
         help="publish even if a publish gate fails (the failures are recorded in manifest.json and report.md)",
+    )
+    p.add_argument(
+        "--package",
+        action="store_true",
+        help="also assemble the targets' bundles into one ORT model package (olive generate-model-package)",
     )
     p.set_defaults(func=_cmd_run)
 

@@ -25,7 +25,10 @@ Definitions (also written into eval.json):
 
 The ONNX side needs onnxruntime-genai only; torch, transformers and peft are imported inside the
 PyTorch side, which is optional for `phi-pipeline eval` (a bundle on a machine without the
-training cache) and required by `phi-pipeline run`.
+training cache) and required by `phi-pipeline run`. The ONNX side runs one example at a time, as a
+device would; the PyTorch side runs batches (left-padded greedy generation, right-padded
+teacher-forced passes), one intra-op thread for small models. A merged bundle (one model per
+adapter, no base model shipped) is evaluated model by model, its base figures from PyTorch only.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from phi_pipeline.bundle import MANIFEST
+from phi_pipeline.cache import file_sha256
 from phi_pipeline.data import Example, load_examples
 from phi_pipeline.errors import PipelineError, UsageError
 from phi_pipeline.spec import DataSpec, EvalSpec, GateSpec, PipelineSpec
@@ -53,7 +57,6 @@ if TYPE_CHECKING:
 
 FORMAT = "phi-pipeline-eval/1"
 VARIANTS = ("base", "adapter")
-SAMPLES_IN_REPORT = 5
 SMALL_MODEL_PARAMS = 50_000_000
 
 DEFINITIONS = {
@@ -159,6 +162,8 @@ class EvalTask:
     eval: EvalSpec
     gates: GateSpec
     eval_file: Path
+    expected_sha256: str | None = None
+    """The eval split's sha256 when the bundle was built (manifest.json), to notice a changed file."""
 
     @property
     def separator(self) -> str:
@@ -228,7 +233,8 @@ def tasks_from_manifest(
             eval_spec = EvalSpec(**entry.get("eval", {}))
             gates = GateSpec(**entry.get("gates", {}))
         path = Path(data_file) if data_file is not None else Path(data.eval)
-        tasks.append(EvalTask(name, data, eval_spec, gates, path))
+        expected = None if data_file is not None else entry.get("dataset", {}).get("eval_sha256")
+        tasks.append(EvalTask(name, data, eval_spec, gates, path, expected))
     if problems:
         raise UsageError("manifest.json", problems)
     return tasks
@@ -628,9 +634,12 @@ def _evaluate_task(
 
     score = metric_fn(task.eval.metric)
     references = [it.reference for it in items]
+    sha = file_sha256(task.eval_file)
     out: dict[str, Any] = {
         "metric": task.eval.metric,
         "eval_file": task.eval_file.as_posix(),
+        "eval_sha256": sha,
+        "eval_split_changed": task.expected_sha256 is not None and sha != task.expected_sha256,
         "examples": len(items),
         "max_new_tokens": max_new,
         "answer_tokens": tally["base"].answer_tokens,
@@ -908,6 +917,13 @@ def eval_cli(
     )
     if why_not:
         results["pytorch"]["reason"] = why_not
+    for name, r in results["adapters"].items():
+        if r["eval_split_changed"]:
+            print(
+                f"warning: {r['eval_file']} (adapter {name!r}) is not the eval split the bundle was built with "
+                "(sha256 differs from manifest.json); figures are not comparable with the bundle's eval.json",
+                file=sys.stderr,
+            )
     if not results["pytorch"]["available"]:
         print(
             f"note: evaluating the ONNX bundle only ({results['pytorch']['reason']}); "

@@ -35,6 +35,10 @@ class BundleModel:
                 )
             model_dir, self.merged_variant = self.bundle / variant_dir(variant), variant
         config = og.Config(str(model_dir))
+        self.cpu_fallback = self._needs_cpu_fallback(self.manifest.get("execution_provider", "CPUExecutionProvider"))
+        if self.cpu_fallback:
+            # e.g. a webgpu or cuda bundle checked on a CPU-only build machine: same graph, CPU kernels
+            config.clear_providers()
         if intra_op_threads:
             config.overlay(
                 json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": intra_op_threads}}}})
@@ -49,6 +53,12 @@ class BundleModel:
                 self.formats[a["name"]] = a["prompt_format"]
             elif a["name"] == self.merged_variant:
                 self.formats[a["name"]] = a["prompt_format"]
+
+    @staticmethod
+    def _needs_cpu_fallback(provider: str) -> bool:
+        import onnxruntime
+
+        return provider != "CPUExecutionProvider" and provider not in onnxruntime.get_available_providers()
 
     @property
     def adapter_names(self) -> list[str]:

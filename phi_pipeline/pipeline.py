@@ -302,13 +302,7 @@ def run(
             shutil.rmtree(staged, ignore_errors=True)
             raise PipelineError("the staged bundle failed verification:\n" + "\n".join(f"  - {p}" for p in problems))
     try:
-        if plan.layout == "merged":
-            # evaluate.py drives one model with swappable adapters; merged variants are not evaluated yet
-            stages.say("merged layout: evaluation and publish gates are not run for merged variants")
-            not_run = {"enforced": False, "passed": None, "failures": [], "reason": "merged variants are not evaluated"}
-            bundle.finalize_manifest(staged, {"gates": not_run, "stage_seconds": dict(stages.seconds)})
-        else:
-            _evaluate_and_gate(plan, staged, trained, stages, no_gate)
+        _evaluate_and_gate(plan, staged, trained, stages, no_gate)
         with stages.stage("publish", f"publishing {plan.paths.bundle_dir}"):
             publish_dir(staged, plan.paths.bundle_dir)
     finally:

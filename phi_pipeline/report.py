@@ -175,7 +175,8 @@ def render_markdown(
             f"## Adapter `{name}`",
             "",
             f"{metric} on `{r['eval_file']}`: {r['examples']} examples, at most {r['max_new_tokens']} new tokens, "
-            f"{r['answer_tokens']} reference answer tokens scored for perplexity.",
+            f"{r['answer_tokens']} reference answer tokens scored for perplexity."
+            + (" **The eval split differs from the one the bundle was built with.**" if r.get("eval_split_changed") else ""),
             "",
             _md_table([h.format(m=metric) for h in HEADER], _rows(name, r)),
             "",

@@ -57,8 +57,31 @@ def run_olive(
     seed: int | None = None,
 ) -> float:
     """Run one workflow; return its wall time in seconds. `seed` seeds Olive's process (olive_compat)."""
+    return run_olive_command(
+        ["run", "--config", str(config_path)],
+        log_path,
+        expected_outputs,
+        echo=echo,
+        offline=offline,
+        hf_cache=hf_cache,
+        seed=seed,
+    )
+
+
+def run_olive_command(
+    olive_args: list[str],
+    log_path: Path,
+    expected_outputs: Iterable[Path],
+    *,
+    echo: bool = False,
+    offline: bool = True,
+    hf_cache: Path | None = None,
+    seed: int | None = None,
+) -> float:
+    """Any `olive` command, through the compatibility wrapper; return its wall time in seconds."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "phi_pipeline.olive_compat", "run", "--config", str(config_path)]
+    cmd = [sys.executable, "-m", "phi_pipeline.olive_compat", *olive_args]
+    what = " ".join(olive_args)
     tail: collections.deque[str] = collections.deque(maxlen=25)
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
@@ -83,13 +106,13 @@ def run_olive(
     last_lines = "\n".join(f"    {line}" for line in tail)
     if rc != 0:
         raise PipelineError(
-            f"olive run failed (exit code {rc}) for {config_path}.\n  Last lines of the log:\n{last_lines}\n"
+            f"olive {what} failed (exit code {rc}).\n  Last lines of the log:\n{last_lines}\n"
             f"  Full log: {log_path}"
         )
     missing = [str(p) for p in expected_outputs if not p.exists()]
     if missing:
         raise PipelineError(
-            f"olive run exited 0 for {config_path} but produced no model: missing {', '.join(missing)}.\n"
+            f"olive {what} exited 0 but produced no model: missing {', '.join(missing)}.\n"
             f"  Last lines of the log:\n{last_lines}\n  Full log: {log_path}"
         )
     return elapsed

@@ -195,6 +195,7 @@ def test_manifest_tasks_take_format_eval_and_gates_and_data_override():
     assert tasks[0].eval.metric == "chrf" and tasks[0].gates.min_gain_over_base == 3.0
     (only,) = tasks_from_manifest(manifest, adapter="tone", data_file="other.jsonl")
     assert only.eval_file == Path("other.jsonl") and only.data.messages_field == "messages"
+    assert only.expected_sha256 is None  # another file: nothing to compare with the manifest
     with pytest.raises(UsageError, match="--adapter"):
         tasks_from_manifest(manifest, data_file="other.jsonl")
 
@@ -303,14 +304,14 @@ def test_failing_gate_exits_1_names_adapter_and_metric_and_leaves_published_bund
     bundle = _fast_bundle(fast_project)
     before = _tree_digest(bundle)
     spec = yaml.safe_load((fast_project / "pipelines/fast.yaml").read_text())
-    spec["gates"]["min_gain_over_base"] = 2.0  # exact match is at most 1: no adapter can pass
+    spec["gates"]["min_gain_over_base"] = 100.0  # exact match is at most 1 and chrF at most 100: impossible
     (fast_project / "pipelines/fast-gated.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
     assert main(["run", "pipelines/fast-gated.yaml", "--target", "cpu"]) == 1
     err = capsys.readouterr().err
-    assert "publish gate(s) failed" in err
-    assert "adapter 'tone': exact_match" in err and "by more than 2.000 (gates.min_gain_over_base)" in err
-    assert "adapter 'antonyms': chrf" in err
+    assert "2 publish gate(s) failed" in err
+    assert "adapter 'tone': exact_match" in err and "by more than 100.000 (gates.min_gain_over_base)" in err
+    assert "adapter 'antonyms': chrf" in err and "by more than 100.00 (gates.min_gain_over_base)" in err
     assert _tree_digest(bundle) == before
     staging = fast_project / "dist" / ".staging"
     assert not staging.exists() or not any(staging.iterdir())
@@ -330,7 +331,7 @@ def test_eval_command_exits_1_when_gate_fails_and_0_with_onnx_only_figures(fast_
     assert (tmp_path / "out" / "report.md").is_file()
 
     spec = yaml.safe_load((fast_project / "pipelines/fast.yaml").read_text())
-    spec["gates"]["min_gain_over_base"] = 2.0
+    spec["gates"]["min_gain_over_base"] = 100.0
     (tmp_path / "gated.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     assert main(["eval", bundle, "--adapter", "tone", "--spec", str(tmp_path / "gated.yaml"), "--onnx-only"]) == 1
     captured = capsys.readouterr()

@@ -41,3 +41,13 @@ def test_merged_layout_publishes_one_model_per_adapter(fast_project, monkeypatch
 
     assert main(["generate", str(bundle), "--prompt", "hi"]) == 2  # which variant? the user must say
     assert "one model per adapter (tone, antonyms); choose one with --adapter" in capsys.readouterr().err
+
+
+def test_package_option_assembles_the_published_bundles(fast_project, monkeypatch):
+    monkeypatch.chdir(fast_project)
+    assert main(["run", "pipelines/fast.yaml", "--target", "cpu", "--package"]) == 0
+    package = Path("dist/fast/fast.ortpackage")
+    assert json.loads((package / "manifest.json").read_text())["components"] == ["decoder"]
+    assert (package / "models/decoder/cpu/model.onnx").is_file()  # one variant per target, named after it
+    index = json.loads((package / "package.json").read_text())
+    assert set(index["targets"]) == {"cpu"}
