@@ -1,10 +1,15 @@
-"""Build a tiny, real Phi-3 base model locally: no hub, a few CPU seconds, byte-identical rebuilds.
+"""Build a tiny, real Phi-3 base model locally: no hub, ~1.5 CPU minutes, byte-identical rebuilds.
 
 The pipeline's end-to-end tests need a base model that has Phi-3's architecture, chat format and
 special tokens (so Model Builder and ONNX Runtime GenAI treat it like the real thing), is a
 genuine language model (so LoRA fine-tuning has something to adapt), and is reproducible bit for
 bit (the pipeline caches on content hashes). This module trains a byte-level BPE tokenizer and
-briefly pretrains a ~1M-parameter ``Phi3ForCausalLM`` on the generated corpus.
+briefly pretrains a ~1M-parameter ``Phi3ForCausalLM`` on the generated corpus (held-out
+perplexity ~2.6 against ~1080 at random init).
+
+Training runs on one intra-op thread by default: results depend on the thread count, and on a
+shared 2-core machine two threads ran up to 10x slower than one. 600 steps is the measured
+knee: at 400 the tone adapter reached 75% instead of 100% eval accuracy.
 
 Special tokens follow Phi-4-mini, the Phi-3-architecture model with a byte-level BPE tokenizer:
 ``<|endoftext|>`` is bos, eos, pad and unk (byte-level BPE needs no ``<unk>``, and adds no bos).
@@ -43,7 +48,7 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 600
 ARCH = TINY_PHI3_ARCH
 
 
@@ -136,9 +141,9 @@ def _deterministic(seed: int, threads: int) -> Iterator[None]:
 
 
 def pretrain(model: Phi3ForCausalLM, blocks: torch.Tensor, *, steps: int, batch_size: int,
-             lr: float, seed: int) -> list[float]:
+             lr: float, weight_decay: float, seed: int) -> list[float]:
     """AdamW with linear warm-up and cosine decay; batches sampled by a seeded generator."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -171,6 +176,7 @@ def build_tiny_base(
     block_size: int = 128,
     batch_size: int = 8,
     lr: float = 3e-3,
+    weight_decay: float = 0.1,
     threads: int = 1,
 ) -> Path:
     """Train tokenizer and model, save an HF folder (safetensors) to ``out_dir``, return it.
@@ -193,7 +199,8 @@ def build_tiny_base(
     with _deterministic(seed, threads):
         model = Phi3ForCausalLM(config)
         random_loss = mean_loss(model, heldout_blocks)
-        losses = pretrain(model, train_blocks, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+        losses = pretrain(model, train_blocks, steps=steps, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay, seed=seed)
         heldout_loss = mean_loss(model, heldout_blocks)
 
     eos_ids = [tokenizer.convert_tokens_to_ids(END), config.eos_token_id]

@@ -3,21 +3,23 @@
 The base must be a real (tiny) language model that knows the datasets' words, Phi-3's chat
 format and plain "Question/Answer" text, yet must not already solve the two tasks, so that
 fine-tuning has something to show. It never asks for the tone of a phrase or for a phrase with
-its opposite adjective.
+its opposite adjective (the built base scores 0% on both).
 
-Measured on this model size (see tests and the base_model docstring): a base pretrained on prose
-and unrelated requests cannot be LoRA-tuned to either task in a few hundred steps, because its
-attention has hardened onto the positions its own requests use, and nothing routes the phrase's
-adjective to the answer. A real LM has such routes from pretraining; this corpus supplies them
-with *sibling* requests of the same shape:
+Measured at this size: a base pretrained only on prose and unrelated requests could not be
+LoRA-tuned to either task in a few hundred steps (the adapter kept answering one label). Two
+things made the tasks learnable, and the corpus supplies them the way a real LM's pretraining
+would, through *other* requests:
 
-- ``Classify the topic: <phrase>`` -> colour | size | temperature, decided by the adjective slot
-  of the same phrase templates the tone task uses (tone adds new labels and new words).
-- ``Repeat: <determiner adjective noun>`` -> the phrase, in chat and in Question/Answer text
-  (the antonym task copies the phrase but swaps the adjective, which prose pairs as opposites).
+- The label words must already be plausible answers. Otherwise the base puts ~14 nats against
+  "positive" after ``<|assistant|>`` and a rank-8 adapter spends its steps just reaching them.
+  Facts answer with them: the charge of a proton/electron/neutron, the sign of a number.
+- Routes from the answer to the phrase: ``Classify the topic: <phrase>`` (colour | size |
+  temperature, read from the last word of the tone task's own templates) and
+  ``Repeat: <phrase>`` in chat and in ``Question: ...\nAnswer: ...`` text, whose copy offsets
+  are those of the antonym template ``Opposite: {input}\nAnswer: {output}``.
 
-Nouns and adjectives are drawn from one shared pool in every template, so the model's
-predictions stay broad in new combinations instead of memorising template-specific word lists.
+Nouns and adjectives come from one shared pool in every template, so predictions stay broad in
+new combinations instead of memorising template-specific word lists.
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ PLACES = ("park", "market", "school", "beach", "station", "kitchen", "library", 
 DETERMINERS = ("the", "my", "your", "this", "that", "his", "her", "our")
 LABEL_WORDS = ("positive", "negative", "neutral")
 SYSTEM_PROMPT = "You are a helpful assistant."
+# Facts whose answers are the tone labels, so those words are ordinary answers to the base.
+CHARGES = {"proton": "positive", "electron": "negative", "neutron": "neutral"}
 # The sibling classification: labels follow the adjective, as tone labels do.
 TOPICS: dict[str, tuple[str, ...]] = {
     "colour": COLOURS,
     "size": ("big", "small", "tall", "short", "wide", "narrow", "thick", "thin"),
     "temperature": ("hot", "cold", "warm", "cool", "icy", "frozen", "boiling", "chilly"),
-    "feeling": TONE_WORDS["positive"] + TONE_WORDS["negative"],
-    "shape": TONE_WORDS["neutral"],
 }
 NOUNS = tuple(dict.fromkeys(ANTONYM_NOUNS + TONE_NOUNS + tuple(ANIMALS) + PLACES))
 ADJECTIVES = tuple(dict.fromkeys(
@@ -98,6 +100,7 @@ def _request(rng: random.Random) -> tuple[str, str]:
     topic = rng.choice(tuple(TOPICS))
     topical = rng.choice(PHRASE_TEMPLATES).format(n=rng.choice(NOUNS), a=rng.choice(TOPICS[topic]))
     noun, animal = rng.choice(NOUNS), rng.choice(tuple(ANIMALS))
+    particle, sign = rng.choice(tuple(CHARGES)), rng.choice(("", "minus "))
     x, y, day, count = rng.randrange(0, 11), rng.randrange(0, 10), rng.randrange(7), rng.randrange(2, 8)
     makers: tuple[Callable[[], tuple[str, str]], ...] = (
         lambda: (f"Repeat: {phrase}", phrase),
@@ -111,6 +114,8 @@ def _request(rng: random.Random) -> tuple[str, str]:
         lambda: (f"What sound does a {animal} make?", ANIMALS[animal]),
         lambda: (f"What is the plural of {noun}?", _plural(noun)),
         lambda: ("Name a colour.", rng.choice(COLOURS)),
+        lambda: (f"What is the charge of a {particle}?", CHARGES[particle]),
+        lambda: (f"What is the sign of {sign}{NUMBERS[x + 1]}?", "negative" if sign else "positive"),
         lambda: ("Say hello.", "hello!"),
     )
     return rng.choice(makers)()

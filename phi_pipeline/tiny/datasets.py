@@ -1,14 +1,22 @@
 """The two shipped fine-tuning tasks, generated deterministically from closed word lists.
 
-The machine has no hub access, so the project ships its own data. Both tasks are sized for a
-~1M-parameter base model: outputs are one word or a three-word phrase, the vocabulary is closed,
-and every eval row recombines words that training already shows, so a LoRA adapter can learn the
-rule in a few hundred CPU steps but cannot pass eval by memorising training rows.
+The machine has no hub access, so the project ships its own data. Both tasks are sized for the
+~1M-parameter tiny base (see base_model.py) and Olive's LoRA recipe (loss on the whole text, a
+few hundred steps on CPU). What such a model can learn was measured, not guessed:
+
+- Few distinct key words. With 14 words per tone label the adapter stayed at chance after 160
+  steps; with 6 it reached ~97-100% eval accuracy. Each key word must recur often in 320 rows.
+- The tone word ends the phrase. The answer position then reads it through the ``<|end|>``
+  token right after it; with the word mid-phrase a tiny adapter finds no route to it.
+- Antonyms copy determiner and noun from fixed offsets (the offsets of the corpus'
+  ``Question: Repeat: ...`` text), so their sets stay small too.
+
+Eval rows are never training rows and recombine words that training shows: new (noun, template)
+pairs for tone, new (adjective, noun) pairs for antonyms, so eval cannot be passed by memorising.
 
 - tone: chat rows ``Classify the tone: <phrase>`` -> ``positive`` | ``negative`` | ``neutral``,
-  balanced over labels; the label is carried by exactly one word of the phrase.
-- antonyms: ``{"input": "the hot drink", "output": "the cold drink"}``; eval uses
-  (adjective, noun) pairs that never occur in training.
+  balanced over labels.
+- antonyms: ``{"input": "the hot drink", "output": "the cold drink"}``.
 
 ``python -m phi_pipeline.tiny.datasets`` rewrites ``pipelines/data``; a test checks that the
 committed files equal this generator's output.
@@ -27,44 +35,30 @@ N_EVAL = 64
 TONE_PROMPT = "Classify the tone: "
 
 TONE_WORDS: dict[str, tuple[str, ...]] = {
-    "positive": (
-        "wonderful", "great", "lovely", "brilliant", "delightful", "excellent", "pleasant",
-        "cheerful", "amazing", "beautiful", "perfect", "charming", "fantastic", "friendly",
-    ),
-    "negative": (
-        "terrible", "awful", "horrible", "dreadful", "boring", "nasty", "miserable",
-        "rude", "ugly", "gloomy", "annoying", "broken", "painful", "disappointing",
-    ),
-    "neutral": (
-        "square", "round", "flat", "oval", "curved", "folded", "striped",
-        "plain", "pointed", "hollow", "spotted", "bent", "twisted", "dotted",
-    ),
+    "positive": ("wonderful", "great", "lovely", "brilliant", "excellent", "amazing"),
+    "negative": ("terrible", "awful", "horrible", "boring", "nasty", "dreadful"),
+    "neutral": ("square", "round", "flat", "wooden", "metal", "plain"),
 }
 TONE_NOUNS = (
     "movie", "meal", "trip", "song", "book", "day", "hotel", "show", "game", "party",
     "room", "class", "phone", "coffee", "garden", "concert", "weekend", "story", "visit", "film",
 )
-# The tone word always fills the adjective slot; corpus.py's sibling task uses the same templates.
+# {a} (the word that decides the label) always comes last; corpus.py reuses these templates.
 PHRASE_TEMPLATES = (
     "the {n} was {a}",
-    "what a {a} {n}",
     "this {n} is really {a}",
-    "such a {a} {n} today",
     "my {n} felt {a}",
     "our {n} looked {a}",
+    "that {n} seemed {a}",
+    "the {n} is so {a}",
 )
 
 ANTONYM_PAIRS: tuple[tuple[str, str], ...] = (
     ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
     ("tall", "short"), ("rich", "poor"), ("clean", "dirty"), ("full", "empty"), ("hard", "soft"),
-    ("wet", "dry"), ("loud", "quiet"), ("new", "old"), ("strong", "weak"), ("thick", "thin"),
-    ("wide", "narrow"), ("cheap", "expensive"), ("sweet", "sour"), ("smooth", "rough"),
-    ("deep", "shallow"),
 )
-ANTONYM_NOUNS = (
-    "drink", "box", "car", "room", "road", "river", "coat", "bag", "dog", "house",
-    "book", "bed", "cup", "door", "street", "shirt", "chair", "bottle", "stone", "table",
-)
+ANTONYM_NOUNS = ("drink", "box", "car", "room", "road", "river", "coat", "bag", "dog", "house", "book", "bed")
+ANTONYM_DETERMINERS = ("the", "my")
 OPPOSITE = {a: b for a, b in ANTONYM_PAIRS} | {b: a for a, b in ANTONYM_PAIRS}
 
 Rows = list[dict]
@@ -98,20 +92,19 @@ def tone_rows(seed: int = SEED) -> tuple[Rows, Rows]:
 
 
 def antonym_rows(seed: int = SEED) -> tuple[Rows, Rows]:
-    """Swap the adjective for its opposite; eval (adjective, noun) pairs are unseen in training."""
+    """Swap the adjective for its opposite; eval (adjective, noun) pairs never occur in training."""
     rng = random.Random(seed)
-    pairs = sorted((adj, noun) for adj in OPPOSITE for noun in ANTONYM_NOUNS)
+    pairs = [(adj, noun) for adj in sorted(OPPOSITE) for noun in ANTONYM_NOUNS]
     rng.shuffle(pairs)
-    # Every adjective and noun must occur in training, so eval only asks for new combinations.
-    train_pairs = pairs[:N_TRAIN]
-    eval_pairs = [p for p in pairs[N_TRAIN:]
-                  if p[0] in {a for a, _ in train_pairs} and p[1] in {n for _, n in train_pairs}]
-    eval_pairs = eval_pairs[:N_EVAL]
+    eval_pairs, train_pairs = pairs[:N_EVAL], pairs[N_EVAL:]
+    train = [(det, adj, noun) for adj, noun in train_pairs for det in ANTONYM_DETERMINERS]
+    rng.shuffle(train)
+    evaluation = [(rng.choice(ANTONYM_DETERMINERS), adj, noun) for adj, noun in eval_pairs]
 
-    def row(adj: str, noun: str) -> dict:
-        return {"input": f"the {adj} {noun}", "output": f"the {OPPOSITE[adj]} {noun}"}
+    def row(det: str, adj: str, noun: str) -> dict:
+        return {"input": f"{det} {adj} {noun}", "output": f"{det} {OPPOSITE[adj]} {noun}"}
 
-    return [row(*p) for p in train_pairs], [row(*p) for p in eval_pairs]
+    return [row(*t) for t in train[:N_TRAIN]], [row(*t) for t in evaluation]
 
 
 def all_datasets() -> dict[str, tuple[Rows, Rows]]:

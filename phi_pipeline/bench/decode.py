@@ -1,0 +1,329 @@
+"""Decode speed of one configuration, in its own subprocess.
+
+A configuration is an engine (PyTorch eager + PEFT, or ONNX Runtime GenAI on a bundle), an
+optional adapter and a thread setting. Each runs in a fresh Python process so that its peak
+resident memory (VmHWM of that process, imports included) is its own: that is what a user's
+process costs.
+
+Timings: time to first token (TTFT) runs from the start of a request (generator creation, adapter
+activation, prefill, first token) to the first new token; decode tokens/s counts the tokens after
+the first over the time after it. Generation is greedy and forced to exactly `new_tokens` tokens
+(min length = max length), prompts are random token ids, batch size 1.
+
+    python -m phi_pipeline.bench.decode CONFIG.json RESULT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from phi_pipeline.bench.stats import load_average, summary
+
+WARMUP = (16, 8)  # prompt tokens, new tokens of the untimed first request (allocations, lazy init)
+
+
+@dataclass(frozen=True)
+class Timing:
+    ttft_s: float
+    decode_tok_s: float
+    decode_cpu_ms: float
+    """Process CPU milliseconds per decode token: unlike wall time, hardly moved by other processes
+    competing for the cores when the engine runs one thread (with more, idle threads spin)."""
+
+
+def _timing(start: float, first: tuple[float, float], last: tuple[float, float], tokens: int) -> Timing:
+    """From (wall, cpu) clock pairs at the first and last new token; `tokens` new tokens in all."""
+    steps = tokens - 1
+    return Timing(
+        first[0] - start,
+        steps / (last[0] - first[0]) if steps else 0.0,
+        1000 * (last[1] - first[1]) / steps if steps else 0.0,
+    )
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    label: str
+    engine: Literal["torch", "onnx"]
+    model: str
+    """torch: Hugging Face model folder; onnx: ONNX Runtime GenAI folder (a bundle)."""
+    adapter: str | None = None
+    """torch: PEFT adapter folder; onnx: .onnx_adapter file; None: the base model."""
+    threads: int | None = None
+    """onnx: intra_op_num_threads of the decoder session (None: onnxruntime-genai's default);
+    torch: torch.set_num_threads (None: torch's default, the physical core count)."""
+    prompt_lens: tuple[int, ...] = (64, 512)
+    new_tokens: int = 128
+    reps: int = 3
+    device: Literal["cpu", "cuda"] = "cpu"
+    mode: Literal["decode", "adapters", "profile"] = "decode"
+    """decode: the main table; adapters: adapter load, switch and slowdown; profile: time per
+    operator with and without an adapter (both in adapter_costs.py)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Mode-specific settings (adapter_costs.py)."""
+
+
+def random_prompt(length: int, vocab_size: int, seed: int = 0) -> list[int]:
+    """Token ids drawn over the whole vocabulary: every configuration sees the same prompt."""
+    return np.random.default_rng(seed + length).integers(0, vocab_size, length).tolist()
+
+
+class OnnxRunner:
+    """An ONNX Runtime GenAI model, loaded the way phi_pipeline.generate.BundleModel loads it."""
+
+    def __init__(
+        self, model_dir: str, threads: int | None, device: str = "cpu", session_options: dict[str, Any] | None = None
+    ):
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(model_dir)
+        if device == "cuda":
+            config.clear_providers()
+            config.append_provider("cuda")
+        options = dict(session_options or {})
+        if threads:
+            options["intra_op_num_threads"] = threads
+        if options:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        self.model = og.Model(config)
+        self.adapters = og.Adapters(self.model)
+        genai_config = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
+        self.vocab_size, self.context_length = genai_config["vocab_size"], genai_config["context_length"]
+
+    def load_adapter(self, path: str, name: str) -> float:
+        start = time.perf_counter()
+        self.adapters.load(path, name)
+        return time.perf_counter() - start
+
+    def unload_adapter(self, name: str) -> None:
+        self.adapters.unload(name)
+
+    def time_switch(self, name: str) -> float:
+        """Seconds to make `name` the active adapter of a new request (adapters are per generator)."""
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=8)
+        generator = self.og.Generator(self.model, params)
+        start = time.perf_counter()
+        generator.set_active_adapter(self.adapters, name)
+        return time.perf_counter() - start
+
+    def generate(self, ids: list[int], new_tokens: int, adapter: str | None) -> Timing:
+        og = self.og
+        start = time.perf_counter()
+        params = og.GeneratorParams(self.model)
+        total = len(ids) + new_tokens
+        params.set_search_options(do_sample=False, max_length=total, min_length=total)
+        generator = og.Generator(self.model, params)
+        if adapter is not None:
+            generator.set_active_adapter(self.adapters, adapter)
+        generator.append_tokens(ids)
+        generator.generate_next_token()
+        first = time.perf_counter(), time.process_time()
+        produced = 1
+        while not generator.is_done():
+            generator.generate_next_token()
+            produced += 1
+        last = time.perf_counter(), time.process_time()
+        if produced != new_tokens:
+            raise RuntimeError(f"generated {produced} tokens, expected {new_tokens}")
+        return _timing(start, first, last, produced)
+
+
+class _Clock:
+    """A generate() streamer that only records when each piece arrives (the prompt first)."""
+
+    def __init__(self) -> None:
+        self.times: list[tuple[float, float]] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append((time.perf_counter(), time.process_time()))
+
+    def end(self) -> None:
+        pass
+
+
+class TorchRunner:
+    """transformers eager fp32, with PEFT for adapters (unmerged LoRA): the baseline a user has."""
+
+    def __init__(self, model_dir: str, threads: int | None, device: str = "cpu"):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = device
+        self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+        self.model: Any = self.base
+        self.vocab_size = self.base.config.vocab_size
+        self.context_length = self.base.config.max_position_embeddings
+
+    def load_adapter(self, path: str, name: str) -> float:
+        from peft import PeftModel
+
+        start = time.perf_counter()
+        if self.model is self.base:
+            self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name).eval()
+        else:
+            self.model.load_adapter(path, adapter_name=name)
+        self._sync()
+        return time.perf_counter() - start
+
+    def unload_adapter(self, name: str) -> None:
+        self.model.delete_adapter(name)
+
+    def time_switch(self, name: str) -> float:
+        """Seconds for PEFT's set_adapter (adapters are switched on the shared model)."""
+        start = time.perf_counter()
+        self.model.set_adapter(name)
+        self._sync()
+        return time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def generate(self, ids: list[int], new_tokens: int, adapter: str | None) -> Timing:
+        torch = self.torch
+        clock = _Clock()
+        start = time.perf_counter()
+        input_ids = torch.tensor([ids], device=self.device)
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            streamer=clock,
+        )
+        with torch.inference_mode():
+            if adapter is None and self.model is not self.base:
+                with self.model.disable_adapter():
+                    out = self.model.generate(**kwargs)
+            else:
+                if adapter is not None:
+                    self.model.set_adapter(adapter)
+                out = self.model.generate(**kwargs)
+        self._sync()
+        produced = out.shape[1] - len(ids)
+        if produced != new_tokens:
+            raise RuntimeError(f"generated {produced} tokens, expected {new_tokens}")
+        return _timing(start, clock.times[1], clock.times[-1], produced)
+
+
+def make_runner(config: DecodeConfig) -> OnnxRunner | TorchRunner:
+    runner = OnnxRunner if config.engine == "onnx" else TorchRunner
+    return runner(config.model, config.threads, config.device)
+
+
+def adapter_name(config: DecodeConfig) -> str | None:
+    return Path(config.adapter).name.split(".")[0] if config.adapter else None
+
+
+def measure_decode(config: DecodeConfig) -> dict[str, Any]:
+    """Load the model (and adapter), warm up once, then `reps` requests per prompt length."""
+    start = time.perf_counter()
+    runner = make_runner(config)
+    load_s = time.perf_counter() - start
+    name = adapter_name(config)
+    adapter_load_s = runner.load_adapter(config.adapter, name) if config.adapter else None
+    runner.generate(random_prompt(WARMUP[0], runner.vocab_size), WARMUP[1], name)
+    prompts: dict[str, Any] = {}
+    for length in config.prompt_lens:
+        if length + config.new_tokens > runner.context_length:
+            prompts[str(length)] = {"skipped": f"{length} + {config.new_tokens} tokens exceed the model's context "
+                                               f"length {runner.context_length}"}
+            continue
+        ids = random_prompt(length, runner.vocab_size)
+        runs = [runner.generate(ids, config.new_tokens, name) for _ in range(config.reps)]
+        prompts[str(length)] = {
+            "ttft_s": summary([r.ttft_s for r in runs]),
+            "decode_tok_s": summary([r.decode_tok_s for r in runs], digits=2),
+            "decode_cpu_ms": summary([r.decode_cpu_ms for r in runs], digits=3),
+        }
+    return {
+        "load_s": round(load_s, 3),
+        "adapter_load_s": round(adapter_load_s, 4) if adapter_load_s is not None else None,
+        "threads_effective": _effective_threads(config),
+        "prompts": prompts,
+    }
+
+
+def _effective_threads(config: DecodeConfig) -> int | str:
+    if config.engine == "torch":
+        import torch
+
+        return torch.get_num_threads()
+    return config.threads or "onnxruntime-genai default"
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's resident-memory high-water mark (VmHWM), or None where /proc is missing.
+
+    Not ru_maxrss: Linux carries the pre-exec high-water mark (the forked parent's) into it.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return kib * 1024 if kib is not None else None
+
+
+def run_config(config: DecodeConfig, scratch: Path) -> dict[str, Any]:
+    """Run `config` in a fresh subprocess; its result (with its own peak RSS) and wall time.
+
+    A failure is returned as {"error": ...} so one broken configuration does not lose the rest.
+    """
+    scratch.mkdir(parents=True, exist_ok=True)
+    cfg_path, out_path = scratch / f"{config.label}.config.json", scratch / f"{config.label}.result.json"
+    cfg_path.write_text(json.dumps(asdict(config)))
+    out_path.unlink(missing_ok=True)
+    log_path = scratch / f"{config.label}.log"
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            [sys.executable, "-m", "phi_pipeline.bench.decode", str(cfg_path), str(out_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"TOKENIZERS_PARALLELISM": "false"},
+        )
+    wall = time.perf_counter() - start
+    if proc.returncode != 0 or not out_path.exists():
+        tail = log_path.read_text()[-2000:]
+        return {"label": config.label, "error": f"exit code {proc.returncode}; log {log_path}:\n{tail}"}
+    result = json.loads(out_path.read_text())
+    result.update(label=config.label, process_wall_s=round(wall, 2), load_average=load_average())
+    return result
+
+
+def measure(config: DecodeConfig) -> dict[str, Any]:
+    """What the subprocess does for one configuration (callable in-process, e.g. by tests)."""
+    if config.mode == "decode":
+        result = measure_decode(config)
+    else:
+        from phi_pipeline.bench import adapter_costs
+
+        result = adapter_costs.MODES[config.mode](config)
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg_path, out_path = (argv if argv is not None else sys.argv[1:])[:2]
+    raw = json.loads(Path(cfg_path).read_text())
+    raw["prompt_lens"] = tuple(raw["prompt_lens"])
+    Path(out_path).write_text(json.dumps(measure(DecodeConfig(**raw)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""results.json -> report.md (tables) and decode.png (decode speed, first-token latency, memory).
+
+Only what results.json holds is shown; figures are `median [min-max]` over the repetitions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CHART = "decode.png"
+MIB = 1 << 20
+
+
+def _mm(s: dict[str, Any] | None, scale: float = 1.0, digits: int = 1) -> str:
+    if not s or s.get("median") is None:
+        return "-"
+    return f"{s['median'] * scale:.{digits}f} [{s['min'] * scale:.{digits}f}-{s['max'] * scale:.{digits}f}]"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}%"
+
+
+def _x(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / MIB:.1f}"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(c) for c in row) + " |" for row in rows
+    ]
+
+
+def decode_table(section: dict[str, Any], sizes: dict[str, int]) -> list[str]:
+    speedups = section["derived"]["speedup_vs_pytorch"]
+    rows = []
+    for r in section["rows"]:
+        name = f"{r['engine']} {r['precision']}"
+        if "error" in r:
+            rows.append([name, r["adapter"] or "none", r["threads"], "-", "error: see results.json", "", "", "", "", ""])
+            continue
+        for length, p in r["prompts"].items():
+            if "skipped" in p:
+                rows.append([name, r["adapter"] or "none", r["threads"], length, "-", f"skipped: {p['skipped']}", "", "", "", ""])
+                continue
+            up = speedups.get(f"{r['label']}@{length}", {})
+            rows.append([
+                name, r["adapter"] or "none", r["threads"], length, _mm(p["ttft_s"], 1000, 0), _mm(p["decode_tok_s"]),
+                _mm(p["decode_cpu_ms"], 1, 2), _x(up.get("decode")), _mib(r["peak_rss_bytes"]), _mib(sizes.get(_size_key(r))),
+            ])
+    return _table(
+        ["engine", "adapter", "threads", "prompt", "TTFT ms", "decode tok/s", "CPU ms/token", "decode vs PyTorch",
+         "peak RSS MiB", "size MiB"],
+        rows,
+    )
+
+
+def _size_key(row: dict[str, Any]) -> str:
+    return "pytorch_fp32_safetensors" if row["engine"] == "pytorch-eager" else f"onnx_{row['precision']}_model"
+
+
+def adapter_tables(costs: dict[str, Any]) -> list[str]:
+    lines = ["### Load and switch", ""]
+    rows = []
+    for label, c in costs.items():
+        if label.startswith("profile") or "error" in c:
+            continue
+        for name, load in c["load"].items():
+            sw = c["switch"]
+            rows.append([
+                label, name, f"{load['first_s'] * 1000:.2f}", _mm(load["reload_s"], 1000, 2), _mm(load["ttft_first_use_s"], 1000, 0),
+                _mm(sw["set_active_s"], 1e6, 1), _mm(sw["ttft_after_switch_s"], 1000, 0), _mm(sw["ttft_same_adapter_s"], 1000, 0),
+            ])
+    lines += _table(
+        ["measured in", "adapter", "first load ms", "reload ms", "TTFT first use after load ms", "set active us",
+         "TTFT after switch ms", "TTFT same adapter ms"],
+        rows,
+    )
+    lines += ["", "### Decode slowdown (requests interleaved round-robin in one process, paired per round)", ""]
+    rows = []
+    for label, c in costs.items():
+        for length, variants in c.get("slowdown", {}).items():
+            for name, v in variants.items():
+                rows.append([label, length, name, _mm(v["decode_tok_s"]), _mm(v["decode_slowdown_vs_none"], 100, 1),
+                             _mm(v["decode_cpu_ms"], 1, 2), _mm(v["decode_cpu_increase_vs_none"], 100, 1)])
+    lines += _table(["measured in", "prompt", "variant", "decode tok/s", "slowdown vs none %", "CPU ms/token",
+                     "CPU time vs none %"], rows)
+    lines += ["", "`merged`: the r8 adapter folded into the weights, exported with no LoRA inputs (one full model per adapter). "
+              "CPU time per token is the contention-robust figure for one-thread rows (`tdefault`); with more threads "
+              "it includes spinning.", ""]
+    for label, c in costs.items():
+        if not label.startswith("profile") or "error" in c:
+            continue
+        lines += [f"### Kernel time per decode step by operator ({label}, onnxruntime profiler)", ""]
+        groups = list(dict.fromkeys([*c["none"]["by_op"], *c["adapter"]["by_op"]]))[:8]
+        rows = [
+            [g, *(f"{c[v]['by_op'].get(g, {}).get('ms_per_step', 0):.3f}" for v in ("none", "adapter")),
+             f"{c['none']['by_op'].get(g, {}).get('calls_per_step', 0):.0f}"]
+            for g in groups
+        ]
+        rows.append(["all kernels", f"{c['none']['kernel_ms_per_step']:.3f}", f"{c['adapter']['kernel_ms_per_step']:.3f}", ""])
+        rows.append(["whole model run", f"{c['none']['run_ms_per_step']:.3f}", f"{c['adapter']['run_ms_per_step']:.3f}", ""])
+        lines += _table(["operator", "no adapter ms", "adapter r8 ms", "calls per step"], rows) + [""]
+    return lines
+
+
+def roofline_table(section: dict[str, Any]) -> list[str]:
+    rows = [
+        [r["label"], r["prompt"], f"{r['decode_tok_s']:.1f}", _mib(r["bytes_per_token"]["weights"]),
+         _mib(r["bytes_per_token"]["kv_cache"]), f"{r['bandwidth_gb_s']:.1f}", f"{r['bound_tok_s']:.0f}",
+         f"{100 * r['fraction_of_bound']:.0f}%"]
+        for r in section["roofline"]
+    ]
+    return _table(
+        ["configuration", "prompt", "decode tok/s", "weights read MiB/token", "KV read MiB/token", "copy GB/s",
+         "bound tok/s", "share of bound"],
+        rows,
+    )
+
+
+def pipeline_lines(p: dict[str, Any]) -> list[str]:
+    run = p["pipeline_runs"][-1]
+    rows = [[stage, f"{s:.1f}"] for stage, s in run["stage_seconds"].items()]
+    lines = [f"Last run's stages (manifest stage_seconds, `{p['spec']}`, target {p['target']}):", ""]
+    lines += _table(["stage", "seconds"], rows) + [""]
+    rows = [[r["config"], f"{r['wall_s']:.1f}", ", ".join(f"{k} {v:.1f}" for k, v in run["olive_logs"].get(Path(r["config"]).stem, {}).get("passes_s", {}).items())]
+            for r in run["olive_runs"]]
+    lines += _table(["Olive workflow (pipeline)", "process wall s", "Olive passes s"], rows) + [""]
+    rows = [[r["command"], f"{r['wall_s']:.1f}", ", ".join(f"{k} {v:.1f}" for k, v in r["passes_s"].items())]
+            for r in p["by_hand_runs"][-1]["runs"]]
+    lines += _table(["by hand", "wall s", "Olive passes s"], rows) + [""]
+    lines += _table(["figure", "median [min-max]"], [
+        ["phi-pipeline run, process wall s", _mm(p["pipeline_wall_s"])],
+        ["same workflows by hand (sum of olive commands) s", _mm(p["by_hand_wall_s"])],
+        ["pipeline time outside the Olive processes s", _mm(p["outside_olive_s"])],
+        ["  of which stages Olive does not do (" + ", ".join(run["not_olive_stages_s"]) + ") s", _mm(p["not_olive_stages_s"])],
+        ["  of which orchestration s", _mm(p["orchestration_s"])],
+        ["  (the layout adapter, last run) s", f"{run['layout_adapter_s']:.1f}"],
+        ["orchestration share of the pipeline wall %", _mm(p["orchestration_share"], 100, 1)],
+        ["pipeline / by hand", _mm(p["pipeline_over_by_hand"], 1, 3)],
+        ["pipeline without those stages / by hand (the same work)", _mm(p["same_work_over_by_hand"], 1, 3)],
+    ])
+    return lines
+
+
+def _row(section: dict[str, Any], **match: Any) -> dict[str, Any] | None:
+    return next((r for r in section["rows"] if "error" not in r and all(r.get(k) == v for k, v in match.items())), None)
+
+
+def headlines(results: dict[str, Any]) -> list[str]:
+    """The few numbers a reader wants first, each from this run (absent pieces are left out)."""
+    b, threads = results["benchmark_model"], results["settings"]["threads"]
+    short = str(results["settings"]["prompt_lens"][0])
+    lines = []
+    torch, int4 = _row(b, engine="pytorch-eager", adapter=None), _row(b, precision="int4", adapter=None, threads=threads)
+    if torch and int4 and "skipped" not in int4["prompts"][short]:
+        up = b["derived"]["speedup_vs_pytorch"].get(f"{int4['label']}@{short}", {})
+        lines.append(
+            f"ONNX int4 with {threads} intra-op threads vs PyTorch eager fp32 (prompt {short}): decode {_x(up.get('decode'))}, "
+            f"time to first token {_x(up.get('ttft'))} faster, peak RSS {_mib(int4['peak_rss_bytes'])} vs "
+            f"{_mib(torch['peak_rss_bytes'])} MiB, on disk {_mib(b['sizes_bytes'].get('onnx_int4_model'))} vs "
+            f"{_mib(b['sizes_bytes']['pytorch_fp32_safetensors'])} MiB."
+        )
+    gain = b["derived"]["threads_speedup"].get(f"onnx-int4-none-t{threads}@{short}")
+    if gain:
+        lines.append(f"intra_op_num_threads={threads} vs onnxruntime-genai's default: int4 decode {_x(gain['decode'])}, "
+                     f"first token {_x(gain['ttft'])} faster.")
+    costs = b["adapter_costs"].get(f"adapters-onnx-int4-t{threads}", {}).get("slowdown", {}).get(short)
+    if costs:
+        merged = costs.get("merged", {}).get("decode_slowdown_vs_none", {}).get("median")
+        lines.append(
+            f"Adapter cost, int4, {threads} threads, paired: r8 active {_pct(costs['r8']['decode_slowdown_vs_none']['median'])}, "
+            f"r16 {_pct(costs['r16']['decode_slowdown_vs_none']['median'])} decode vs no adapter on the same graph; "
+            f"the merged variant decodes {_pct(None if merged is None else -merged)} faster than that graph with no adapter "
+            "(the price of LoRA inputs in the graph, paid even with no adapter active)."
+        )
+    roof = next((r for r in b["roofline"] if r["label"] == f"onnx-int4-none-t{threads}" and str(r["prompt"]) == short), None)
+    if roof:
+        lines.append(f"int4 decode reaches {100 * roof['fraction_of_bound']:.0f}% of the copy-bandwidth bound "
+                     f"({roof['bound_tok_s']:.0f} tok/s).")
+    p = results.get("pipeline_costs")
+    if p and "error" not in p:
+        lines.append(
+            f"Pipeline: orchestration {_mm(p['orchestration_share'], 100, 1)} % of `phi-pipeline run`'s wall time; "
+            f"pipeline / the same Olive workflows by hand {_mm(p['pipeline_over_by_hand'], 1, 2)} "
+            f"({_mm(p['same_work_over_by_hand'], 1, 2)} for the same work, without base build and evaluation)."
+        )
+    return [f"- {line}" for line in lines]
+
+
+def write_chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    section = results["benchmark_model"]
+    rows = [r for r in section["rows"] if "error" not in r]
+    lengths = list(rows[0]["prompts"]) if rows else []
+    labels = [f"{'torch' if r['engine'] == 'pytorch-eager' else 'ort'} {r['precision']}\n{r['adapter'] or 'none'} t={r['threads']}".replace("torch default", "def")
+              for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    width = 0.8 / max(len(lengths), 1)
+    for metric, ax, scale, title in (("decode_tok_s", axes[0], 1, "decode tokens/s (higher is better)"),
+                                     ("ttft_s", axes[1], 1000, "time to first token, ms (lower is better)")):
+        for i, length in enumerate(lengths):
+            med = [r["prompts"][length][metric]["median"] * scale for r in rows]
+            lo = [med[j] - r["prompts"][length][metric]["min"] * scale for j, r in enumerate(rows)]
+            hi = [r["prompts"][length][metric]["max"] * scale - med[j] for j, r in enumerate(rows)]
+            ax.bar([j + i * width for j in range(len(rows))], med, width, yerr=[lo, hi], capsize=2, label=f"prompt {length}")
+        ax.set_title(title)
+        ax.set_xticks([j + width * (len(lengths) - 1) / 2 for j in range(len(rows))], labels, fontsize=7, rotation=60)
+        ax.legend()
+    axes[2].bar(range(len(rows)), [r["peak_rss_bytes"] / MIB for r in rows], color="gray")
+    axes[2].set_xticks(range(len(rows)), labels, fontsize=7, rotation=60)
+    axes[2].set_title("peak RSS per configuration, MiB")
+    fig.suptitle(f"phi-pipeline bench: {section['size']} Phi-3-shaped model ({section['parameters'] / 1e6:.0f}M params), "
+                 f"{results['machine']['cpus']} CPU cores, batch 1, {results['settings']['new_tokens']} new tokens; "
+                 f"median with min-max")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict[str, Any], out_dir: Path) -> Path:
+    m, s = results["machine"], results["settings"]
+    lines = [
+        "# phi-pipeline benchmark",
+        "",
+        f"Generated by `phi-pipeline bench` on {results['created']}: {m['cpus']} CPU cores ({m['processor']}), "
+        f"load average {m['load_average_start']} at start, {m['load_average_end']} at end; total {results['wall_s']} s.",
+        f"Settings: size {s['size']}, {s['reps']} repetitions, prompts {s['prompt_lens']} tokens, {s['new_tokens']} new "
+        f"tokens, batch 1, greedy, device {s['device']}. Every figure is `median [min-max]`; ratios compare runs of this "
+        "invocation. `threads`: onnxruntime-genai intra-op threads (`default` is its own choice, one thread here).",
+        "",
+    ]
+    if "skipped" in results:
+        lines += [f"Skipped: {results['skipped']}", ""]
+        (out_dir / "report.md").write_text("\n".join(lines))
+        return out_dir / "report.md"
+    b = results["benchmark_model"]
+    sizes = b["sizes_bytes"]
+    lines += ["## Headlines", ""] + headlines(results) + [""]
+    lines += [
+        f"## Benchmark model: {b['size']}, {b['parameters'] / 1e6:.0f}M parameters, random weights",
+        "",
+        f"Arch {b['arch']}. Exported by the pipeline's export workflow in {b['export_seconds']} s. "
+        f"Load average {b['load_average']['before']} -> {b['load_average']['after']}.",
+        "",
+        f"![decode speed, first-token latency and memory]({CHART})",
+        "",
+    ]
+    lines += decode_table(b, sizes) + [""]
+    lines += ["Adapter decode slowdown from the table (separate processes): " + ", ".join(
+        f"{k} {_pct(v)}" for k, v in b["derived"]["adapter_decode_slowdown"].items()), ""]
+    lines += ["Intra-op threads = cores vs default: " + ", ".join(
+        f"{k} decode {_x(v['decode'])} TTFT {_x(v['ttft'])}" for k, v in b["derived"]["threads_speedup"].items()), ""]
+    lines += ["## Sizes on disk", ""]
+    model = sizes.get("onnx_int4_model")
+    rows = [[k, _mib(v)] for k, v in sizes.items() if isinstance(v, int)]
+    rows += [[f"PEFT adapter {n}", _mib(v)] for n, v in sizes["peft_adapter"].items()]
+    rows += [[f".onnx_adapter {n}", f"{_mib(v)} ({100 * v / model:.1f}% of the int4 model)" if model else _mib(v)]
+             for n, v in sizes["onnx_adapter"].items()]
+    lines += _table(["artefact", "MiB"], rows) + [""]
+    lines += ["## Adapter costs", ""] + adapter_tables(b["adapter_costs"]) + [""]
+    bw = results["bandwidth"]
+    lines += [
+        "## Memory-bandwidth roofline",
+        "",
+        f"numpy copy bandwidth (bytes read + written per second): one thread {_mm(bw['one_thread']['gb_per_s'])} GB/s, "
+        f"{bw['all_cores']['threads']} threads {_mm(bw['all_cores']['gb_per_s'])} GB/s; the higher median is the bound. "
+        "Bytes per token: every initializer once (one embedding row) plus the fp32 KV cache at the mean context.",
+        "",
+    ] + roofline_table(b) + [""]
+    g = results["given_bundle"]
+    lines += [f"## Given bundle: `{g['bundle']}` ({g['pipeline']}, {g['precision']})", "",
+              "Adapters: " + ", ".join(f"{n} {_mib(v)} MiB" for n, v in g["adapter_bytes"].items())
+              + f". Stage seconds in its manifest (0: cached): {g['manifest_stage_seconds']}.", ""]
+    lines += decode_table(g, g["sizes_bytes"]) + [""]
+    costs = results.get("pipeline_costs")
+    if costs:
+        lines += ["## Pipeline costs (tiny default, scratch copy of the project)", ""]
+        lines += [f"Failed: {costs['error']}"] if "error" in costs else pipeline_lines(costs)
+        lines += [""]
+    write_chart(results, out_dir / CHART)
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return out_dir / "report.md"

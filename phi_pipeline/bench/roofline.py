@@ -1,0 +1,72 @@
+"""Memory-bandwidth roofline: how close decode gets to the speed memory allows.
+
+At batch 1 a decode step reads every weight once (the embedding table only one row) plus the KV
+cache so far, and does little arithmetic per byte, so tokens/s x bytes read per token cannot
+exceed the machine's memory bandwidth. The fraction reached says whether a bundle is
+bandwidth-bound (near 1) or losing time elsewhere (per-operator overhead, threads, unpacking).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phi_pipeline.bench.stats import summary
+
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def copy_bandwidth(threads: int, megabytes: int = 512, reps: int = 5) -> dict[str, Any]:
+    """Bytes moved per second (read + write) by a large numpy copy, split over `threads` threads.
+
+    numpy releases the GIL while copying, so the threads copy their slices concurrently.
+    """
+    src = np.ones(megabytes * (1 << 20) // 8)
+    dst = np.empty_like(src)
+    slices = [slice(i * len(src) // threads, (i + 1) * len(src) // threads) for i in range(threads)]
+    np.copyto(dst, src)  # touch every page before timing
+    rates = []
+    for _ in range(reps):
+        workers = [threading.Thread(target=np.copyto, args=(dst[s], src[s])) for s in slices]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        rates.append(2 * src.nbytes / (time.perf_counter() - start) / 1e9)
+    return {"threads": threads, "gb_per_s": summary(rates, digits=2)}
+
+
+def _initializer_bytes(tensor: Any) -> int:
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    for entry in tensor.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    return int(np.prod(tensor.dims)) * np.dtype(tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+def bytes_per_token(model_dir: Path, context: int) -> dict[str, int]:
+    """Bytes one decode step reads: weights (one embedding row) and the fp32 KV cache at `context`."""
+    import onnx
+
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    weights = 0
+    for init in graph.initializer:
+        size = _initializer_bytes(init)
+        weights += size // init.dims[0] if init.name == EMBEDDING else size
+    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    kv_per_position = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 4
+    return {"weights": weights, "kv_cache": kv_per_position * context, "total": weights + kv_per_position * context}
+
+
+def roofline(tok_s: float, read_bytes: int, bandwidth_gb_s: float) -> float:
+    """Share of the bandwidth bound reached: tokens/s x bytes per token / bytes per second."""
+    return round(tok_s * read_bytes / (bandwidth_gb_s * 1e9), 4)

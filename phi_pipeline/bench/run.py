@@ -1,0 +1,320 @@
+"""The whole benchmark: machine, the given bundle, the benchmark model, pipeline costs -> results.json.
+
+Order matters for fairness: every decode configuration of one model runs back to back in the same
+invocation, so ratios between them (speed-ups, adapter slowdowns, thread gains) compare runs
+taken under the same conditions; the load average is recorded before and after each section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from phi_pipeline.bench import roofline
+from phi_pipeline.bench.decode import DecodeConfig, run_config
+from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter, merged_bundle
+from phi_pipeline.bench.stats import load_average, ratio
+from phi_pipeline.spec import DEFAULT_TARGET_MODULES
+
+SCHEMA = "phi-pipeline-bench/1"
+ADAPTER_RANKS = {"r8": 8, "r16": 16}
+TABLE_ADAPTER = "r8"  # the adapter of the "with an adapter" rows
+PRECISIONS = {"cpu": ("int4", "fp32"), "cuda": ("int4", "fp16")}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    bundle: Path
+    """A published bundle (dist/<pipeline>/<target>); also lends its tokenizer to the benchmark base."""
+    out_dir: Path = Path("bench")
+    size: str = "150m"
+    reps: int = 3
+    prompt_lens: tuple[int, ...] = (64, 512)
+    new_tokens: int = 128
+    device: str = "cpu"
+    work_dir: Path = Path(".phi-pipeline/bench")
+    project_root: Path = Path(".")
+    pipeline_reps: int = 1
+    """0 skips the pipeline-cost section (it runs the tiny pipeline twice: minutes)."""
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stderr.flush()
+
+
+def folder_bytes(folder: Path, exclude: tuple[str, ...] = ()) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not any(x in p.parts for x in exclude))
+
+
+def _thread_settings(opts: BenchOptions) -> list[int | None]:
+    """onnxruntime-genai's default (None) and one intra-op thread per core."""
+    return [None, opts.threads] if opts.threads > 1 else [None]
+
+
+def _label(engine: str, precision: str, adapter: str | None, threads: int | None) -> str:
+    return f"{engine}-{precision}-{adapter or 'none'}-t{threads or 'default'}"
+
+
+def decode_rows(
+    onnx: dict[str, Path], adapters: dict[str, dict[str, Path]], torch_base: Path | None, opts: BenchOptions, scratch: Path
+) -> list[dict[str, Any]]:
+    """One subprocess per configuration: torch eager (none, adapter) then each ONNX precision x
+    (none, adapter) x thread setting. adapters: engine/precision key -> {name: path}."""
+    common = dict(prompt_lens=opts.prompt_lens, new_tokens=opts.new_tokens, reps=opts.reps, device=opts.device)
+    rows = []
+    if torch_base is not None:
+        for name, path in [(None, None), *adapters.get("torch", {}).items()]:
+            label = _label("torch", "fp32", name, None)
+            _say(f"decode {label}")
+            cfg = DecodeConfig(label, "torch", str(torch_base), adapter=str(path) if path else None, **common)
+            meta = dict(engine="pytorch-eager", precision="fp32", adapter=name, threads="torch default")
+            rows.append(meta | run_config(cfg, scratch))
+    for precision, model in onnx.items():
+        for name, path in [(None, None), *adapters.get(precision, {}).items()]:
+            for threads in _thread_settings(opts):
+                label = _label("onnx", precision, name, threads)
+                _say(f"decode {label}")
+                cfg = DecodeConfig(label, "onnx", str(model), adapter=str(path) if path else None, threads=threads, **common)
+                meta = dict(engine="onnxruntime-genai", precision=precision, adapter=name, threads=threads or "default")
+                rows.append(meta | run_config(cfg, scratch))
+    return rows
+
+
+def _timed(row: dict[str, Any] | None, length: str) -> dict[str, Any] | None:
+    """A row's figures at one prompt length; None when the row failed or skipped that length."""
+    if row is None or "error" in row:
+        return None
+    p = row["prompts"].get(length)
+    return p if p and "skipped" not in p else None
+
+
+def derived(rows: list[dict[str, Any]], opts: BenchOptions) -> dict[str, Any]:
+    """Ratios between rows of one invocation: ONNX vs PyTorch, adapter vs none, cores vs default."""
+    def find(**match: Any) -> dict[str, Any] | None:
+        return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+    out: dict[str, Any] = {"speedup_vs_pytorch": {}, "adapter_decode_slowdown": {}, "threads_speedup": {}}
+    for r in rows:
+        for length in map(str, opts.prompt_lens):
+            p = _timed(r, length)
+            if p is None:
+                continue
+            key = f"{r['label']}@{length}"
+            torch = _timed(find(engine="pytorch-eager", adapter=r["adapter"]), length)
+            if torch is not None and r["engine"] != "pytorch-eager":
+                out["speedup_vs_pytorch"][key] = {
+                    "decode": ratio(p["decode_tok_s"], torch["decode_tok_s"]),
+                    "ttft": ratio(torch["ttft_s"], p["ttft_s"]),
+                }
+            none = _timed(find(engine=r["engine"], precision=r["precision"], adapter=None, threads=r["threads"]), length)
+            if r["adapter"] is not None and none is not None:
+                rel = ratio(p["decode_tok_s"], none["decode_tok_s"])
+                out["adapter_decode_slowdown"][key] = round(1 - rel, 4) if rel is not None else None
+            default = _timed(find(engine=r["engine"], precision=r["precision"], adapter=r["adapter"], threads="default"), length)
+            if r["threads"] == opts.threads and default is not None:
+                out["threads_speedup"][key] = {
+                    "decode": ratio(p["decode_tok_s"], default["decode_tok_s"]),
+                    "ttft": ratio(default["ttft_s"], p["ttft_s"]),
+                }
+    return out
+
+
+def roofline_rows(rows: list[dict[str, Any]], onnx: dict[str, Path], bandwidth: dict[str, Any], opts: BenchOptions) -> list[dict[str, Any]]:
+    """decode tokens/s x bytes read per token / copy bandwidth, for each ONNX row with no adapter."""
+    gb_s = bandwidth["gb_per_s"]["median"]
+    out = []
+    for r in rows:
+        if r.get("engine") != "onnxruntime-genai" or r.get("adapter") is not None:
+            continue
+        for length in opts.prompt_lens:
+            p = _timed(r, str(length))
+            if p is None:
+                continue
+            read = roofline.bytes_per_token(onnx[r["precision"]], length + opts.new_tokens // 2)
+            tok = p["decode_tok_s"]["median"]
+            out.append({
+                "label": r["label"], "prompt": length, "decode_tok_s": tok, "bytes_per_token": read,
+                "bandwidth_gb_s": gb_s, "fraction_of_bound": roofline.roofline(tok, read["total"], gb_s),
+                "bound_tok_s": round(gb_s * 1e9 / read["total"], 1),
+            })
+    return out
+
+
+def _section(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    start, before = time.perf_counter(), load_average()
+    _say(f"{name} ...")
+    result = fn()
+    result["load_average"] = {"before": before, "after": load_average()}
+    result["section_wall_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def bench_given_bundle(opts: BenchOptions) -> dict[str, Any]:
+    """The bundle as shipped: ONNX rows with and without its first adapter, and their sizes; PyTorch
+    rows too when its base model and the adapter's PEFT folder (in the pipeline's cache) are here."""
+    manifest = json.loads((opts.bundle / "manifest.json").read_text())
+    first = manifest["adapters"][0]
+    precision = manifest["precision"]
+    adapters: dict[str, dict[str, Path]] = {precision: {first["name"]: opts.bundle / first["file"]}}
+    base = opts.project_root / manifest["base_model"]["name_or_path"]
+    torch_base = base if (base / "config.json").is_file() else None
+    peft = opts.project_root / ".phi-pipeline" / "cache" / "adapters" / first["cache_key"] / "adapter"
+    if torch_base and peft.is_dir():
+        adapters["torch"] = {first["name"]: peft}
+    rows = decode_rows({precision: opts.bundle}, adapters, torch_base, opts, opts.work_dir / "runs" / "bundle")
+    sizes = {f"onnx_{precision}_model": folder_bytes(opts.bundle, exclude=("adapters",))}
+    if torch_base is not None:
+        sizes["pytorch_fp32_safetensors"] = (torch_base / "model.safetensors").stat().st_size
+    return {
+        "bundle": str(opts.bundle),
+        "pipeline": manifest["pipeline"],
+        "precision": precision,
+        "manifest_stage_seconds": manifest.get("stage_seconds", {}),
+        "sizes_bytes": sizes,
+        "adapter_bytes": {a["name"]: (opts.bundle / a["file"]).stat().st_size for a in manifest["adapters"]},
+        "rows": rows,
+        "derived": derived(rows, opts),
+    }
+
+
+def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark base at every precision, PyTorch eager beside it, adapter costs, roofline."""
+    arch = SIZES[opts.size]
+    work = opts.work_dir / opts.size
+    base = build_bench_base(work / "base", arch, opts.bundle)
+    peft = {
+        name: make_random_adapter(base, work / "adapters" / name, r=r, seed=r, target_modules=DEFAULT_TARGET_MODULES["phi3"])
+        for name, r in ADAPTER_RANKS.items()
+    }
+    target = "cuda" if opts.device == "cuda" else "cpu"
+    exports = {}
+    for precision in PRECISIONS[opts.device]:
+        _say(f"exporting the benchmark base ({precision}) with the pipeline's export workflow")
+        exports[precision] = export_bundle(base, peft, ADAPTER_RANKS, precision, work / precision, target)
+    onnx = {p: e.bundle for p, e in exports.items()}
+    int4 = PRECISIONS[opts.device][0]
+    _say("exporting the merged variant (adapter r8 folded into the weights)")
+    merged = merged_bundle(base, peft[TABLE_ADAPTER] / "adapter", ADAPTER_RANKS[TABLE_ADAPTER], int4, work / f"merged-{int4}")
+
+    adapter_files = {p: {n: b / "adapters" / f"{n}.onnx_adapter" for n in ADAPTER_RANKS} for p, b in onnx.items()}
+    table_adapters: dict[str, dict[str, Path]] = {"torch": {TABLE_ADAPTER: peft[TABLE_ADAPTER] / "adapter"}}
+    table_adapters |= {p: {TABLE_ADAPTER: files[TABLE_ADAPTER]} for p, files in adapter_files.items()}
+    scratch = work / "runs"
+    rows = decode_rows(onnx, table_adapters, base, opts, scratch)
+    costs = adapter_costs(onnx, adapter_files, peft, base, merged, opts, scratch)
+    return {
+        "size": opts.size,
+        "arch": asdict(arch),
+        "parameters": arch.parameters,
+        "export_seconds": {p: e.export_seconds for p, e in exports.items()},
+        "sizes_bytes": {
+            "pytorch_fp32_safetensors": (base / "model.safetensors").stat().st_size,
+            **{f"onnx_{p}_model": folder_bytes(b, exclude=("adapters",)) for p, b in onnx.items()},
+            f"onnx_{int4}_merged_variant": folder_bytes(merged),
+            "peft_adapter": {n: (peft[n] / "adapter" / "adapter_model.safetensors").stat().st_size for n in ADAPTER_RANKS},
+            "onnx_adapter": {n: f.stat().st_size for n, f in adapter_files[int4].items()},
+        },
+        "rows": rows,
+        "derived": derived(rows, opts),
+        "adapter_costs": costs,
+        "roofline": roofline_rows(rows, onnx, bandwidth, opts),
+    }
+
+
+def adapter_costs(
+    onnx: dict[str, Path], files: dict[str, dict[str, Path]], peft: dict[str, Path], base: Path, merged: Path,
+    opts: BenchOptions, scratch: Path,
+) -> dict[str, Any]:
+    """Paired (interleaved) adapter measurements per engine and thread setting, and an op profile."""
+    short = (opts.prompt_lens[0],)
+    common = dict(prompt_lens=short, new_tokens=opts.new_tokens, reps=max(opts.reps, 3), device=opts.device)
+    int4 = PRECISIONS[opts.device][0]
+    out: dict[str, Any] = {}
+    for precision, model in onnx.items():
+        for threads in _thread_settings(opts):
+            label = f"adapters-onnx-{precision}-t{threads or 'default'}"
+            _say(label)
+            extra = {"adapters": {n: str(f) for n, f in files[precision].items()}}
+            if precision == int4:
+                extra["reference"] = str(merged)
+            out[label] = run_config(DecodeConfig(label, "onnx", str(model), threads=threads, mode="adapters", extra=extra, **common), scratch)
+    _say("adapters-torch")
+    extra_torch = {"adapters": {n: str(p / "adapter") for n, p in peft.items()}, "interleave": False}
+    out["adapters-torch-fp32"] = run_config(DecodeConfig("adapters-torch-fp32", "torch", str(base), mode="adapters", extra=extra_torch, **common), scratch)
+    for threads in _thread_settings(opts):
+        label = f"profile-onnx-{int4}-t{threads or 'default'}"
+        _say(label)
+        cfg = DecodeConfig(label, "onnx", str(onnx[int4]), adapter=str(files[int4][TABLE_ADAPTER]), threads=threads,
+                           mode="profile", **common)
+        out[label] = run_config(cfg, scratch)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    from phi_pipeline.versions import package_versions
+
+    return {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "packages": package_versions(),
+        "load_average_start": load_average(),
+    }
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    """Run every section, write results.json, report.md and the chart; return the results."""
+    from phi_pipeline.bench.pipeline_costs import measure_pipeline_costs
+    from phi_pipeline.bench.report import write_report
+
+    if opts.size not in SIZES:
+        raise ValueError(f"unknown size {opts.size!r}; choose from {', '.join(SIZES)}")
+    start = time.perf_counter()
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "machine": machine(),
+    }
+    if opts.device == "cuda" and not _cuda_available():
+        results["skipped"] = "--device cuda: no CUDA device or no CUDA build of torch / onnxruntime-genai here"
+        _say(results["skipped"])
+    else:
+        bandwidth = _section("memory bandwidth", lambda: {
+            "one_thread": roofline.copy_bandwidth(1, reps=max(opts.reps, 3)),
+            "all_cores": roofline.copy_bandwidth(opts.threads, reps=max(opts.reps, 3)),
+        })
+        results["bandwidth"] = bandwidth
+        best = max((bandwidth["one_thread"], bandwidth["all_cores"]), key=lambda b: b["gb_per_s"]["median"])
+        results["given_bundle"] = _section(f"given bundle {opts.bundle}", lambda: bench_given_bundle(opts))
+        results["benchmark_model"] = _section(f"benchmark model {opts.size}", lambda: bench_model(opts, best))
+        if opts.pipeline_reps > 0 and opts.device == "cpu":
+            try:
+                results["pipeline_costs"] = _section("pipeline costs", lambda: measure_pipeline_costs(
+                    opts.project_root.resolve(), opts.work_dir.resolve() / "pipeline", reps=opts.pipeline_reps))
+            except RuntimeError as exc:  # a failed pipeline run must not lose the other sections
+                results["pipeline_costs"] = {"error": str(exc)[-3000:]}
+    results["machine"]["load_average_end"] = load_average()
+    results["wall_s"] = round(time.perf_counter() - start, 1)
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    (opts.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_report(results, opts.out_dir)
+    _say(f"wrote {opts.out_dir / 'results.json'} and {opts.out_dir / 'report.md'} in {results['wall_s']} s")
+    return results
+
+
+def _cuda_available() -> bool:
+    try:
+        import onnxruntime_genai as og
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and og.is_cuda_available()

@@ -1,0 +1,31 @@
+"""Median / min / max summaries: every figure in the benchmark is reported this way."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from typing import Any, Sequence
+
+
+def summary(values: Sequence[float], digits: int = 4) -> dict[str, Any]:
+    """{"median", "min", "max", "n"} of `values` (all None when there are none)."""
+    if not values:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+        "n": len(values),
+    }
+
+
+def ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """median(a) / median(b) of two summaries, or None when either is missing."""
+    if a.get("median") is None or not b.get("median"):
+        return None
+    return round(a["median"] / b["median"], 4)
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15-minute load averages: how busy the machine was while a figure was taken."""
+    return [round(x, 2) for x in os.getloadavg()]
