@@ -869,7 +869,8 @@ def manifest_summary(results: Mapping[str, Any]) -> dict[str, Any]:
         summary["adapters"][name] = {
             "metric": r["metric"],
             "examples": r["examples"],
-            "base_onnx": r["base"]["onnx"]["metric"],
+            "base_onnx": (r["base"]["onnx"] or {}).get("metric"),  # None in a merged bundle: no base model
+            "base_pytorch": (r["base"]["pytorch"] or {}).get("metric"),
             "adapter_onnx": r["adapter"]["onnx"]["metric"],
             "adapter_pytorch": (r["adapter"]["pytorch"] or {}).get("metric"),
             "perplexity_ratio": parity.get("perplexity_ratio"),
