@@ -108,7 +108,8 @@ def run_by_hand(project: Path) -> dict[str, Any]:
         else:
             cmd = [str(olive), "run", "--config", str(config)]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=project, env=olive_env(), capture_output=True, text=True)
+        env = olive_env(offline=True, hf_cache=project / ".phi-pipeline" / "hf-cache")  # as the pipeline's runs
+        proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
