@@ -157,3 +157,28 @@ def test_olive_log_times(tmp_path):
         "[2026-11-22 07:04:38,005] [INFO] [engine.py:235:run] Saved output model\n"
     )
     assert olive_log_times(log) == {"passes_s": {"finetune:lora": 2.5}, "logged_span_s": 3.03}
+
+
+def test_pipeline_cost_summary(tmp_path, monkeypatch):
+    """Orchestration and the pass-time-equalised ratio, from fixed pipeline and by-hand timings."""
+    from phi_pipeline.bench import pipeline_costs
+    from phi_pipeline.bench.report import pipeline_lines
+
+    pipeline_run = {
+        "process_wall_s": 200.0, "stage_seconds": {"base": 30.0, "finetune:a": 120.0, "export": 12.0, "evaluate": 10.0},
+        "olive_runs": [{"config": "finetune-a.json", "wall_s": 120.0}, {"config": "export.json", "wall_s": 12.0}],
+        "olive_logs": {"finetune-a": {"passes_s": {"finetune:lora": 110.0}}, "export": {"passes_s": {"builder": 3.0}}},
+        "olive_process_s": 132.0, "olive_passes_s": 113.0, "outside_olive_s": 68.0,
+        "not_olive_stages_s": {"base": 30.0, "evaluate": 10.0}, "orchestration_s": 28.0, "beyond_passes_s": 47.0,
+        "layout_adapter_s": 1.0,
+    }
+    by_hand = {"runs": [{"command": "olive run --config finetune-a.json", "wall_s": 100.0, "passes_s": {"finetune:lora": 90.0}}],
+               "total_s": 100.0, "olive_passes_s": 90.0, "beyond_passes_s": 10.0}
+    monkeypatch.setattr(pipeline_costs, "scratch_project", lambda root, dest: dest)
+    monkeypatch.setattr(pipeline_costs, "run_pipeline", lambda project, target: pipeline_run)
+    monkeypatch.setattr(pipeline_costs, "run_by_hand", lambda project: by_hand)
+    costs = pipeline_costs.measure_pipeline_costs(tmp_path, tmp_path / "scratch")
+    assert costs["orchestration_share"]["median"] == 0.14
+    assert costs["pipeline_over_by_hand"]["median"] == 2.0
+    assert costs["pipeline_over_by_hand_passes_equalised"]["median"] == 1.37  # (90 + 47) / (90 + 10)
+    assert any("pass time equalised" in line for line in pipeline_lines(costs))
