@@ -60,16 +60,10 @@ def tiny_bundle(tmp_path_factory) -> Path:
 FAST_STEPS = 4
 
 
-@pytest.fixture(scope="session")
-def fast_project(tmp_path_factory, tiny_bundle) -> Path:
-    """A scratch project running a few-step variant of the tiny spec, sharing the built base model:
-    for the caching, interruption and integrity tests, where what is learned does not matter."""
+def write_fast_spec(project: Path) -> None:
+    """pipelines/fast.yaml: the tiny spec with a few steps and gates that always pass."""
     import yaml
 
-    project = tmp_path_factory.mktemp("fast-project")
-    shutil.copytree(ROOT / "pipelines", project / "pipelines")
-    base = ".phi-pipeline/base"  # the built model and its builder stamp
-    shutil.copytree(tiny_bundle.parents[2] / base, project / base)
     spec = yaml.safe_load((ROOT / "pipelines/tiny-phi3.yaml").read_text())
     spec["name"] = "fast"
     spec["training"]["max_steps"] = FAST_STEPS
@@ -78,5 +72,16 @@ def fast_project(tmp_path_factory, tiny_bundle) -> Path:
         adapter.pop("gates", None)
     spec["gates"] = {"min_gain_over_base": -1000.0, "max_drop_vs_pytorch": 1000.0, "max_perplexity_ratio": 1000.0}
     (project / "pipelines/fast.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def fast_project(tmp_path_factory, tiny_bundle) -> Path:
+    """A scratch project running a few-step variant of the tiny spec, sharing the built base model:
+    for the caching, interruption and integrity tests, where what is learned does not matter."""
+    project = tmp_path_factory.mktemp("fast-project")
+    shutil.copytree(ROOT / "pipelines", project / "pipelines")
+    base = ".phi-pipeline/base"  # the built model and its builder stamp
+    shutil.copytree(tiny_bundle.parents[2] / base, project / base)
+    write_fast_spec(project)
     _run_in(project, "pipelines/fast.yaml")
     return project

@@ -182,3 +182,22 @@ def test_pipeline_cost_summary(tmp_path, monkeypatch):
     assert costs["pipeline_over_by_hand"]["median"] == 2.0
     assert costs["pipeline_over_by_hand_passes_equalised"]["median"] == 1.37  # (90 + 47) / (90 + 10)
     assert any("pass time equalised" in line for line in pipeline_lines(costs))
+
+
+def test_bench_export_is_reused_when_built_from_the_same_inputs(tmp_path, monkeypatch):
+    """A multi-GB benchmark export is rebuilt only when its base, adapters or packages change."""
+    import phi_pipeline.runner
+
+    runs = []
+    monkeypatch.setenv("CI", "1")
+    monkeypatch.setattr(phi_pipeline.runner, "run_olive", lambda *a, **k: runs.append(a[0]) or _olive_in_process(*a, **k))
+    base = build_bench_base(tmp_path / "base", SIZES["tiny"], _tokenizer(tmp_path / "tokenizer"))
+
+    def export(seed: int):
+        adapter = make_random_adapter(base, tmp_path / "adapter", r=4, seed=seed, target_modules=PHI3_MODULES)
+        return export_bundle(base, {"a": adapter}, {"a": 4}, "int4", tmp_path / "export")
+
+    first = export(seed=0)
+    assert export(seed=0) == first and len(runs) == 1
+    assert export(seed=1) == first and len(runs) == 2  # new adapter weights: exported again
+    assert build_bench_base(tmp_path / "base", SIZES["tiny"], tmp_path / "tokenizer") == base

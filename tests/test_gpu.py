@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import ROOT, write_fast_spec
 from phi_pipeline.cli import main
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 
+@pytest.fixture(scope="session")
+def cuda_project(tmp_path_factory) -> Path:
+    """A scratch project with the few-step spec; its first run builds the tiny base (no CPU run first)."""
+    project = tmp_path_factory.mktemp("cuda-project")
+    shutil.copytree(ROOT / "pipelines", project / "pipelines")
+    write_fast_spec(project)
+    return project
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_cuda_pipeline_publishes_a_bundle_that_runs_on_the_cuda_provider(fast_project, monkeypatch, method):
+def test_cuda_pipeline_publishes_a_bundle_that_runs_on_the_cuda_provider(cuda_project, monkeypatch, method):
     import yaml
 
-    monkeypatch.chdir(fast_project)
+    monkeypatch.chdir(cuda_project)
     spec = yaml.safe_load(Path("pipelines/fast.yaml").read_text())
     spec["name"] = f"fast-cuda-{method}"
     spec["lora"]["method"] = method

@@ -28,6 +28,9 @@ import numpy as np
 
 from phi_pipeline.bench.stats import load_average, summary
 
+# PyTorch eager as a user runs it: fp32 on CPU (fp16 matmuls are slow there), fp16 on a GPU.
+TORCH_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 WARMUP = (16, 8)  # prompt tokens, new tokens of the untimed first request (allocations, lazy init)
 
 
@@ -153,7 +156,8 @@ class _Clock:
 
 
 class TorchRunner:
-    """transformers eager fp32, with PEFT for adapters (unmerged LoRA): the baseline a user has."""
+    """transformers eager in TORCH_PRECISION[device], with PEFT for adapters (unmerged LoRA):
+    the baseline a user has."""
 
     def __init__(self, model_dir: str, threads: int | None, device: str = "cpu"):
         import torch
@@ -163,7 +167,7 @@ class TorchRunner:
         if threads:
             torch.set_num_threads(threads)
         self.device = device
-        self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+        self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, TORCH_DTYPES[TORCH_PRECISION[device]])).to(device).eval()
         self.model: Any = self.base
         self.vocab_size = self.base.config.vocab_size
         self.context_length = self.base.config.max_position_embeddings
@@ -280,6 +284,17 @@ def peak_rss_bytes() -> int | None:
     return kib * 1024 if kib is not None else None
 
 
+def gpu_memory_used_bytes() -> int | None:
+    """Memory in use on GPU 0 (nvidia-smi): read before loading and after the last request, the
+    difference is what this process holds (runtimes keep their peak allocations pooled)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return int(out.split()[0]) * (1 << 20)
+
+
 def run_config(config: DecodeConfig, scratch: Path) -> dict[str, Any]:
     """Run `config` in a fresh subprocess; its result (with its own peak RSS) and wall time.
 
@@ -307,6 +322,7 @@ def run_config(config: DecodeConfig, scratch: Path) -> dict[str, Any]:
 
 def measure(config: DecodeConfig) -> dict[str, Any]:
     """What the subprocess does for one configuration (callable in-process, e.g. by tests)."""
+    gpu_before = gpu_memory_used_bytes() if config.device == "cuda" else None
     if config.mode == "decode":
         result = measure_decode(config)
     else:
@@ -314,6 +330,9 @@ def measure(config: DecodeConfig) -> dict[str, Any]:
 
         result = adapter_costs.MODES[config.mode](config)
     result["peak_rss_bytes"] = peak_rss_bytes()
+    if gpu_before is not None:
+        after = gpu_memory_used_bytes()
+        result["gpu_memory_bytes"] = after - gpu_before if after is not None else None
     return result
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from phi_pipeline.bench.decode import TORCH_DTYPES
 from phi_pipeline.cache import file_sha256
 
 PHI3_VOCAB = 32064
@@ -58,8 +59,11 @@ SIZES: dict[str, BenchArch] = {
 }
 
 
-def build_bench_base(out: Path, arch: BenchArch, tokenizer_dir: Path, *, seed: int = 0) -> Path:
-    """A randomly initialised Phi3ForCausalLM saved as safetensors, with `tokenizer_dir`'s tokenizer.
+def build_bench_base(
+    out: Path, arch: BenchArch, tokenizer_dir: Path, *, seed: int = 0, dtype: str = "fp32", device: str = "cpu"
+) -> Path:
+    """A randomly initialised Phi3ForCausalLM saved as safetensors in `dtype`, with
+    `tokenizer_dir`'s tokenizer; initialised on `device` (a 3.8B init takes minutes on CPU).
 
     `tokenizer_dir` is any folder holding a Hugging Face tokenizer.json (a phi-pipeline bundle or
     the tiny base); its special tokens give the bos/eos/pad ids.
@@ -67,7 +71,8 @@ def build_bench_base(out: Path, arch: BenchArch, tokenizer_dir: Path, *, seed: i
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Phi3Config, Phi3ForCausalLM
 
-    if (out / "config.json").is_file() and json.loads((out / "bench_base.json").read_text()) == _base_record(arch, seed):
+    record = _base_record(arch, seed, dtype)
+    if built_from(out, record) is not None:
         return out
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     eos = tokenizer.eos_token_id
@@ -88,19 +93,44 @@ def build_bench_base(out: Path, arch: BenchArch, tokenizer_dir: Path, *, seed: i
         architectures=["Phi3ForCausalLM"],
     )
     torch.manual_seed(seed)
-    model = Phi3ForCausalLM(config)
+    with torch.device(device):
+        model = Phi3ForCausalLM(config).to(getattr(torch, TORCH_DTYPES[dtype]))
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=config.pad_token_id, do_sample=False
     )
     shutil.rmtree(out, ignore_errors=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "bench_base.json").write_text(json.dumps(_base_record(arch, seed), indent=2) + "\n")
+    stamp(out, record)
     return out
 
 
-def _base_record(arch: BenchArch, seed: int) -> dict[str, Any]:
-    return {"arch": asdict(arch), "seed": seed, "weights": "random (transformers' Phi-3 initialisation)"}
+# The benchmark's own cache: a 3.8B base, its adapters and exports take minutes each, and are
+# rebuilt only when what they are built from changes (everything is seeded).
+STAMP = "bench_record.json"
+
+
+def built_from(folder: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The stamp of `folder` when an earlier run built it from `record`, else None."""
+    path = folder / STAMP
+    if not path.is_file():
+        return None
+    stamped = json.loads(path.read_text())
+    return stamped if stamped["record"] == record else None
+
+
+def stamp(folder: Path, record: dict[str, Any], **facts: Any) -> None:
+    """Mark `folder` as built from `record` (written last, so a half-built folder has none)."""
+    (folder / STAMP).write_text(json.dumps({"record": record, **facts}, indent=2) + "\n")
+
+
+def _record_of(folder: Path) -> dict[str, Any] | None:
+    path = folder / STAMP
+    return json.loads(path.read_text())["record"] if path.is_file() else None
+
+
+def _base_record(arch: BenchArch, seed: int, dtype: str) -> dict[str, Any]:
+    return {"arch": asdict(arch), "seed": seed, "dtype": dtype, "weights": "random (transformers' Phi-3 initialisation)"}
 
 
 def make_random_adapter(base_dir: Path, out: Path, *, r: int, seed: int, target_modules: list[str]) -> Path:
@@ -112,6 +142,10 @@ def make_random_adapter(base_dir: Path, out: Path, *, r: int, seed: int, target_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    record = {"base": _record_of(base_dir), "r": r, "seed": seed, "target_modules": target_modules}
+    if record["base"] is not None and built_from(out, record) is not None:
+        return out
+    (out / STAMP).unlink(missing_ok=True)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir))
     lora = LoraConfig(
         r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=target_modules, task_type="CAUSAL_LM",
@@ -131,6 +165,7 @@ def make_random_adapter(base_dir: Path, out: Path, *, r: int, seed: int, target_
     adapter_config = json.loads(config_path.read_text())
     adapter_config["base_model_name_or_path"] = str(base_dir)
     config_path.write_text(json.dumps(adapter_config, indent=2))
+    stamp(out, record)
     return out
 
 
@@ -184,8 +219,17 @@ def export_bundle(
     from phi_pipeline.publish import publish_dir
     from phi_pipeline.runner import run_olive
     from phi_pipeline.spec import parse_spec
+    from phi_pipeline.versions import package_versions
 
     work.mkdir(parents=True, exist_ok=True)
+    record = {
+        "base": _record_of(base_dir), "adapters": {a: _record_of(f) for a, f in adapters.items()}, "ranks": ranks,
+        "precision": precision, "target": target, "packages": package_versions(),
+    }
+    cached = built_from(work, record) if record["base"] is not None else None
+    if cached is not None and (Path(cached["bundle"]) / "manifest.json").is_file():
+        return ExportedBundle(Path(cached["bundle"]), precision, cached["export_seconds"])
+    (work / STAMP).unlink(missing_ok=True)
     name = f"bench-{precision}"
     spec_text = bench_spec(name, base_dir, ranks, precision, work)
     (work / "spec.yaml").write_text(spec_text)
@@ -206,6 +250,7 @@ def export_bundle(
     if problems:
         raise PipelineError(f"benchmark bundle {staged} failed verification: {problems}")
     publish_dir(staged, plan.paths.bundle_dir)
+    stamp(work, record, bundle=str(plan.paths.bundle_dir), export_seconds=round(seconds, 2))
     return ExportedBundle(plan.paths.bundle_dir, precision, round(seconds, 2))
 
 

@@ -10,6 +10,9 @@ from typing import Any
 
 CHART = "decode.png"
 MIB = 1 << 20
+# ONNX Runtime's published decode speed for Phi-3-mini-4k int4 with ONNX Runtime GenAI on one
+# A100 (batch 1): what a Phi-3-mini-shaped CUDA run is set beside.
+PUBLISHED_PHI3_MINI_INT4_A100_TOK_S = 218
 
 
 def _mm(s: dict[str, Any] | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -38,6 +41,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 def decode_table(section: dict[str, Any], sizes: dict[str, int]) -> list[str]:
     speedups = section["derived"]["speedup_vs_pytorch"]
+    gpu = any("gpu_memory_bytes" in r for r in section["rows"])
     rows = []
     for r in section["rows"]:
         name = f"{r['engine']} {r['precision']}"
@@ -51,17 +55,18 @@ def decode_table(section: dict[str, Any], sizes: dict[str, int]) -> list[str]:
             up = speedups.get(f"{r['label']}@{length}", {})
             rows.append([
                 name, r["adapter"] or "none", r["threads"], length, _mm(p["ttft_s"], 1000, 0), _mm(p["decode_tok_s"]),
-                _mm(p["decode_cpu_ms"], 1, 2), _x(up.get("decode")), _mib(r["peak_rss_bytes"]), _mib(sizes.get(_size_key(r))),
+                _mm(p["decode_cpu_ms"], 1, 2), _x(up.get("decode")), _mib(r["peak_rss_bytes"]),
+                *([_mib(r.get("gpu_memory_bytes"))] if gpu else []), _mib(sizes.get(_size_key(r))),
             ])
     return _table(
         ["engine", "adapter", "threads", "prompt", "TTFT ms", "decode tok/s", "CPU ms/token", "decode vs PyTorch",
-         "peak RSS MiB", "size MiB"],
+         "peak RSS MiB", *(["GPU memory MiB"] if gpu else []), "size MiB"],
         rows,
     )
 
 
 def _size_key(row: dict[str, Any]) -> str:
-    return "pytorch_fp32_safetensors" if row["engine"] == "pytorch-eager" else f"onnx_{row['precision']}_model"
+    return f"pytorch_{row['precision']}_safetensors" if row["engine"] == "pytorch-eager" else f"onnx_{row['precision']}_model"
 
 
 def adapter_tables(costs: dict[str, Any]) -> list[str]:
@@ -156,17 +161,29 @@ def _row(section: dict[str, Any], **match: Any) -> dict[str, Any] | None:
 
 def headlines(results: dict[str, Any]) -> list[str]:
     """The few numbers a reader wants first, each from this run (absent pieces are left out)."""
-    b, threads = results["benchmark_model"], results["settings"]["threads"]
-    short = str(results["settings"]["prompt_lens"][0])
+    b, s = results["benchmark_model"], results["settings"]
+    cuda = s["device"] == "cuda"
+    threads = "default" if cuda else s["threads"]  # run.tuned_threads
+    short = str(s["prompt_lens"][0])
     lines = []
     torch, int4 = _row(b, engine="pytorch-eager", adapter=None), _row(b, precision="int4", adapter=None, threads=threads)
     if torch and int4 and "skipped" not in int4["prompts"][short]:
         up = b["derived"]["speedup_vs_pytorch"].get(f"{int4['label']}@{short}", {})
+        memory = "GPU memory" if cuda else "peak RSS"
+        key = "gpu_memory_bytes" if cuda else "peak_rss_bytes"
         lines.append(
-            f"ONNX int4 with {threads} intra-op threads vs PyTorch eager fp32 (prompt {short}): decode {_x(up.get('decode'))}, "
-            f"time to first token {_x(up.get('ttft'))} faster, peak RSS {_mib(int4['peak_rss_bytes'])} vs "
-            f"{_mib(torch['peak_rss_bytes'])} MiB, on disk {_mib(b['sizes_bytes'].get('onnx_int4_model'))} vs "
-            f"{_mib(b['sizes_bytes']['pytorch_fp32_safetensors'])} MiB."
+            f"ONNX int4 ({'CUDA' if cuda else f'{threads} intra-op threads'}) vs PyTorch eager {torch['precision']} "
+            f"(prompt {short}): decode {_mm(int4['prompts'][short]['decode_tok_s'])} vs "
+            f"{_mm(torch['prompts'][short]['decode_tok_s'])} tok/s ({_x(up.get('decode'))}), time to first token "
+            f"{_x(up.get('ttft'))} faster, {memory} {_mib(int4.get(key))} vs {_mib(torch.get(key))} MiB, on disk "
+            f"{_mib(b['sizes_bytes'].get('onnx_int4_model'))} vs {_mib(b['sizes_bytes'].get(_size_key(torch)))} MiB."
+        )
+    if cuda and int4 and b["size"] == "phi3-mini" and "skipped" not in int4["prompts"][short]:
+        tok = int4["prompts"][short]["decode_tok_s"]["median"]
+        lines.append(
+            f"Phi-3-mini-shaped int4 on this GPU: {tok:.0f} tok/s decode; ONNX Runtime's published figure for Phi-3-mini "
+            f"int4 on an A100 is about {PUBLISHED_PHI3_MINI_INT4_A100_TOK_S} tok/s "
+            f"({tok / PUBLISHED_PHI3_MINI_INT4_A100_TOK_S:.2f}x; a different GPU, so a sanity check, not a ranking)."
         )
     adapter, merged = b["sizes_bytes"]["onnx_adapter"].get("r8"), b["sizes_bytes"].get("onnx_int4_merged_variant")
     if adapter and merged:
@@ -180,10 +197,11 @@ def headlines(results: dict[str, Any]) -> list[str]:
     if costs:
         merged = costs.get("merged", {}).get("decode_slowdown_vs_none", {}).get("median")
         lines.append(
-            f"Adapter cost, int4, {threads} threads, paired: r8 active {_pct(costs['r8']['decode_slowdown_vs_none']['median'])}, "
-            f"r16 {_pct(costs['r16']['decode_slowdown_vs_none']['median'])} decode vs no adapter on the same graph; "
-            f"the merged variant decodes {_pct(None if merged is None else -merged)} faster than that graph with no adapter "
-            "(the price of LoRA inputs in the graph, paid even with no adapter active)."
+            f"Adapter cost, int4, threads {threads}, paired: r8 active {_pct(costs['r8']['decode_slowdown_vs_none']['median'])}, "
+            f"r16 {_pct(costs['r16']['decode_slowdown_vs_none']['median'])} decode vs no adapter on the same graph"
+            + ("." if merged is None else
+               f"; the merged variant decodes {_pct(-merged)} faster than that graph with no adapter "
+               "(the price of LoRA inputs in the graph, paid even with no adapter active).")
         )
     roof = next((r for r in b["roofline"] if r["label"] == f"onnx-int4-none-t{threads}" and str(r["prompt"]) == short), None)
     if roof:
@@ -223,12 +241,14 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
         ax.set_title(title)
         ax.set_xticks([j + width * (len(lengths) - 1) / 2 for j in range(len(rows))], labels, fontsize=7, rotation=60)
         ax.legend()
-    axes[2].bar(range(len(rows)), [r["peak_rss_bytes"] / MIB for r in rows], color="gray")
+    cuda = results["settings"]["device"] == "cuda"
+    key = "gpu_memory_bytes" if cuda else "peak_rss_bytes"
+    axes[2].bar(range(len(rows)), [(r.get(key) or 0) / MIB for r in rows], color="gray")
     axes[2].set_xticks(range(len(rows)), labels, fontsize=7, rotation=60)
-    axes[2].set_title("peak RSS per configuration, MiB")
+    axes[2].set_title(f"{'GPU memory' if cuda else 'peak RSS'} per configuration, MiB")
+    where = results["bandwidth"].get("gpu", {}).get("device") if cuda else f"{results['machine']['cpus']} CPU cores"
     fig.suptitle(f"phi-pipeline bench: {section['size']} Phi-3-shaped model ({section['parameters'] / 1e6:.0f}M params), "
-                 f"{results['machine']['cpus']} CPU cores, batch 1, {results['settings']['new_tokens']} new tokens; "
-                 f"median with min-max")
+                 f"{where}, batch 1, {results['settings']['new_tokens']} new tokens; median with min-max")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -257,13 +277,16 @@ def model_lines(results: dict[str, Any]) -> list[str]:
              for n, v in sizes["onnx_adapter"].items()]
     lines += _table(["artefact", "MiB"], rows) + [""]
     lines += ["## Adapter costs", ""] + adapter_tables(b["adapter_costs"]) + [""]
+    if "gpu" in bw:
+        measured = f"CUDA device-to-device copy bandwidth ({bw['gpu']['device']}, bytes read + written per second): {_mm(bw['gpu']['gb_per_s'])} GB/s."
+    else:
+        measured = (f"numpy copy bandwidth (bytes read + written per second): one thread {_mm(bw['one_thread']['gb_per_s'])} GB/s, "
+                    f"{bw['all_cores']['threads']} threads {_mm(bw['all_cores']['gb_per_s'])} GB/s; the higher median is the bound.")
     lines += [
         "## Memory-bandwidth roofline",
         "",
-        f"numpy copy bandwidth (bytes read + written per second): one thread {_mm(bw['one_thread']['gb_per_s'])} GB/s, "
-        f"{bw['all_cores']['threads']} threads {_mm(bw['all_cores']['gb_per_s'])} GB/s; the higher median is the bound. "
-        "Bytes per token: every initializer once (one embedding row) plus the fp32 KV cache at the mean context; "
-        "an active adapter adds its own file size (fp32 LoRA weights).",
+        measured + " Bytes per token: every initializer once (one embedding row) plus the KV cache (in the graph's "
+        "dtype) at the mean context; an active adapter adds its own file size.",
         "",
     ]
     return lines + roofline_table(b) + [""]

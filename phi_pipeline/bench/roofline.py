@@ -42,6 +42,31 @@ def copy_bandwidth(threads: int, megabytes: int = 512, reps: int = 5) -> dict[st
     return {"threads": threads, "gb_per_s": summary(rates, digits=2)}
 
 
+def device_copy_bandwidth(megabytes: int = 1024, reps: int = 5) -> dict[str, Any]:
+    """Bytes moved per second (read + write) by a CUDA device-to-device copy (torch)."""
+    import torch
+
+    src = torch.ones(megabytes * (1 << 20) // 4, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    rates = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        rates.append(2 * src.nbytes / (time.perf_counter() - start) / 1e9)
+    return {"device": torch.cuda.get_device_name(), "gb_per_s": summary(rates, digits=2)}
+
+
+def bandwidths(device: str, threads: int, reps: int) -> dict[str, Any]:
+    """The copy bandwidths a decode step competes for: host memory with one thread and with
+    `threads`, or the GPU's memory."""
+    if device == "cuda":
+        return {"gpu": device_copy_bandwidth(reps=reps)}
+    return {"one_thread": copy_bandwidth(1, reps=reps), "all_cores": copy_bandwidth(threads, reps=reps)}
+
+
 def _initializer_bytes(tensor: Any) -> int:
     from onnx.helper import tensor_dtype_to_np_dtype
 
@@ -54,8 +79,10 @@ def _initializer_bytes(tensor: Any) -> int:
 
 
 def bytes_per_token(model_dir: Path, context: int) -> dict[str, int]:
-    """Bytes one decode step reads: weights (one embedding row) and the fp32 KV cache at `context`."""
+    """Bytes one decode step reads: weights (one embedding row) and the KV cache at `context`,
+    in the graph's KV dtype (fp32 for CPU bundles, fp16 for CUDA ones)."""
     import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
 
     graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
     weights = 0
@@ -63,7 +90,9 @@ def bytes_per_token(model_dir: Path, context: int) -> dict[str, int]:
         size = _initializer_bytes(init)
         weights += size // init.dims[0] if init.name == EMBEDDING else size
     decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    kv_per_position = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 4
+    past = next(i for i in graph.input if i.name.startswith("past_key_values"))
+    kv_bytes = np.dtype(tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)).itemsize
+    kv_per_position = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * kv_bytes
     return {"weights": weights, "kv_cache": kv_per_position * context, "total": weights + kv_per_position * context}
 
 

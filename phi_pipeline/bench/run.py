@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from phi_pipeline.bench import roofline
-from phi_pipeline.bench.decode import DecodeConfig, run_config
+from phi_pipeline.bench.decode import TORCH_PRECISION, DecodeConfig, run_config
 from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter, merged_bundle
 from phi_pipeline.bench.stats import load_average, ratio
 from phi_pipeline.spec import DEFAULT_TARGET_MODULES
@@ -56,8 +56,14 @@ def folder_bytes(folder: Path, exclude: tuple[str, ...] = ()) -> int:
 
 
 def _thread_settings(opts: BenchOptions) -> list[int | None]:
-    """onnxruntime-genai's default (None) and one intra-op thread per core."""
-    return [None, opts.threads] if opts.threads > 1 else [None]
+    """onnxruntime-genai's default (None) and one intra-op thread per core; on CUDA only the
+    default, as the GPU does the work."""
+    return [None, opts.threads] if opts.threads > 1 and opts.device == "cpu" else [None]
+
+
+def tuned_threads(opts: BenchOptions) -> int | str:
+    """The `threads` value of the rows the headlines quote."""
+    return _thread_settings(opts)[-1] or "default"
 
 
 def _label(engine: str, precision: str, adapter: str | None, threads: int | None) -> str:
@@ -72,11 +78,12 @@ def decode_rows(
     common = dict(prompt_lens=opts.prompt_lens, new_tokens=opts.new_tokens, reps=opts.reps, device=opts.device)
     rows = []
     if torch_base is not None:
+        precision = TORCH_PRECISION[opts.device]
         for name, path in [(None, None), *adapters.get("torch", {}).items()]:
-            label = _label("torch", "fp32", name, None)
+            label = _label("torch", precision, name, None)
             _say(f"decode {label}")
             cfg = DecodeConfig(label, "torch", str(torch_base), adapter=str(path) if path else None, **common)
-            meta = dict(engine="pytorch-eager", precision="fp32", adapter=name, threads="torch default")
+            meta = dict(engine="pytorch-eager", precision=precision, adapter=name, threads="torch default")
             rows.append(meta | run_config(cfg, scratch))
     for precision, model in onnx.items():
         for name, path in [(None, None), *adapters.get(precision, {}).items()]:
@@ -178,7 +185,7 @@ def bench_given_bundle(opts: BenchOptions) -> dict[str, Any]:
     rows = decode_rows({precision: opts.bundle}, adapters, torch_base, opts, opts.work_dir / "runs" / "bundle")
     sizes = {f"onnx_{precision}_model": folder_bytes(opts.bundle, exclude=("adapters",))}
     if torch_base is not None:
-        sizes["pytorch_fp32_safetensors"] = (torch_base / "model.safetensors").stat().st_size
+        sizes[torch_size_key(torch_base)] = safetensors_bytes(torch_base)
     return {
         "bundle": str(opts.bundle),
         "pipeline": manifest["pipeline"],
@@ -195,7 +202,7 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
     """The benchmark base at every precision, PyTorch eager beside it, adapter costs, roofline."""
     arch = SIZES[opts.size]
     work = opts.work_dir / opts.size
-    base = build_bench_base(work / "base", arch, opts.bundle)
+    base = build_bench_base(work / "base", arch, opts.bundle, dtype=TORCH_PRECISION[opts.device], device=opts.device)
     peft = {
         name: make_random_adapter(base, work / "adapters" / name, r=r, seed=r, target_modules=DEFAULT_TARGET_MODULES["phi3"])
         for name, r in ADAPTER_RANKS.items()
@@ -207,8 +214,10 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
         exports[precision] = export_bundle(base, peft, ADAPTER_RANKS, precision, work / precision, target)
     onnx = {p: e.bundle for p, e in exports.items()}
     int4 = PRECISIONS[opts.device][0]
-    _say("exporting the merged variant (adapter r8 folded into the weights)")
-    merged = merged_bundle(base, peft[TABLE_ADAPTER] / "adapter", ADAPTER_RANKS[TABLE_ADAPTER], int4, work / f"merged-{int4}")
+    merged = None
+    if opts.device == "cpu":  # on CUDA a third multi-GB export would not fit a GPU lease; the CPU run measures it
+        _say("exporting the merged variant (adapter r8 folded into the weights)")
+        merged = merged_bundle(base, peft[TABLE_ADAPTER] / "adapter", ADAPTER_RANKS[TABLE_ADAPTER], int4, work / f"merged-{int4}")
 
     adapter_files = {p: {n: b / "adapters" / f"{n}.onnx_adapter" for n in ADAPTER_RANKS} for p, b in onnx.items()}
     table_adapters: dict[str, dict[str, Path]] = {"torch": {TABLE_ADAPTER: peft[TABLE_ADAPTER] / "adapter"}}
@@ -222,9 +231,9 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
         "parameters": arch.parameters,
         "export_seconds": {p: e.export_seconds for p, e in exports.items()},
         "sizes_bytes": {
-            "pytorch_fp32_safetensors": (base / "model.safetensors").stat().st_size,
+            torch_size_key(base): safetensors_bytes(base),
             **{f"onnx_{p}_model": folder_bytes(b, exclude=("adapters",)) for p, b in onnx.items()},
-            f"onnx_{int4}_merged_variant": folder_bytes(merged),
+            **({f"onnx_{int4}_merged_variant": folder_bytes(merged)} if merged else {}),
             "peft_adapter": {n: (peft[n] / "adapter" / "adapter_model.safetensors").stat().st_size for n in ADAPTER_RANKS},
             "onnx_adapter": {n: f.stat().st_size for n, f in adapter_files[int4].items()},
         },
@@ -235,8 +244,19 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def torch_size_key(model_dir: Path) -> str:
+    """sizes_bytes key of a Hugging Face folder: pytorch_<dtype>_safetensors."""
+    dtype = json.loads((model_dir / "config.json").read_text()).get("dtype", "float32")
+    return f"pytorch_{ {'float32': 'fp32', 'float16': 'fp16', 'bfloat16': 'bf16'}.get(dtype, dtype)}_safetensors"
+
+
+def safetensors_bytes(model_dir: Path) -> int:
+    """Weights on disk (a large base is saved in shards)."""
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+
 def adapter_costs(
-    onnx: dict[str, Path], files: dict[str, dict[str, Path]], peft: dict[str, Path], base: Path, merged: Path,
+    onnx: dict[str, Path], files: dict[str, dict[str, Path]], peft: dict[str, Path], base: Path, merged: Path | None,
     opts: BenchOptions, scratch: Path,
 ) -> dict[str, Any]:
     """Paired (interleaved) adapter measurements per engine and thread setting, and an op profile."""
@@ -250,12 +270,13 @@ def adapter_costs(
             label = f"adapters-onnx-{precision}-t{threads or 'default'}"
             _say(label)
             extra = {"adapters": {n: str(f) for n, f in files[precision].items()}}
-            if precision == int4:
+            if precision == int4 and merged:
                 extra["reference"] = str(merged)
             out[label] = run_config(DecodeConfig(label, "onnx", str(model), threads=threads, mode="adapters", extra=extra, **common), scratch)
     _say("adapters-torch")
     extra_torch = {"adapters": {n: str(p / "adapter") for n, p in peft.items()}, "interleave": False}
-    out["adapters-torch-fp32"] = run_config(DecodeConfig("adapters-torch-fp32", "torch", str(base), mode="adapters", extra=extra_torch, **common), scratch)
+    label = f"adapters-torch-{TORCH_PRECISION[opts.device]}"
+    out[label] = run_config(DecodeConfig(label, "torch", str(base), mode="adapters", extra=extra_torch, **common), scratch)
     for threads in _thread_settings(opts):
         label = f"profile-onnx-{int4}-t{threads or 'default'}"
         _say(label)
@@ -295,12 +316,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         results["skipped"] = "--device cuda: no CUDA device or no CUDA build of torch / onnxruntime-genai here"
         _say(results["skipped"])
     else:
-        bandwidth = _section("memory bandwidth", lambda: {
-            "one_thread": roofline.copy_bandwidth(1, reps=max(opts.reps, 3)),
-            "all_cores": roofline.copy_bandwidth(opts.threads, reps=max(opts.reps, 3)),
-        })
+        bandwidth = _section("memory bandwidth", lambda: roofline.bandwidths(opts.device, opts.threads, max(opts.reps, 3)))
         results["bandwidth"] = bandwidth
-        best = max((bandwidth["one_thread"], bandwidth["all_cores"]), key=lambda b: b["gb_per_s"]["median"])
+        best = max((v for v in bandwidth.values() if isinstance(v, dict) and "gb_per_s" in v),
+                   key=lambda b: b["gb_per_s"]["median"])
         results["given_bundle"] = _section(f"given bundle {opts.bundle}", lambda: bench_given_bundle(opts))
         results["benchmark_model"] = _section(f"benchmark model {opts.size}", lambda: bench_model(opts, best))
         if opts.pipeline_reps > 0 and opts.device == "cpu":
