@@ -201,3 +201,18 @@ def test_bench_export_is_reused_when_built_from_the_same_inputs(tmp_path, monkey
     assert export(seed=0) == first and len(runs) == 1
     assert export(seed=1) == first and len(runs) == 2  # new adapter weights: exported again
     assert build_bench_base(tmp_path / "base", SIZES["tiny"], tmp_path / "tokenizer") == base
+
+
+@pytest.mark.parametrize("committed", ["bench/results.json", "bench/cuda/results.json"])
+def test_committed_bench_results_render_to_a_report(tmp_path, committed):
+    """The results shipped in bench/ (CPU, and CUDA from a lent H100) still render with today's report code."""
+    from phi_pipeline.bench.report import write_report
+
+    results = json.loads((Path(__file__).parent.parent / committed).read_text())
+    assert results["schema"] == run.SCHEMA
+    text = write_report(results, tmp_path).read_text()
+    assert "## Headlines" in text and (tmp_path / "decode.png").stat().st_size > 0
+    if results["settings"]["device"] == "cuda":
+        assert "CUDA device-to-device copy bandwidth" in text and "A100 is about 218 tok/s" in text
+    else:
+        assert "numpy copy bandwidth" in text and "Pipeline: orchestration" in text

@@ -236,6 +236,7 @@ def adapter_name(config: DecodeConfig) -> str | None:
 
 def measure_decode(config: DecodeConfig) -> dict[str, Any]:
     """Load the model (and adapter), warm up once, then `reps` requests per prompt length."""
+    gpu_before = gpu_memory_used_bytes() if config.device == "cuda" else None
     start = time.perf_counter()
     runner = make_runner(config)
     load_s = time.perf_counter() - start
@@ -255,12 +256,16 @@ def measure_decode(config: DecodeConfig) -> dict[str, Any]:
             "decode_tok_s": summary([r.decode_tok_s for r in runs], digits=2),
             "decode_cpu_ms": summary([r.decode_cpu_ms for r in runs], digits=3),
         }
-    return {
+    result = {
         "load_s": round(load_s, 3),
         "adapter_load_s": round(adapter_load_s, 4) if adapter_load_s is not None else None,
         "threads_effective": _effective_threads(config),
         "prompts": prompts,
     }
+    if gpu_before is not None:  # read while the model is alive: freeing it returns its memory
+        after = gpu_memory_used_bytes()
+        result["gpu_memory_bytes"] = after - gpu_before if after is not None else None
+    return result
 
 
 def _effective_threads(config: DecodeConfig) -> int | str:
@@ -286,7 +291,7 @@ def peak_rss_bytes() -> int | None:
 
 def gpu_memory_used_bytes() -> int | None:
     """Memory in use on GPU 0 (nvidia-smi): read before loading and after the last request, the
-    difference is what this process holds (runtimes keep their peak allocations pooled)."""
+    difference is what the loaded model and its runtime hold (both pool their peak allocations)."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
                              capture_output=True, text=True, check=True).stdout
@@ -322,7 +327,6 @@ def run_config(config: DecodeConfig, scratch: Path) -> dict[str, Any]:
 
 def measure(config: DecodeConfig) -> dict[str, Any]:
     """What the subprocess does for one configuration (callable in-process, e.g. by tests)."""
-    gpu_before = gpu_memory_used_bytes() if config.device == "cuda" else None
     if config.mode == "decode":
         result = measure_decode(config)
     else:
@@ -330,9 +334,6 @@ def measure(config: DecodeConfig) -> dict[str, Any]:
 
         result = adapter_costs.MODES[config.mode](config)
     result["peak_rss_bytes"] = peak_rss_bytes()
-    if gpu_before is not None:
-        after = gpu_memory_used_bytes()
-        result["gpu_memory_bytes"] = after - gpu_before if after is not None else None
     return result
 
 

@@ -169,14 +169,15 @@ def headlines(results: dict[str, Any]) -> list[str]:
     torch, int4 = _row(b, engine="pytorch-eager", adapter=None), _row(b, precision="int4", adapter=None, threads=threads)
     if torch and int4 and "skipped" not in int4["prompts"][short]:
         up = b["derived"]["speedup_vs_pytorch"].get(f"{int4['label']}@{short}", {})
-        memory = "GPU memory" if cuda else "peak RSS"
-        key = "gpu_memory_bytes" if cuda else "peak_rss_bytes"
+        memory = f"peak RSS {_mib(int4['peak_rss_bytes'])} vs {_mib(torch['peak_rss_bytes'])} MiB, "
+        if int4.get("gpu_memory_bytes") and torch.get("gpu_memory_bytes"):
+            memory += f"GPU memory {_mib(int4['gpu_memory_bytes'])} vs {_mib(torch['gpu_memory_bytes'])} MiB, "
         lines.append(
             f"ONNX int4 ({'CUDA' if cuda else f'{threads} intra-op threads'}) vs PyTorch eager {torch['precision']} "
             f"(prompt {short}): decode {_mm(int4['prompts'][short]['decode_tok_s'])} vs "
             f"{_mm(torch['prompts'][short]['decode_tok_s'])} tok/s ({_x(up.get('decode'))}), time to first token "
-            f"{_x(up.get('ttft'))} faster, {memory} {_mib(int4.get(key))} vs {_mib(torch.get(key))} MiB, on disk "
-            f"{_mib(b['sizes_bytes'].get('onnx_int4_model'))} vs {_mib(b['sizes_bytes'].get(_size_key(torch)))} MiB."
+            f"{_x(up.get('ttft'))} faster, {memory}on disk {_mib(b['sizes_bytes'].get('onnx_int4_model'))} vs "
+            f"{_mib(b['sizes_bytes'].get(_size_key(torch)))} MiB."
         )
     if cuda and int4 and b["size"] == "phi3-mini" and "skipped" not in int4["prompts"][short]:
         tok = int4["prompts"][short]["decode_tok_s"]["median"]
@@ -315,6 +316,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
         "Other processes on the machine move wall-clock figures: each row records the load average after it, and "
         "CPU ms/token (process CPU time) is the steadier figure for one-thread rows.",
         "",
+        *[f"- Note: {note}" for note in results.get("notes", [])],
+        *([""] if results.get("notes") else []),
     ]
     if "skipped" in results:
         lines += [f"Skipped: {results['skipped']}", ""]
