@@ -27,7 +27,7 @@ _GRAPH_NAME = re.compile(r"^model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.lora_([AB])
 # PEFT's name: base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight
 _PEFT_NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 # Fused PEFT modules and the Model Builder projections they are split into, in row order.
-_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def write_layout_adapter(plan: "Plan") -> Path:
@@ -90,7 +90,9 @@ def peft_to_graph_weights(adapter_dir: Path, inputs: dict[str, tuple[tuple[Any, 
         layer, block, module, ab = m.groups()
         block = "attn" if block == "self_attn" else block
         value = value.astype(np.float32)
-        parts = _FUSED.get(module, (module,))
+        # a fused module is one input of a packed graph (lora_packing), or split into its projections
+        packed = f"model.layers.{layer}.{block}.{module}.lora_{ab}.MatMul.weight" in inputs
+        parts = (module,) if packed else FUSED_MODULES.get(module, (module,))
         names = [f"model.layers.{layer}.{block}.{p}.lora_{ab}.MatMul.weight" for p in parts]
         if ab == "A":  # the A matrix is shared by the projections of a fused module
             for name in names:

@@ -161,9 +161,11 @@ def _write_manifest(plan: "Plan", staged: Path, adapters: list[dict[str, Any]], 
 def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "Stages") -> Path:
     """Assemble a multi-adapter bundle in a fresh staging folder next to its destination."""
     from phi_pipeline.adapters import convert_adapter
+    from phi_pipeline.lora_packing import pack_lora_projections
 
     staged = _new_staging(plan)
     _copy_model(export, staged)
+    pack_lora_projections(staged, list(plan.lora_layout))  # before conversion: adapters fill the packed inputs
     bos = _bos_token(staged)
     adapters = []
     for t in trained:

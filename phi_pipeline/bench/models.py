@@ -225,6 +225,7 @@ def export_bundle(
     record = {
         "base": _record_of(base_dir), "adapters": {a: _record_of(f) for a, f in adapters.items()}, "ranks": ranks,
         "precision": precision, "target": target, "packages": package_versions(),
+        "staging": "lora projections packed",  # bundles staged before lora_packing existed are rebuilt
     }
     cached = built_from(work, record) if record["base"] is not None else None
     if cached is not None and (Path(cached["bundle"]) / "manifest.json").is_file():

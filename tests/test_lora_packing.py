@@ -1,0 +1,73 @@
+"""lora_packing: the packed multi-adapter graph computes what Model Builder's unpacked one does."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from phi_pipeline.adapters import convert_adapter, graph_lora_inputs
+from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter
+from phi_pipeline.lora_packing import MODEL_FILE, pack_lora_projections
+from test_bench import PHI3_MODULES, _olive_in_process, _tokenizer
+
+PROMPT = [5, 9, 2, 7, 3, 3, 8]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny random Phi-3 exported at int4 (unpacked, as Olive leaves it) and its published bundle (packed)."""
+    import phi_pipeline.runner
+
+    tmp = tmp_path_factory.mktemp("packing")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CI", "1")
+        mp.setattr(phi_pipeline.runner, "run_olive", _olive_in_process)
+        base = build_bench_base(tmp / "base", SIZES["tiny"], _tokenizer(tmp / "tokenizer"))
+        adapter = make_random_adapter(base, tmp / "adapter", r=4, seed=0, target_modules=PHI3_MODULES)
+        bundle = export_bundle(base, {"a": adapter}, {"a": 4}, "int4", tmp / "export").bundle
+    unpacked = tmp / "unpacked"
+    export = next((tmp / "export" / "work" / "runs").glob("*/cpu/export"))  # the Olive output the bundle was staged from
+    shutil.copytree(export, unpacked)
+    shutil.copytree(bundle, unpacked, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.onnx*", "adapters"))
+    (unpacked / "adapters").mkdir()
+    convert_adapter(adapter / "adapter", unpacked / MODEL_FILE, unpacked / "adapters" / "a.onnx_adapter")
+    return unpacked, bundle
+
+
+def _logits(bundle, adapter: str | None) -> np.ndarray:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(bundle))
+    adapters = og.Adapters(model)
+    adapters.load(str(bundle / "adapters" / "a.onnx_adapter"), "a")
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + 2, do_sample=False)
+    generator = og.Generator(model, params)
+    if adapter:
+        generator.set_active_adapter(adapters, adapter)
+    generator.append_tokens(PROMPT)
+    return np.array(generator.get_logits())
+
+
+def test_published_bundle_has_packed_projections_with_one_lora_input_pair_each(exported):
+    unpacked, bundle = exported
+    packed_inputs, split_inputs = graph_lora_inputs(bundle / MODEL_FILE), graph_lora_inputs(unpacked / MODEL_FILE)
+    assert any(".attn.qkv_proj.lora_A" in n for n in packed_inputs) and any(".mlp.gate_up_proj.lora_B" in n for n in packed_inputs)
+    assert not any(".q_proj." in n or ".gate_proj." in n for n in packed_inputs)
+    layers = SIZES["tiny"].num_hidden_layers
+    assert len(split_inputs) - len(packed_inputs) == layers * 2 * 3  # 7 -> 4 projections a layer, A and B each
+
+
+@pytest.mark.parametrize("adapter", [None, "a"])
+def test_packed_graph_gives_the_logits_of_the_unpacked_one(exported, adapter):
+    unpacked, bundle = exported
+    np.testing.assert_allclose(_logits(bundle, adapter), _logits(unpacked, adapter), rtol=0, atol=1e-4)
+
+
+def test_packing_leaves_a_graph_alone_when_its_adapters_are_not_on_fused_modules(exported, tmp_path):
+    unpacked, _ = exported
+    shutil.copytree(unpacked, tmp_path / "m")
+    assert pack_lora_projections(tmp_path / "m", ["q_proj", "k_proj", "v_proj", "o_proj"]) == 0
+    assert graph_lora_inputs(tmp_path / "m" / MODEL_FILE) == graph_lora_inputs(unpacked / MODEL_FILE)
