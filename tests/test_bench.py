@@ -123,7 +123,7 @@ def test_results_schema(results, tmp_path):
     onnx = costs["adapters-onnx-int4-t2"]
     assert set(onnx["load"]) == {"r8", "r16"}
     _check_summary(onnx["switch"]["set_active_s"], positive=False)
-    assert {"none", "r8", "r16", "merged"} == set(onnx["slowdown"]["8"])
+    assert {"none", "r8", "r16", "merged", "unpacked", "unpacked+adapter"} == set(onnx["slowdown"]["8"])
     _check_summary(onnx["slowdown"]["8"]["r8"]["decode_slowdown_vs_none"], positive=False)
     assert "slowdown" not in costs["adapters-torch-fp32"]
     profile = costs["profile-onnx-int4-t2"]
@@ -135,7 +135,8 @@ def test_results_schema(results, tmp_path):
     assert all(0 < r["fraction_of_bound"] for r in model["roofline"])
 
     _check_rows(results["given_bundle"]["rows"])
-    assert (tmp_path / "bench" / "report.md").read_text().startswith("# phi-pipeline benchmark")
+    report = (tmp_path / "bench" / "report.md").read_text()
+    assert report.startswith("# phi-pipeline benchmark") and "Projection packing (lora_packing)" in report
     assert (tmp_path / "bench" / "decode.png").stat().st_size > 0
 
 

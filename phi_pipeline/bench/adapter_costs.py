@@ -4,8 +4,9 @@
   the first-token latency of the first request that uses it;
 - switch: seconds to make another adapter active, and the first-token latency right after a
   switch vs with the adapter of the previous request;
-- slowdown: decode tokens/s with no adapter, each adapter, and optionally a reference model
-  (the merged variant: the adapter folded into the weights, no LoRA inputs), requests
+- slowdown: decode tokens/s with no adapter, each adapter, and optionally reference models (the
+  merged variant: the adapter folded into the weights, no LoRA inputs; the unpacked graph: the
+  export as Model Builder leaves it, before lora_packing, with and without an adapter), requests
   interleaved round-robin so that load from other processes hits every variant alike;
 - profile: onnxruntime's per-operator times for one request with and without an adapter, to
   show where the slowdown goes.
@@ -87,7 +88,8 @@ def _interleaved(variants: list[tuple[str, Any, str | None]], ids: list[int], ne
 
 
 def measure_adapters(config: DecodeConfig) -> dict[str, Any]:
-    """extra: adapters {name: path}; reference: model folder of the merged variant (onnx only)."""
+    """extra: adapters {name: path}; reference: model folder of the merged variant; unpacked:
+    {"model": the unpacked export, "adapter": an .onnx_adapter for it} (onnx only)."""
     adapters: dict[str, str] = config.extra["adapters"]
     runner = make_runner(config)
     ids = random_prompt(config.prompt_lens[0], runner.vocab_size)
@@ -98,6 +100,10 @@ def measure_adapters(config: DecodeConfig) -> dict[str, Any]:
         variants += [(name, runner, name) for name in adapters]
         if config.extra.get("reference"):
             variants.append(("merged", OnnxRunner(config.extra["reference"], config.threads, config.device), None))
+        if config.extra.get("unpacked"):
+            unpacked = OnnxRunner(config.extra["unpacked"]["model"], config.threads, config.device)
+            unpacked.load_adapter(config.extra["unpacked"]["adapter"], "adapter")
+            variants += [("unpacked", unpacked, None), ("unpacked+adapter", unpacked, "adapter")]
         result["slowdown"] = {
             str(length): _interleaved(variants, random_prompt(length, runner.vocab_size), config.new_tokens, config.reps)
             for length in config.prompt_lens

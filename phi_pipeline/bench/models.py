@@ -202,6 +202,8 @@ class ExportedBundle:
     precision: str
     export_seconds: float
     """Wall time of the `olive run` of the export workflow (Model Builder + ExtractAdapters)."""
+    export_dir: Path
+    """Olive's output, the graph before bundle staging packs its projections."""
 
 
 def export_bundle(
@@ -229,7 +231,7 @@ def export_bundle(
     }
     cached = built_from(work, record) if record["base"] is not None else None
     if cached is not None and (Path(cached["bundle"]) / "manifest.json").is_file():
-        return ExportedBundle(Path(cached["bundle"]), precision, cached["export_seconds"])
+        return ExportedBundle(Path(cached["bundle"]), precision, cached["export_seconds"], Path(cached["export_dir"]))
     (work / STAMP).unlink(missing_ok=True)
     name = f"bench-{precision}"
     spec_text = bench_spec(name, base_dir, ranks, precision, work)
@@ -251,8 +253,8 @@ def export_bundle(
     if problems:
         raise PipelineError(f"benchmark bundle {staged} failed verification: {problems}")
     publish_dir(staged, plan.paths.bundle_dir)
-    stamp(work, record, bundle=str(plan.paths.bundle_dir), export_seconds=round(seconds, 2))
-    return ExportedBundle(plan.paths.bundle_dir, precision, round(seconds, 2))
+    stamp(work, record, bundle=str(plan.paths.bundle_dir), export_seconds=round(seconds, 2), export_dir=str(out))
+    return ExportedBundle(plan.paths.bundle_dir, precision, round(seconds, 2), out)
 
 
 def merged_bundle(base_dir: Path, adapter_dir: Path, rank: int, precision: str, work: Path) -> Path:

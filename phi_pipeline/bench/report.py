@@ -96,6 +96,8 @@ def adapter_tables(costs: dict[str, Any]) -> list[str]:
     lines += _table(["measured in", "prompt", "variant", "decode tok/s", "slowdown vs none %", "CPU ms/token",
                      "CPU time vs none %"], rows)
     lines += ["", "`merged`: the r8 adapter folded into the weights, exported with no LoRA inputs (one full model per adapter). "
+              "`unpacked`, `unpacked+adapter`: the export as Model Builder leaves it (q/k/v and gate/up apart), "
+              "without and with r8, i.e. the bundle before `lora_packing`. "
               "CPU time per token is the contention-robust figure for one-thread rows (`tdefault`); with more threads "
               "it includes spinning.", ""]
     for label, c in costs.items():
@@ -197,6 +199,14 @@ def headlines(results: dict[str, Any]) -> list[str]:
     costs = b["adapter_costs"].get(f"adapters-onnx-int4-t{threads}", {}).get("slowdown", {}).get(short)
     if costs:
         merged = costs.get("merged", {}).get("decode_slowdown_vs_none", {}).get("median")
+        if "unpacked" in costs:
+            tok = {k: v["decode_tok_s"]["median"] for k, v in costs.items()}
+            lines.append(
+                f"Projection packing (lora_packing), int4, threads {threads}, same process: decode "
+                f"{_pct(tok['none'] / tok['unpacked'] - 1)} with no adapter and {_pct(tok['r8'] / tok['unpacked+adapter'] - 1)} "
+                f"with r8 vs the graph as Model Builder exports it; r8's slowdown vs no adapter "
+                f"{_pct(1 - tok['unpacked+adapter'] / tok['unpacked'])} there, {_pct(1 - tok['r8'] / tok['none'])} packed."
+            )
         lines.append(
             f"Adapter cost, int4, threads {threads}, paired: r8 active {_pct(costs['r8']['decode_slowdown_vs_none']['median'])}, "
             f"r16 {_pct(costs['r16']['decode_slowdown_vs_none']['median'])} decode vs no adapter on the same graph"

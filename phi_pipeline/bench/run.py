@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from phi_pipeline.bench import roofline
 from phi_pipeline.bench.decode import TORCH_PRECISION, DecodeConfig, run_config
-from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter, merged_bundle
+from phi_pipeline.bench.models import SIZES, ExportedBundle, build_bench_base, export_bundle, make_random_adapter, merged_bundle
 from phi_pipeline.bench.stats import load_average, ratio
 from phi_pipeline.spec import DEFAULT_TARGET_MODULES
 
@@ -224,7 +224,8 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
     table_adapters |= {p: {TABLE_ADAPTER: files[TABLE_ADAPTER]} for p, files in adapter_files.items()}
     scratch = work / "runs"
     rows = decode_rows(onnx, table_adapters, base, opts, scratch)
-    costs = adapter_costs(onnx, adapter_files, peft, base, merged, opts, scratch)
+    unpacked = unpacked_reference(exports[int4], peft[TABLE_ADAPTER] / "adapter", work / "unpacked")
+    costs = adapter_costs(onnx, adapter_files, peft, base, merged, unpacked, opts, scratch)
     return {
         "size": opts.size,
         "arch": asdict(arch),
@@ -244,6 +245,18 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def unpacked_reference(export: ExportedBundle, peft_adapter: Path, out: Path) -> dict[str, Path] | None:
+    """The bundle's graph before lora_packing (Olive's export output) and the adapter converted for
+    it: what packing is measured against. None when the export output is gone."""
+    from phi_pipeline.adapters import convert_adapter
+
+    if not (export.export_dir / "model.onnx").is_file():
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    convert_adapter(peft_adapter, export.export_dir / "model.onnx", out / "adapter.onnx_adapter")
+    return {"model": export.export_dir, "adapter": out / "adapter.onnx_adapter"}
+
+
 def torch_size_key(model_dir: Path) -> str:
     """sizes_bytes key of a Hugging Face folder: pytorch_<dtype>_safetensors."""
     dtype = json.loads((model_dir / "config.json").read_text()).get("dtype", "float32")
@@ -257,7 +270,7 @@ def safetensors_bytes(model_dir: Path) -> int:
 
 def adapter_costs(
     onnx: dict[str, Path], files: dict[str, dict[str, Path]], peft: dict[str, Path], base: Path, merged: Path | None,
-    opts: BenchOptions, scratch: Path,
+    unpacked: dict[str, Path] | None, opts: BenchOptions, scratch: Path,
 ) -> dict[str, Any]:
     """Paired (interleaved) adapter measurements per engine and thread setting, and an op profile."""
     short = (opts.prompt_lens[0],)
@@ -272,6 +285,8 @@ def adapter_costs(
             extra = {"adapters": {n: str(f) for n, f in files[precision].items()}}
             if precision == int4 and merged:
                 extra["reference"] = str(merged)
+            if precision == int4 and unpacked:
+                extra["unpacked"] = {k: str(v) for k, v in unpacked.items()}
             out[label] = run_config(DecodeConfig(label, "onnx", str(model), threads=threads, mode="adapters", extra=extra, **common), scratch)
     _say("adapters-torch")
     extra_torch = {"adapters": {n: str(p / "adapter") for n, p in peft.items()}, "interleave": False}
