@@ -230,7 +230,7 @@ def export_bundle(
         "staging": "lora projections packed",  # bundles staged before lora_packing existed are rebuilt
     }
     cached = built_from(work, record) if record["base"] is not None else None
-    if cached is not None and (Path(cached["bundle"]) / "manifest.json").is_file():
+    if cached is not None and "export_dir" in cached and (Path(cached["bundle"]) / "manifest.json").is_file():
         return ExportedBundle(Path(cached["bundle"]), precision, cached["export_seconds"], Path(cached["export_dir"]))
     (work / STAMP).unlink(missing_ok=True)
     name = f"bench-{precision}"
