@@ -165,7 +165,8 @@ def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "
 
     staged = _new_staging(plan)
     _copy_model(export, staged)
-    pack_lora_projections(staged, list(plan.lora_layout))  # before conversion: adapters fill the packed inputs
+    if plan.spec.export.pack_projections:  # before conversion: adapters fill the packed inputs
+        pack_lora_projections(staged, list(plan.lora_layout))
     bos = _bos_token(staged)
     adapters = []
     for t in trained:

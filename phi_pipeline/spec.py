@@ -220,6 +220,12 @@ class ExportSpec(_Model):
     int4_accuracy_level: Optional[Literal[1, 2, 3, 4]] = Field(
         None, description="MatMulNBits accuracy level (4 = int8 activations, fastest on CPU); default: builder's."
     )
+    pack_projections: bool = Field(
+        True,
+        description="Multi-adapter layout: pack q/k/v and gate/up (base MatMul and LoRA) back into one MatMul each "
+        "when the adapters are on fused modules (Phi-3). Faster decode with or without an adapter; a larger "
+        "activation peak on long prompts (phi_pipeline/lora_packing.py, bench/report.md).",
+    )
 
 
 def _overrides(model: type[_Model]) -> type[_Model]:

@@ -71,3 +71,25 @@ def test_packing_leaves_a_graph_alone_when_its_adapters_are_not_on_fused_modules
     shutil.copytree(unpacked, tmp_path / "m")
     assert pack_lora_projections(tmp_path / "m", ["q_proj", "k_proj", "v_proj", "o_proj"]) == 0
     assert graph_lora_inputs(tmp_path / "m" / MODEL_FILE) == graph_lora_inputs(unpacked / MODEL_FILE)
+
+
+def test_bundle_keeps_the_exported_projections_when_pack_projections_is_off(tmp_path, monkeypatch):
+    import yaml
+
+    import phi_pipeline.runner
+    from phi_pipeline.bench import models
+
+    def spec_without_packing(*args, **kwargs) -> str:
+        spec = yaml.safe_load(bench_spec(*args, **kwargs))
+        spec["export"]["pack_projections"] = False
+        return yaml.safe_dump(spec)
+
+    bench_spec = models.bench_spec
+    monkeypatch.setenv("CI", "1")
+    monkeypatch.setattr(phi_pipeline.runner, "run_olive", _olive_in_process)
+    monkeypatch.setattr(models, "bench_spec", spec_without_packing)
+    base = build_bench_base(tmp_path / "base", SIZES["tiny"], _tokenizer(tmp_path / "tokenizer"))
+    adapter = make_random_adapter(base, tmp_path / "adapter", r=4, seed=0, target_modules=PHI3_MODULES)
+    bundle = export_bundle(base, {"a": adapter}, {"a": 4}, "int4", tmp_path / "export").bundle
+    inputs = graph_lora_inputs(bundle / MODEL_FILE)
+    assert any(".attn.q_proj.lora_A" in n for n in inputs) and not any("qkv_proj" in n for n in inputs)
