@@ -64,6 +64,7 @@ def pack_lora_projections(model_dir: Path, fused_modules: list[str]) -> int:
     model = onnx.load(str(path))  # external data too: packed weights are new tensors
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
+    producers = {out: n for n in graph.node for out in n.output}
     inits = {i.name: i for i in graph.initializer}
     inputs = {i.name: i for i in graph.input}
     layers = sorted({int(n.split("/")[2].split(".")[1]) for n in nodes if n.startswith("/model/layers.")})
@@ -81,8 +82,7 @@ def pack_lora_projections(model_dir: Path, fused_modules: list[str]) -> int:
                 add = nodes.get(_node_name(layer, block, proj, "lora/Add"))
                 lora_a = nodes.get(_node_name(layer, block, proj, "lora_A/MatMul"))
                 lora_b = nodes.get(_node_name(layer, block, proj, "lora_B/MatMul"))
-                base_out = f"/model/layers.{layer}/{block}/{proj}/MatMul/output_0"
-                base = next((n for n in graph.node if base_out in n.output), None)
+                base = producers.get(f"/model/layers.{layer}/{block}/{proj}/MatMul/output_0")
                 if None in (add, lora_a, lora_b, base):
                     break
                 a_input, b_input = _input_name(layer, block, proj, "A"), _input_name(layer, block, proj, "B")
