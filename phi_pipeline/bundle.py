@@ -251,6 +251,14 @@ params = og.GeneratorParams(model)
 params.set_search_options(max_length=256, do_sample=False)
 generator = og.Generator(model, params)
 generator.set_active_adapter(adapters, "{first}")           # omit for the base model"""
+    threads = ""
+    if manifest["execution_provider"] == "CPUExecutionProvider":
+        threads = """On CPU, onnxruntime-genai runs the decoder on one intra-op thread unless told otherwise; one
+thread per core decoded 1.7x faster on a 2-core machine (phi-pipeline's bench/report.md):
+`config = og.Config("."); config.overlay('{"model": {"decoder": {"session_options": {"intra_op_num_threads": 4}}}}');
+model = og.Model(config)`, or `--threads 4` on the command line below.
+
+"""
     return f"""# {manifest['pipeline']} ({manifest['target']}, {manifest['precision']}, {manifest['layout']})
 
 {manifest['description']}
@@ -274,7 +282,7 @@ while not generator.is_done():
 print(tokenizer.decode(generator.get_sequence(0)))
 ```
 
-Each adapter expects prompts in the format it was trained on (`prompt_format` in manifest.json):
+{threads}Each adapter expects prompts in the format it was trained on (`prompt_format` in manifest.json):
 chat adapters use the model's chat template, template adapters the text before the answer.
 Or from the command line: `phi-pipeline generate <this folder> --adapter {first} --prompt "..."`.
 

@@ -107,8 +107,10 @@ class BundleModel:
         return self.tokenizer.decode(new).strip()
 
 
-def generate_cli(bundle: str, prompt: str, *, adapter: str | None, max_new_tokens: int, raw: bool) -> int:
-    model = BundleModel(Path(bundle), variant=adapter)
+def generate_cli(
+    bundle: str, prompt: str, *, adapter: str | None, max_new_tokens: int, raw: bool, threads: int | None = None
+) -> int:
+    model = BundleModel(Path(bundle), intra_op_threads=threads, variant=adapter)
     text = prompt if raw else model.user_prompt(prompt, adapter)
     print(model.generate(text, adapter, max_new_tokens))
     return 0

@@ -102,3 +102,20 @@ def test_each_adapter_beats_the_base_on_its_eval_split(tiny_bundle):
     for name, figures in summary.items():
         margin = 0.2 if figures["metric"] == "exact_match" else 5.0  # 0-1 vs chrF's 0-100
         assert figures["adapter_onnx"] > figures["base_onnx"] + margin, (name, figures)
+
+
+def test_generate_command_answers_with_the_threads_asked_for_and_refuses_zero(tiny_bundle, capsys):
+    from phi_pipeline.cli import main
+
+    args = ["generate", str(tiny_bundle), "--adapter", "antonyms", "--prompt", "a hot drink", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    default = capsys.readouterr().out
+    assert main([*args, "--threads", "2"]) == 0
+    assert capsys.readouterr().out == default  # greedy: the thread count changes speed, not the answer
+    assert main([*args, "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
+
+
+def test_cpu_model_card_says_how_to_use_more_threads(tiny_bundle):
+    card = (tiny_bundle / "README.md").read_text()
+    assert "intra_op_num_threads" in card and "--threads" in card
