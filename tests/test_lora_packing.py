@@ -15,9 +15,9 @@ from test_bench import PHI3_MODULES, _olive_in_process, _tokenizer
 PROMPT = [5, 9, 2, 7, 3, 3, 8]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A tiny random Phi-3 exported at int4 (unpacked, as Olive leaves it) and its published bundle (packed)."""
+@pytest.fixture(scope="module", params=["int4", "fp32"])  # MatMulNBits and plain MatMul projections
+def exported(tmp_path_factory, request):
+    """A tiny random Phi-3 exported (unpacked, as Olive leaves it) and its published bundle (packed)."""
     import phi_pipeline.runner
 
     tmp = tmp_path_factory.mktemp("packing")
@@ -26,7 +26,7 @@ def exported(tmp_path_factory):
         mp.setattr(phi_pipeline.runner, "run_olive", _olive_in_process)
         base = build_bench_base(tmp / "base", SIZES["tiny"], _tokenizer(tmp / "tokenizer"))
         adapter = make_random_adapter(base, tmp / "adapter", r=4, seed=0, target_modules=PHI3_MODULES)
-        bundle = export_bundle(base, {"a": adapter}, {"a": 4}, "int4", tmp / "export").bundle
+        bundle = export_bundle(base, {"a": adapter}, {"a": 4}, request.param, tmp / "export").bundle
     unpacked = tmp / "unpacked"
     export = next((tmp / "export" / "work" / "runs").glob("*/cpu/export"))  # the Olive output the bundle was staged from
     shutil.copytree(export, unpacked)
