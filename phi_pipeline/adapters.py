@@ -30,6 +30,11 @@ _PEFT_NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|m
 FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
+def lora_input_name(layer: int | str, block: str, proj: str, ab: str) -> str:
+    """Model Builder's graph input for one LoRA weight (_GRAPH_NAME's format)."""
+    return f"model.layers.{layer}.{block}.{proj}.lora_{ab}.MatMul.weight"
+
+
 def write_layout_adapter(plan: "Plan") -> Path:
     """A PEFT adapter with every LoRA weight zero, for the pipeline's target modules."""
     import torch
@@ -91,9 +96,9 @@ def peft_to_graph_weights(adapter_dir: Path, inputs: dict[str, tuple[tuple[Any, 
         block = "attn" if block == "self_attn" else block
         value = value.astype(np.float32)
         # a fused module is one input of a packed graph (lora_packing), or split into its projections
-        packed = f"model.layers.{layer}.{block}.{module}.lora_{ab}.MatMul.weight" in inputs
+        packed = lora_input_name(layer, block, module, ab) in inputs
         parts = (module,) if packed else FUSED_MODULES.get(module, (module,))
-        names = [f"model.layers.{layer}.{block}.{p}.lora_{ab}.MatMul.weight" for p in parts]
+        names = [lora_input_name(layer, block, p, ab) for p in parts]
         if ab == "A":  # the A matrix is shared by the projections of a fused module
             for name in names:
                 out[name] = value.T

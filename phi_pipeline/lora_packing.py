@@ -24,8 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from phi_pipeline.adapters import FUSED_MODULES
+from phi_pipeline.adapters import lora_input_name
+from phi_pipeline.bundle import MODEL_FILE
+
 BLOCKS = {"qkv_proj": "attn", "gate_up_proj": "mlp"}  # the graph's block of each fused module
-MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+DATA_FILE = f"{MODEL_FILE}.data"  # as Model Builder names it (workflows/export.py)
 
 
 @dataclass
@@ -43,18 +47,12 @@ def _node_name(layer: int, block: str, proj: str, suffix: str) -> str:
     return f"/model/layers.{layer}/{block}/{proj}/{suffix}"
 
 
-def _input_name(layer: int, block: str, proj: str, ab: str) -> str:
-    return f"model.layers.{layer}.{block}.{proj}.lora_{ab}.MatMul.weight"
-
-
 def pack_lora_projections(model_dir: Path, fused_modules: list[str]) -> int:
     """Rewrite model_dir/model.onnx (+ .data) in place, packing the projections of each of
     `fused_modules` (the adapters' LoRA target modules that are fused in PEFT: only their
     projections share an A matrix); the number of groups packed."""
     import onnx
     from onnx import helper, numpy_helper
-
-    from phi_pipeline.adapters import FUSED_MODULES
 
     groups = {(BLOCKS[m], m): FUSED_MODULES[m] for m in fused_modules if m in FUSED_MODULES}
     if not groups:
@@ -85,7 +83,7 @@ def pack_lora_projections(model_dir: Path, fused_modules: list[str]) -> int:
                 base = producers.get(f"/model/layers.{layer}/{block}/{proj}/MatMul/output_0")
                 if None in (add, lora_a, lora_b, base):
                     break
-                a_input, b_input = _input_name(layer, block, proj, "A"), _input_name(layer, block, proj, "B")
+                a_input, b_input = lora_input_name(layer, block, proj, "A"), lora_input_name(layer, block, proj, "B")
                 if a_input not in inputs or b_input not in inputs:
                     break
                 columns = inputs[b_input].type.tensor_type.shape.dim[1].dim_value
@@ -93,20 +91,21 @@ def pack_lora_projections(model_dir: Path, fused_modules: list[str]) -> int:
             if len(members) != len(projs) or not _packable(members, inits):
                 continue
             first = members[0]
+            total = sum(m.columns for m in members)  # the packed output width
             prefix = f"/model/layers.{layer}/{block}/{fused}"
             weight_names = _pack_weights(members, inits, graph, f"model.layers.{layer}.{block}.{fused}")
-            a_name, b_name = _input_name(layer, block, fused, "A"), _input_name(layer, block, fused, "B")
+            a_name, b_name = lora_input_name(layer, block, fused, "A"), lora_input_name(layer, block, fused, "B")
             a_info, b_info = inputs[first.a_input], inputs[first.b_input]
             rank_dim = a_info.type.tensor_type.shape.dim[1]
             new_inputs += [
                 helper.make_tensor_value_info(a_name, a_info.type.tensor_type.elem_type,
                                               [d.dim_param or d.dim_value for d in a_info.type.tensor_type.shape.dim]),
                 helper.make_tensor_value_info(b_name, b_info.type.tensor_type.elem_type,
-                                              [rank_dim.dim_param or rank_dim.dim_value, sum(m.columns for m in members)]),
+                                              [rank_dim.dim_param or rank_dim.dim_value, total]),
             ]
             # rank-0 defaults, as Olive's ExtractAdapters leaves them: the graph runs with no adapter fed
             for name, info, shape in ((a_name, a_info, (_dim(a_info, 0), 0)),
-                                      (b_name, b_info, (0, sum(m.columns for m in members)))):
+                                      (b_name, b_info, (0, total))):
                 dtype = helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
                 graph.initializer.append(numpy_helper.from_array(np.zeros(shape, dtype), name))
             x = first.base.input[0]
@@ -114,7 +113,7 @@ def pack_lora_projections(model_dir: Path, fused_modules: list[str]) -> int:
                                     name=f"{prefix}/MatMul", domain=first.base.domain)
             base.attribute.extend(a for a in first.base.attribute if a.name != "N")
             if first.base.op_type == "MatMulNBits":
-                base.attribute.append(helper.make_attribute("N", sum(m.columns for m in members)))
+                base.attribute.append(helper.make_attribute("N", total))
             sizes = f"{prefix}/split_sizes"
             graph.initializer.append(numpy_helper.from_array(np.array([m.columns for m in members], np.int64), sizes))
             new_nodes[first.lora_a.name] = [

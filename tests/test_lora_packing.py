@@ -9,7 +9,8 @@ import pytest
 
 from phi_pipeline.adapters import convert_adapter, graph_lora_inputs
 from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter
-from phi_pipeline.lora_packing import MODEL_FILE, pack_lora_projections
+from phi_pipeline.bundle import MODEL_FILE
+from phi_pipeline.lora_packing import pack_lora_projections
 from test_bench import PHI3_MODULES, _olive_in_process, _tokenizer
 
 PROMPT = [5, 9, 2, 7, 3, 3, 8]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from phi_pipeline.bench import roofline
-from phi_pipeline.bench.decode import TORCH_PRECISION, DecodeConfig, run_config
+from phi_pipeline.bench.decode import TORCH_DTYPES, TORCH_PRECISION, DecodeConfig, run_config
 from phi_pipeline.bench.models import SIZES, ExportedBundle, build_bench_base, export_bundle, make_random_adapter, merged_bundle
 from phi_pipeline.bench.stats import load_average, ratio
 from phi_pipeline.spec import DEFAULT_TARGET_MODULES
@@ -260,7 +260,8 @@ def unpacked_reference(export: ExportedBundle, peft_adapter: Path, out: Path) ->
 def torch_size_key(model_dir: Path) -> str:
     """sizes_bytes key of a Hugging Face folder: pytorch_<dtype>_safetensors."""
     dtype = json.loads((model_dir / "config.json").read_text()).get("dtype", "float32")
-    return f"pytorch_{ {'float32': 'fp32', 'float16': 'fp16', 'bfloat16': 'bf16'}.get(dtype, dtype)}_safetensors"
+    short = {torch_name: name for name, torch_name in TORCH_DTYPES.items()}
+    return f"pytorch_{short.get(dtype, dtype)}_safetensors"
 
 
 def safetensors_bytes(model_dir: Path) -> int:
