@@ -100,6 +100,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_cli(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from phi_pipeline.serve.server import serve_cli
+
+    return serve_cli(args.bundle, host=args.host, port=args.port, threads=args.threads, api_key=args.api_key,
+                     max_active=args.max_active, max_queue=args.max_queue, max_tokens=args.max_tokens)
+
+
 def _cmd_tiny_base(args: argparse.Namespace) -> int:
     from phi_pipeline.tiny.base_model import build_tiny_base
 
@@ -179,6 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("serve", help="serve a bundle with an OpenAI-compatible API; each request's model picks "
+                       "the adapter (the base id: none)")
+    p.add_argument("bundle", help="bundle folder, e.g. dist/tiny-phi3/cpu")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    p.add_argument("--threads", type=int, help="intra-op threads of the decoder (default: onnxruntime-genai's, one on CPU)")
+    p.add_argument("--max-active", type=int, default=8,
+                   help="requests decoded at once, each with its own KV cache (default 8)")
+    p.add_argument("--max-queue", type=int, default=32,
+                   help="requests waiting beyond --max-active before new ones get 429 (default 32)")
+    p.add_argument("--max-tokens", type=int, default=1024,
+                   help="largest max_tokens a request may ask for, and the default where the context allows (default 1024)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (default: $PHI_PIPELINE_API_KEY, "
+                   "else none)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("tiny-base", help="build the embedded tiny Phi-3 base model (no hub access)")
     p.add_argument("out", help="output folder")

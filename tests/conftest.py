@@ -85,3 +85,11 @@ def fast_project(tmp_path_factory, tiny_bundle) -> Path:
     write_fast_spec(project)
     _run_in(project, "pipelines/fast.yaml")
     return project
+
+
+@pytest.fixture(scope="session")
+def random_bundle(tmp_path_factory) -> Path:
+    """A tiny random Phi-3 bundle with a chat and a text-template adapter, built in seconds (serve tests)."""
+    from serve_support import build_random_bundle
+
+    return build_random_bundle(tmp_path_factory.mktemp("random-bundle"))

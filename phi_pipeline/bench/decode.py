@@ -81,27 +81,17 @@ def random_prompt(length: int, vocab_size: int, seed: int = 0) -> list[int]:
 
 
 class OnnxRunner:
-    """An ONNX Runtime GenAI model, loaded the way phi_pipeline.generate.BundleModel loads it."""
+    """An ONNX Runtime GenAI model loaded and run through phi_pipeline.runtime, as every command runs it."""
 
     def __init__(
         self, model_dir: str, threads: int | None, device: str = "cpu", session_options: dict[str, Any] | None = None
     ):
-        import onnxruntime_genai as og
+        from phi_pipeline.runtime import GenaiModel
 
-        self.og = og
-        config = og.Config(model_dir)
-        if device == "cuda":
-            config.clear_providers()
-            config.append_provider("cuda")
-        options = dict(session_options or {})
-        if threads:
-            options["intra_op_num_threads"] = threads
-        if options:
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-        self.model = og.Model(config)
-        self.adapters = og.Adapters(self.model)
-        genai_config = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
-        self.vocab_size, self.context_length = genai_config["vocab_size"], genai_config["context_length"]
+        self.runtime = GenaiModel(model_dir, threads=threads, provider="cuda" if device == "cuda" else None,
+                                  session_options=session_options)
+        self.model, self.adapters = self.runtime.model, self.runtime.adapters
+        self.vocab_size, self.context_length = self.runtime.vocab_size, self.runtime.context_length
 
     def load_adapter(self, path: str, name: str) -> float:
         start = time.perf_counter()
@@ -113,30 +103,21 @@ class OnnxRunner:
 
     def time_switch(self, name: str) -> float:
         """Seconds to make `name` the active adapter of a new request (adapters are per generator)."""
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=8)
-        generator = self.og.Generator(self.model, params)
+        generator = self.runtime.start([], None, 8).generator
         start = time.perf_counter()
         generator.set_active_adapter(self.adapters, name)
         return time.perf_counter() - start
 
     def generate(self, ids: list[int], new_tokens: int, adapter: str | None) -> Timing:
-        og = self.og
         start = time.perf_counter()
-        params = og.GeneratorParams(self.model)
-        total = len(ids) + new_tokens
-        params.set_search_options(do_sample=False, max_length=total, min_length=total)
-        generator = og.Generator(self.model, params)
-        if adapter is not None:
-            generator.set_active_adapter(self.adapters, adapter)
-        generator.append_tokens(ids)
-        generator.generate_next_token()
+        generation = self.runtime.start(ids, adapter, new_tokens, min_new_tokens=new_tokens)
+        generation.feed()
+        generation.step()
         first = time.perf_counter(), time.process_time()
-        produced = 1
-        while not generator.is_done():
-            generator.generate_next_token()
-            produced += 1
+        while not generation.done:
+            generation.step()
         last = time.perf_counter(), time.process_time()
+        produced = len(generation.new_tokens)
         if produced != new_tokens:
             raise RuntimeError(f"generated {produced} tokens, expected {new_tokens}")
         return _timing(start, first, last, produced)

@@ -1,0 +1,8 @@
+"""An OpenAI-compatible server for a published bundle, where each request picks its adapter.
+
+- protocol.py: request and response bodies (OpenAI's shapes);
+- engine.py: the one thread that owns the model and interleaves requests round-robin;
+- app.py: FastAPI routes, authentication, errors in OpenAI's shape;
+- server.py: uvicorn with a draining shutdown, `phi-pipeline serve`;
+- static/index.html: the chat page at `/`.
+"""

@@ -1,0 +1,270 @@
+"""The HTTP side: OpenAI's routes on FastAPI, requests turned into engine jobs, errors in OpenAI's
+shape. The model itself is only touched by the engine thread (and the tokenizer, stateless, here)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.sse import EventSourceResponse, format_sse_event
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from phi_pipeline.bundle import MANIFEST
+from phi_pipeline.runtime import BundleModel, PromptFormatError, Sampling
+from phi_pipeline.serve.engine import Delta, Engine, EngineSettings, Failed, Finished, Job, NotAccepting, QueueFull
+from phi_pipeline.serve.protocol import (
+    ChatCompletionRequest, Completion, CompletionRequest, UnsupportedOption, error_body, model_card, now,
+)
+
+log = logging.getLogger("phi_pipeline.serve")
+API_KEY_ENV = "PHI_PIPELINE_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    bundle: Path
+    threads: int | None = None
+    """Decoder intra-op threads (None: onnxruntime-genai's default, one on CPU)."""
+    api_key: str | None = None
+    """Required as `Authorization: Bearer KEY` on /v1/* when set."""
+    max_tokens: int = 1024
+    """Bound of a request's max_tokens (400 past it) and its default where the context allows."""
+    max_body_bytes: int = 1 << 20
+    """Request bodies past this get 413."""
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+def _not_accepting(state: str) -> APIError:
+    reasons = {"loading": "the model is still loading", "draining": "the server is shutting down",
+               "failed": "the model failed to load", "stopped": "the server has stopped"}
+    return APIError(503, f"{reasons.get(state, state)}; retry later", "service_unavailable_error", code=state)
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """Every problem of a request body in one message, and the first offending field."""
+    parts, params = [], []
+    for e in errors:
+        if e["type"] == "json_invalid":
+            return f"the body is not valid JSON: {e.get('ctx', {}).get('error', e['msg'])}", None
+        error = e.get("ctx", {}).get("error")
+        loc = [str(x) for x in e["loc"] if x != "body"]
+        if isinstance(error, UnsupportedOption):
+            loc, msg = [error.field], str(error)
+        elif e["type"] == "extra_forbidden":
+            msg = "unrecognized request argument"
+        elif e["type"] == "missing" and not loc:
+            msg = "give a JSON object body"
+        else:
+            msg = e["msg"]
+        name = ".".join(loc) or None
+        params.append(name)
+        parts.append(f"{name}: {msg}" if name else msg)
+    return "; ".join(parts), next((p for p in params if p), None)
+
+
+def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
+    """The server for one bundle; `engine` (tests) replaces the one that would load it."""
+    manifest = json.loads((settings.bundle / MANIFEST).read_text())
+    base_id = manifest["pipeline"]
+    adapters = [a["name"] for a in manifest["adapters"]]
+    models = {base_id: None, **{a: a for a in adapters}}
+    created = now()
+    engine = engine or Engine(lambda: BundleModel(settings.bundle, threads=settings.threads), settings.engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.stop(timeout=30)
+
+    app = FastAPI(title=f"phi-pipeline serve: {base_id}", lifespan=lifespan, max_body_size=settings.max_body_bytes)
+    app.state.engine, app.state.settings, app.state.models = engine, settings, models
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(list(exc.errors()))
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code,
+                            headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
+
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        key = settings.api_key
+        if key is None:
+            return
+        given = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
+                           code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body: dict[str, Any] = {"status": "ok" if engine.state == "ready" else engine.state}
+        if engine.error:
+            body["error"] = engine.error
+        return JSONResponse(body, status_code=200 if engine.state == "ready" else 503)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return resources.files("phi_pipeline.serve").joinpath("static/index.html").read_text()
+
+    def card(model_id: str) -> dict[str, Any]:
+        return model_card(model_id, created, None if model_id == base_id else base_id)
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [card(m) for m in models]}
+
+    @app.get("/v1/models/{model_id}", dependencies=[Depends(authorized)])
+    async def get_model(model_id: str) -> dict[str, Any]:
+        return card(_resolve(model_id)[0])
+
+    def _resolve(model_id: str) -> tuple[str, str | None]:
+        if model_id not in models:
+            raise APIError(404, f"The model `{model_id}` does not exist. Models: {', '.join(models)}.",
+                           param="model", code="model_not_found")
+        return model_id, models[model_id]
+
+    def _job(body: ChatCompletionRequest | CompletionRequest, adapter: str | None) -> Job:
+        if engine.state != "ready" or engine.model is None:
+            raise _not_accepting(engine.state)
+        model = engine.model
+        try:
+            if isinstance(body, ChatCompletionRequest):
+                text = model.messages_prompt([m.as_template_message() for m in body.messages], adapter)
+            else:
+                text = body.prompt
+        except PromptFormatError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        prompt = model.encode(text)
+        context, limit = model.context_length, body.token_limit
+        param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+        if limit is not None and limit > settings.max_tokens:
+            raise APIError(400, f"{param}={limit} is more than this server allows ({settings.max_tokens}; "
+                           "see phi-pipeline serve --max-tokens)", param=param, code="invalid_value")
+        if not prompt or len(prompt) + (limit or 1) > context:
+            asked = f"{len(prompt)} in the prompt" + (f" + {limit} to generate" if limit else "")
+            raise APIError(400, f"This model's maximum context length is {context} tokens; the request needs "
+                           f"{asked}. Shorten the prompt or lower {param}.", param="messages"
+                           if isinstance(body, ChatCompletionRequest) else "prompt", code="context_length_exceeded")
+        max_tokens = limit if limit is not None else min(settings.max_tokens, context - len(prompt))
+        sampling = Sampling(body.temperature, body.top_p, body.top_k, body.seed)
+        return Job(prompt, adapter, max_tokens, sampling, tuple(body.stop_list))
+
+    def _submit(job: Job) -> Any:
+        try:
+            return engine.submit(job, asyncio.get_running_loop())
+        except QueueFull:
+            raise APIError(429, f"all {engine.settings.max_active} generators are busy and "
+                           f"{engine.settings.max_queue} requests are waiting; retry shortly", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        except NotAccepting as exc:
+            raise _not_accepting(str(exc)) from None
+
+    async def _complete(request: Request, body: ChatCompletionRequest | CompletionRequest, chat: bool) -> Any:
+        model_id, adapter = _resolve(body.model)
+        job = _job(body, adapter)
+        handle = _submit(job)
+        out = Completion(chat, model_id)
+        if body.stream:
+            return EventSourceResponse(_stream(handle, out, body.include_usage))
+        watcher = asyncio.create_task(_watch_disconnect(request, handle))
+        try:
+            text = []
+            while True:
+                event = await handle.events.get()
+                if isinstance(event, Delta):
+                    text.append(event.text)
+                elif isinstance(event, Finished):
+                    return out.whole("".join(text), event.finish_reason, event.prompt_tokens, event.completion_tokens)
+                else:
+                    raise APIError(500, event.message, "server_error", code="engine_error")
+        finally:
+            watcher.cancel()
+            handle.cancel()  # a no-op once finished; frees the generator when this task was cancelled
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
+        return await _complete(request, body, chat=True)
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(request: Request, body: CompletionRequest) -> Any:
+        return await _complete(request, body, chat=False)
+
+    return app
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    return format_sse_event(data_str=data if isinstance(data, str) else json.dumps(data))
+
+
+async def _stream(handle: Any, out: Completion, include_usage: bool) -> AsyncIterator[bytes]:
+    """OpenAI's stream: the role first (chat), content deltas, the finish reason, usage if asked,
+    [DONE]. A failure mid-stream ends it with an error event. Leaving early (the client went away)
+    cancels the request, which frees its generator at the engine's next round."""
+    try:
+        first = out.chat
+        if first:
+            yield _sse(out.chunk(None, first=True, include_usage=include_usage))
+        while True:
+            event = await handle.events.get()
+            if isinstance(event, Delta):
+                yield _sse(out.chunk(event.text, include_usage=include_usage))
+            elif isinstance(event, Finished):
+                yield _sse(out.chunk(None, event.finish_reason, include_usage=include_usage))
+                if include_usage:
+                    yield _sse(out.usage_chunk(event.prompt_tokens, event.completion_tokens))
+                break
+            else:
+                assert isinstance(event, Failed)
+                yield _sse(error_body(event.message, "server_error", code="engine_error"))
+                break
+        yield _sse("[DONE]")
+    finally:
+        handle.cancel()
+
+
+async def _watch_disconnect(request: Request, handle: Any) -> None:
+    """Cancel `handle` when the client of a non-streamed request goes away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            handle.cancel()
+            return

@@ -1,0 +1,99 @@
+"""`phi-pipeline serve`: uvicorn around the app, with a draining shutdown.
+
+Ctrl-C / SIGTERM: new requests get 503 and /health turns 503, running and queued requests finish,
+then the server exits; a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from phi_pipeline.bundle import MANIFEST
+from phi_pipeline.errors import UsageError
+from phi_pipeline.serve.app import API_KEY_ENV, ServeSettings, create_app
+from phi_pipeline.serve.engine import Engine
+
+log = logging.getLogger("phi_pipeline.serve")
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first exit signal drains the engine before stopping."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.engine.state != "ready":  # loading, failed, or a second signal while draining
+            super().handle_exit(sig, frame)
+            return
+        log.info("draining: %d request(s) to finish; new ones get 503 (signal again to stop now)", self.engine.busy)
+        self.engine.drain()
+        threading.Thread(target=self._exit_when_idle, name="phi-pipeline-drain", daemon=True).start()
+
+    def _exit_when_idle(self) -> None:
+        self.engine.idle.wait()
+        self.should_exit = True
+
+
+def _exit_if_load_fails(server: DrainingServer) -> None:
+    server.engine.ready.wait()
+    if server.engine.state == "failed":
+        server.should_exit = True
+
+
+def _check_bundle(bundle: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((bundle / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise UsageError(str(bundle), [f"no {MANIFEST} here; give a folder published by phi-pipeline run"]) from None
+    if manifest.get("layout") == "merged":
+        raise UsageError(str(bundle), ["this is a merged bundle (one model per adapter); serve needs the "
+                                       "multi-adapter layout, whose adapters are swapped per request"])
+    return manifest
+
+
+def build_server(settings: ServeSettings, host: str, port: int, log_level: str = "info",
+                 engine: Engine | None = None) -> DrainingServer:
+    """The server, not started: tests run it in a thread, the CLI in the foreground."""
+    app = create_app(settings, engine)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    return DrainingServer(config, app.state.engine)
+
+
+def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key: str | None, max_active: int,
+              max_queue: int, max_tokens: int) -> int:
+    from phi_pipeline.serve.engine import EngineSettings
+
+    problems = [f"{name} must be >= 1" for name, v in
+                (("--threads", threads or 1), ("--max-active", max_active), ("--max-tokens", max_tokens)) if v < 1]
+    problems += ["--max-queue must be >= 0"] if max_queue < 0 else []
+    if problems:
+        raise UsageError("phi-pipeline serve", problems)
+    path = Path(bundle)
+    manifest = _check_bundle(path)
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    settings = ServeSettings(path, threads=threads, api_key=api_key, max_tokens=max_tokens,
+                             engine=EngineSettings(max_active=max_active, max_queue=max_queue))
+    server = build_server(settings, host, port)
+    ids = [manifest["pipeline"], *(a["name"] for a in manifest["adapters"])]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"phi-pipeline serve: http://{shown}:{port} (OpenAI API at /v1, chat page at /)", file=sys.stderr)
+    print(f"  models: {', '.join(ids)} (base: {ids[0]})", file=sys.stderr)
+    print(f"  decoder threads: {threads or 'onnxruntime-genai default (1 on CPU)'}; max active {max_active}, "
+          f"queue {max_queue}; API key {'required' if api_key else 'off'}", file=sys.stderr)
+    threading.Thread(target=_exit_if_load_fails, args=(server,), daemon=True).start()
+    server.run()
+    engine = server.engine
+    if engine.state == "failed":
+        print(f"error: loading {bundle} failed: {engine.error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,86 @@
+"""What the serve tests share: a tiny random multi-adapter bundle built in seconds, and the real
+server (uvicorn) started on port 0 in a thread of the test process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+PHI3_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+# random_bundle's adapters: "chatty" is declared a chat adapter, "templ" keeps its text template
+CHAT_ADAPTER, TEMPLATE_ADAPTER = "chatty", "templ"
+
+
+def _olive_in_process(config_path: Path, log_path: Path, expected_outputs, **_kwargs) -> float:
+    from olive.workflows import run as olive_run
+
+    from phi_pipeline.olive_compat import apply
+
+    apply()
+    olive_run(json.loads(Path(config_path).read_text()))
+    assert all(Path(p).exists() for p in expected_outputs)
+    return 0.0
+
+
+def build_random_bundle(work: Path) -> Path:
+    """A published bundle of the bench's tiny random Phi-3 (2 layers, hidden 64) with the tiny base's
+    byte-level tokenizer and chat template and two random LoRA adapters, exported by the pipeline's
+    own code (phi_pipeline.bench.models.export_bundle), Olive run in this process."""
+    import pytest
+
+    import phi_pipeline.runner
+    from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter
+    from phi_pipeline.tiny.base_model import train_tokenizer
+
+    tokenizer = work / "tokenizer"
+    train_tokenizer(SIZES["tiny"].vocab_size).save_pretrained(tokenizer)
+    base = build_bench_base(work / "base", SIZES["tiny"], tokenizer)
+    adapters = {
+        name: make_random_adapter(base, work / name, r=4, seed=seed, target_modules=PHI3_MODULES)
+        for seed, name in enumerate((CHAT_ADAPTER, TEMPLATE_ADAPTER))
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(phi_pipeline.runner, "run_olive", _olive_in_process)
+        bundle = export_bundle(base, adapters, {a: 4 for a in adapters}, "int4", work / "export").bundle
+    # The bench spec trains every adapter from a text template; declare one a chat adapter so both
+    # prompt formats are served (the weights are random either way).
+    manifest_path = bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for a in manifest["adapters"]:
+        if a["name"] == CHAT_ADAPTER:
+            a["prompt_format"] = {"type": "chat"}
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return bundle
+
+
+@contextlib.contextmanager
+def running(settings, *, wait_ready: bool = True, engine=None) -> Iterator[tuple[str, object]]:
+    """The server of `settings` on 127.0.0.1, port 0, in a thread (uvicorn leaves signals alone
+    outside the main thread): (base URL, uvicorn server)."""
+    from phi_pipeline.serve.server import build_server
+
+    server = build_server(settings, "127.0.0.1", 0, log_level="warning", engine=engine)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    if wait_ready:
+        assert server.engine.ready.wait(120), "the model did not load"
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def client(url: str, api_key: str = "none", **kwargs):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=60, **kwargs)

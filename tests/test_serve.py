@@ -1,0 +1,303 @@
+"""`phi-pipeline serve` against the real server (uvicorn on port 0, in this process) with the real
+`openai` client, on a tiny random bundle: listing, chat and completions streamed and not for the
+base model and each adapter, no cross-talk between concurrent mixed-adapter requests, every error
+shape, API keys, disconnects, health, queueing and draining."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from phi_pipeline.serve.app import ServeSettings
+from phi_pipeline.serve.engine import Engine, EngineSettings, StopText
+from serve_support import CHAT_ADAPTER, TEMPLATE_ADAPTER, client, running
+
+BASE = "bench-int4"  # the pipeline name export_bundle gives the random bundle
+MODELS = [BASE, CHAT_ADAPTER, TEMPLATE_ADAPTER]
+
+
+@pytest.fixture(scope="module")
+def server(random_bundle):
+    with running(ServeSettings(random_bundle, max_tokens=64)) as (url, srv):
+        yield url, srv
+
+
+@pytest.fixture(scope="module")
+def oa(server):
+    return client(server[0])
+
+
+def _chat(oa, model, text, **kw):
+    return oa.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], temperature=0, **kw)
+
+
+def _chat_stream(oa, model, text, **kw):
+    chunks = list(_chat(oa, model, text, stream=True, **kw))
+    return chunks, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_models_list_base_and_each_adapter_with_parent(oa):
+    listed = {m.id: m for m in oa.models.list().data}
+    assert list(listed) == MODELS
+    assert listed[BASE].model_extra["parent"] is None
+    assert all(listed[a].model_extra["parent"] == BASE for a in (CHAT_ADAPTER, TEMPLATE_ADAPTER))
+    assert oa.models.retrieve(CHAT_ADAPTER).id == CHAT_ADAPTER
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_chat_streamed_text_equals_whole_text_for_every_model(oa, model):
+    whole = _chat(oa, model, "a b c", max_tokens=12)
+    assert whole.object == "chat.completion" and whole.model == model
+    choice = whole.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens <= 12 and whole.usage.prompt_tokens > 0
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+    chunks, streamed = _chat_stream(oa, model, "a b c", max_tokens=12, stream_options={"include_usage": True})
+    assert streamed == choice.message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == choice.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_completion_streamed_text_equals_whole_text_for_every_model(oa, model):
+    whole = oa.completions.create(model=model, prompt="the cat", max_tokens=10, temperature=0)
+    assert whole.object == "text_completion" and whole.choices[0].text
+    stream = list(oa.completions.create(model=model, prompt="the cat", max_tokens=10, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in stream if c.choices) == whole.choices[0].text
+    assert stream[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.usage is None for c in stream)  # usage only when stream_options asks
+
+
+def test_adapters_change_the_answer(oa):
+    answers = {m: oa.completions.create(model=m, prompt="the cat", max_tokens=10, temperature=0).choices[0].text
+               for m in MODELS}
+    assert len(set(answers.values())) == len(MODELS), answers
+
+
+def test_max_tokens_reached_gives_finish_reason_length(oa):
+    reply = oa.completions.create(model=BASE, prompt="hello", max_tokens=3, temperature=0, stop=None)
+    if reply.choices[0].finish_reason == "length":
+        assert reply.usage.completion_tokens == 3
+    else:  # the random model ended early with its end-of-text token
+        assert reply.usage.completion_tokens < 3
+
+
+def test_stop_string_cuts_the_answer_streamed_and_whole(oa):
+    full = oa.completions.create(model=CHAT_ADAPTER, prompt="x y", max_tokens=24, temperature=0).choices[0].text
+    assert len(full) > 4
+    stop = full[3:5]
+    cut = oa.completions.create(model=CHAT_ADAPTER, prompt="x y", max_tokens=24, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    stream = oa.completions.create(model=CHAT_ADAPTER, prompt="x y", max_tokens=24, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == cut.choices[0].text
+
+
+def test_template_adapter_chat_formats_the_last_user_message_with_its_template(oa, random_bundle):
+    manifest = json.loads((random_bundle / "manifest.json").read_text())
+    fmt = next(a["prompt_format"] for a in manifest["adapters"] if a["name"] == TEMPLATE_ADAPTER)
+    # the chat endpoint with a template adapter == its template text sent as a raw completion
+    text = f"{fmt['bos']} " + fmt["prefix"].format(input="b a")
+    chat = oa.chat.completions.create(model=TEMPLATE_ADAPTER, temperature=0, max_tokens=8, messages=[
+        {"role": "system", "content": "ignored"}, {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ignored"}, {"role": "user", "content": "b a"}])
+    raw = oa.completions.create(model=TEMPLATE_ADAPTER, prompt=text, temperature=0, max_tokens=8)
+    assert chat.choices[0].message.content == raw.choices[0].text
+    assert chat.usage.prompt_tokens == raw.usage.prompt_tokens
+
+
+def test_seeded_sampling_repeats_and_differs_from_greedy(oa):
+    def sample(seed):
+        return oa.completions.create(model=BASE, prompt="a", max_tokens=16, temperature=1.5, seed=seed,
+                                     extra_body={"top_k": 0}).choices[0].text
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in range(4)}) > 1
+
+
+def test_concurrent_mixed_adapter_clients_get_their_solo_outputs(server, oa):
+    """8 clients at once, 3 models, chat and completions, streamed and not: each gets what it got alone."""
+    jobs = [(MODELS[i % 3], f"{'abcdefgh'[i]} {'hgfedcba'[i]} c", i % 2 == 0, i % 4 < 2) for i in range(8)]
+
+    def run(job):
+        model, text, chat, stream = job
+        if chat:
+            if stream:
+                return _chat_stream(oa, model, text, max_tokens=20)[1]
+            return _chat(oa, model, text, max_tokens=20).choices[0].message.content
+        reply = oa.completions.create(model=model, prompt=text, max_tokens=20, temperature=0, stream=stream)
+        return "".join(c.choices[0].text for c in reply) if stream else reply.choices[0].text
+
+    solo = [run(j) for j in jobs]
+    engine = server[1].engine
+    engine.peak_active = 0
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(run, jobs))
+    assert together == solo
+    assert engine.peak_active > 1  # requests really were decoded side by side
+
+
+def _raw(url, path, body=None, **kw):
+    if isinstance(body, (dict, list)):
+        kw["json"] = body
+    elif body is not None:
+        kw["content"] = body
+        kw.setdefault("headers", {"Content-Type": "application/json"})
+    return httpx.post(url + path, timeout=30, **kw)
+
+
+def _error(resp, status):
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_errors_come_in_openai_shape(server, oa):
+    url = server[0]
+    with pytest.raises(openai.NotFoundError) as exc:
+        _chat(oa, "nope", "hi")
+    assert exc.value.code == "model_not_found" and "`nope` does not exist" in exc.value.message
+
+    msgs = [{"role": "user", "content": "hi"}]
+    assert _error(_raw(url, "/v1/chat/completions", "{not json"), 400)["message"].startswith("the body is not valid JSON")
+    bad = _error(_raw(url, "/v1/chat/completions", {"model": BASE, "messages": msgs, "temperature": 5}), 400)
+    assert bad["param"] == "temperature"
+    many = _error(_raw(url, "/v1/chat/completions", {"model": BASE, "messages": [], "top_p": 0}), 400)
+    assert "messages" in many["message"] and "top_p" in many["message"]  # every problem at once
+    unknown = _error(_raw(url, "/v1/completions", {"model": BASE, "prompt": "a", "colour": 1}), 400)
+    assert unknown["param"] == "colour"
+    for field, value in (("n", 2), ("tools", [{"type": "function"}]), ("logprobs", True)):
+        e = _error(_raw(url, "/v1/chat/completions", {"model": BASE, "messages": msgs, field: value}), 400)
+        assert e["param"] == field and "not supported" in e["message"]
+    assert _raw(url, "/v1/chat/completions", {"model": BASE, "messages": msgs, "n": 1, "max_tokens": 2}).status_code == 200
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        oa.completions.create(model=BASE, prompt="a " * 3000, max_tokens=4)
+    assert exc.value.code == "context_length_exceeded" and "1024" in exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
+        oa.completions.create(model=BASE, prompt="a", max_tokens=65)
+    assert exc.value.param == "max_tokens"
+    assert _error(_raw(url, "/v1/completions", json.dumps({"model": BASE, "prompt": "a" * (2 << 20)})), 413)
+    assert _error(httpx.get(url + "/v1/nothing-here"), 404)
+
+
+def test_engine_failure_is_500_and_ends_a_stream_with_an_error_event(server, oa, monkeypatch):
+    from phi_pipeline import runtime
+
+    real = runtime.Generation.step
+
+    def failing(self):
+        if len(self.new_tokens) == 2:
+            raise RuntimeError("boom")
+        return real(self)
+
+    monkeypatch.setattr(runtime.Generation, "step", failing)
+    with pytest.raises(openai.InternalServerError) as exc:
+        oa.completions.create(model=BASE, prompt="a b", max_tokens=8, temperature=0)
+    assert "boom" in exc.value.message
+    stream = oa.completions.create(model=BASE, prompt="a b", max_tokens=8, temperature=0, stream=True)
+    with pytest.raises(openai.APIError, match="boom"):
+        list(stream)
+    monkeypatch.undo()
+    assert oa.completions.create(model=BASE, prompt="a b", max_tokens=2, temperature=0).choices[0].text
+
+
+def test_api_key_required_when_set(random_bundle):
+    with running(ServeSettings(random_bundle, api_key="s3cret")) as (url, _):
+        for key in ("none", "s3cre", "s3cret-and-more"):
+            with pytest.raises(openai.AuthenticationError) as exc:
+                client(url, key).models.list()
+            assert exc.value.code == "invalid_api_key"
+        assert _error(httpx.get(url + "/v1/models"), 401)
+        assert [m.id for m in client(url, "s3cret").models.list().data] == MODELS
+        assert httpx.get(url + "/health").status_code == 200  # health and the page stay open
+
+
+def test_disconnect_mid_stream_frees_the_slot(random_bundle):
+    settings = ServeSettings(random_bundle, max_tokens=1000, engine=EngineSettings(max_active=1, max_queue=0))
+    with running(settings) as (url, srv):
+        body = {"model": BASE, "prompt": "a", "max_tokens": 1000, "stream": True, "temperature": 0}
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", url + "/v1/completions", json=body) as resp:
+                assert resp.status_code == 200
+                next(resp.iter_lines())  # one event in, then the client goes away
+        deadline = time.monotonic() + 10
+        while srv.engine.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.engine.busy == 0
+        assert client(url).completions.create(model=BASE, prompt="a", max_tokens=2).choices[0].text
+
+
+def test_queue_full_gets_429_with_retry_after(random_bundle):
+    settings = ServeSettings(random_bundle, max_tokens=1000, engine=EngineSettings(max_active=1, max_queue=1))
+    with running(settings) as (url, _):
+        oa = client(url)
+        # one request decoding, one waiting: the queue is full
+        streams = [oa.completions.create(model=BASE, prompt="a", max_tokens=1000, stream=True) for _ in range(2)]
+        with pytest.raises(openai.RateLimitError) as exc:
+            oa.completions.create(model=BASE, prompt="a", max_tokens=2)
+        assert exc.value.response.headers["Retry-After"] == "1" and exc.value.code == "queue_full"
+        for s in streams:
+            s.close()
+
+
+def test_drain_finishes_running_requests_and_refuses_new_ones(random_bundle):
+    with running(ServeSettings(random_bundle, max_tokens=200)) as (url, srv):
+        oa = client(url)
+        alone = oa.completions.create(model=CHAT_ADAPTER, prompt="a", max_tokens=200, temperature=0).choices[0].text
+        stream = oa.completions.create(model=CHAT_ADAPTER, prompt="a", max_tokens=200, temperature=0, stream=True)
+        chunks = iter(stream)
+        first = next(chunks)
+        srv.handle_exit(signal.SIGTERM, None)  # what Ctrl-C / SIGTERM calls
+        assert httpx.get(url + "/health").json()["status"] == "draining"
+        with pytest.raises(openai.InternalServerError) as exc:
+            oa.completions.create(model=BASE, prompt="a", max_tokens=2)
+        assert exc.value.status_code == 503 and exc.value.code == "draining"
+        rest = list(chunks)
+        assert rest[-1].choices[0].finish_reason in ("stop", "length")
+        assert first.choices[0].text + "".join(c.choices[0].text for c in rest) == alone
+        deadline = time.monotonic() + 20
+        while not srv.should_exit and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.should_exit  # and the server goes once nothing is left
+
+
+def test_health_is_503_while_loading_then_200(random_bundle):
+    from phi_pipeline.runtime import BundleModel
+
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(60)
+        return BundleModel(random_bundle)
+
+    settings = ServeSettings(random_bundle)
+    with running(settings, wait_ready=False, engine=Engine(slow_load)) as (url, srv):
+        assert httpx.get(url + "/health").status_code == 503
+        with pytest.raises(openai.InternalServerError) as exc:
+            client(url).completions.create(model=BASE, prompt="a", max_tokens=2)
+        assert exc.value.status_code == 503 and exc.value.code == "loading"
+        assert [m.id for m in client(url).models.list().data] == MODELS  # listing needs no model
+        release.set()
+        assert srv.engine.ready.wait(60)
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_health_answers_promptly_while_streams_run(server, oa):
+    streams = [oa.completions.create(model=m, prompt="a", max_tokens=60, temperature=0, stream=True) for m in MODELS]
+    for s in streams:
+        next(iter(s))
+    start = time.monotonic()
+    assert httpx.get(server[0] + "/health", timeout=10).status_code == 200
+    assert time.monotonic() - start < 2
+    for s in streams:
+        assert list(s)[-1].choices[0].finish_reason
