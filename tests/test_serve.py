@@ -225,7 +225,7 @@ def test_api_key_required_when_set(random_bundle):
 def test_disconnect_mid_stream_frees_the_slot(random_bundle):
     settings = ServeSettings(random_bundle, max_tokens=1000, engine=EngineSettings(max_active=1, max_queue=0))
     with running(settings) as (url, srv):
-        body = {"model": BASE, "prompt": "a", "max_tokens": 1000, "stream": True, "temperature": 0}
+        body = {"model": BASE, "prompt": "a", "max_tokens": 1000, "min_tokens": 1000, "stream": True}
         with httpx.Client(timeout=30) as http:
             with http.stream("POST", url + "/v1/completions", json=body) as resp:
                 assert resp.status_code == 200
@@ -242,7 +242,8 @@ def test_queue_full_gets_429_with_retry_after(random_bundle):
     with running(settings) as (url, _):
         oa = client(url)
         # one request decoding, one waiting: the queue is full
-        streams = [oa.completions.create(model=BASE, prompt="a", max_tokens=1000, stream=True) for _ in range(2)]
+        streams = [oa.completions.create(model=BASE, prompt="a", max_tokens=1000, stream=True,
+                                         extra_body={"min_tokens": 1000}) for _ in range(2)]
         with pytest.raises(openai.RateLimitError) as exc:
             oa.completions.create(model=BASE, prompt="a", max_tokens=2)
         assert exc.value.response.headers["Retry-After"] == "1" and exc.value.code == "queue_full"
@@ -250,11 +251,21 @@ def test_queue_full_gets_429_with_retry_after(random_bundle):
             s.close()
 
 
-def test_drain_finishes_running_requests_and_refuses_new_ones(random_bundle):
+def test_drain_finishes_running_requests_and_refuses_new_ones(random_bundle, monkeypatch):
+    from phi_pipeline import runtime
+
+    real = runtime.Generation.step
+
+    def slow(self):  # a model slow enough that the stream is still running when the signal comes
+        time.sleep(0.005)
+        return real(self)
+
+    monkeypatch.setattr(runtime.Generation, "step", slow)
     with running(ServeSettings(random_bundle, max_tokens=200)) as (url, srv):
         oa = client(url)
-        alone = oa.completions.create(model=CHAT_ADAPTER, prompt="a", max_tokens=200, temperature=0).choices[0].text
-        stream = oa.completions.create(model=CHAT_ADAPTER, prompt="a", max_tokens=200, temperature=0, stream=True)
+        kw = dict(model=CHAT_ADAPTER, prompt="a", max_tokens=200, temperature=0, extra_body={"min_tokens": 200})
+        alone = oa.completions.create(**kw).choices[0].text
+        stream = oa.completions.create(stream=True, **kw)
         chunks = iter(stream)
         first = next(chunks)
         srv.handle_exit(signal.SIGTERM, None)  # what Ctrl-C / SIGTERM calls
@@ -301,3 +312,18 @@ def test_health_answers_promptly_while_streams_run(server, oa):
     assert time.monotonic() - start < 2
     for s in streams:
         assert list(s)[-1].choices[0].finish_reason
+
+
+def test_serving_bench_reports_every_level_and_the_mixing_cost(random_bundle, tmp_path):
+    from phi_pipeline.bench.serving import bench_serving, report_lines
+
+    result = bench_serving(random_bundle, tmp_path, threads=None, prompt_len=8, new_tokens=4, concurrency=(1, 2))
+    assert list(result["mixed"]) == ["1", "2"] and list(result["one_model"]) == MODELS
+    for level in [*result["mixed"].values(), *result["one_model"].values()]:
+        assert level["failed"] == 0 and level["requests"] == 4
+        assert level["output_tok_s"] == pytest.approx(4 * level["requests"] / level["wall_s"], rel=0.01)
+        assert 0 < level["ttft_s"]["p50"] <= level["latency_s"]["p50"] and level["latency_s"]["p95"] > 0
+    assert result["prompt_tokens"] == [8] and result["speedup_vs_sequential"]["1"] == 1.0
+    assert isinstance(result["mixing_cost"], float)
+    report = "\n".join(report_lines(result))
+    assert "| mixed, 2 | 4 |" in report and f"| {CHAT_ADAPTER} only, 2 |" in report and "Cost of mixing" in report

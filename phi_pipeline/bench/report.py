@@ -343,6 +343,10 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     if costs:
         lines += ["## Pipeline costs (tiny default, scratch copy of the project)", ""]
         lines += _failed(costs) if "error" in costs else pipeline_lines(costs) + [""]
+    if "serving" in results:
+        from phi_pipeline.bench.serving import report_lines
+
+        lines += ["## Serving: concurrent clients, mixed adapters", ""] + report_lines(results["serving"])
     if ok:
         write_chart(results, out_dir / CHART)
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")

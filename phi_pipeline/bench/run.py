@@ -20,6 +20,7 @@ from typing import Any, Callable
 from phi_pipeline.bench import roofline
 from phi_pipeline.bench.decode import TORCH_DTYPES, TORCH_PRECISION, DecodeConfig, run_config
 from phi_pipeline.bench.models import SIZES, ExportedBundle, build_bench_base, export_bundle, make_random_adapter, merged_bundle
+from phi_pipeline.bench.serving import bench_serving
 from phi_pipeline.bench.stats import load_average, ratio
 from phi_pipeline.spec import DEFAULT_TARGET_MODULES
 
@@ -231,6 +232,7 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
         "arch": asdict(arch),
         "parameters": arch.parameters,
         "export_seconds": {p: e.export_seconds for p, e in exports.items()},
+        "bundles": {p: str(b) for p, b in onnx.items()},
         "sizes_bytes": {
             torch_size_key(base): safetensors_bytes(base),
             **{f"onnx_{p}_model": folder_bytes(b, exclude=("adapters",)) for p, b in onnx.items()},
@@ -338,6 +340,12 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                    key=lambda b: b["gb_per_s"]["median"])
         results["given_bundle"] = _section(f"given bundle {opts.bundle}", lambda: bench_given_bundle(opts))
         results["benchmark_model"] = _section(f"benchmark model {opts.size}", lambda: bench_model(opts, best))
+        bundles = results["benchmark_model"].get("bundles")
+        if bundles:
+            results["serving"] = _section("serving", lambda: bench_serving(
+                Path(bundles[PRECISIONS[opts.device][0]]), opts.work_dir / opts.size / "runs" / "serving",
+                threads=_thread_settings(opts)[-1], prompt_len=opts.prompt_lens[0], new_tokens=opts.new_tokens,
+                reps=opts.reps))
         if opts.pipeline_reps > 0 and opts.device == "cpu":
             results["pipeline_costs"] = _section("pipeline costs", lambda: measure_pipeline_costs(
                 opts.project_root.resolve(), opts.work_dir.resolve() / "pipeline", reps=opts.pipeline_reps))

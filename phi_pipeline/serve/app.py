@@ -101,7 +101,8 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
         yield
         engine.stop(timeout=30)
 
-    app = FastAPI(title=f"phi-pipeline serve: {base_id}", lifespan=lifespan, max_body_size=settings.max_body_bytes)
+    app = FastAPI(title=f"phi-pipeline serve: {base_id}", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.state.engine, app.state.settings, app.state.models = engine, settings, models
 
     @app.exception_handler(APIError)
@@ -186,7 +187,9 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
                            if isinstance(body, ChatCompletionRequest) else "prompt", code="context_length_exceeded")
         max_tokens = limit if limit is not None else min(settings.max_tokens, context - len(prompt))
         sampling = Sampling(body.temperature, body.top_p, body.top_k, body.seed)
-        return Job(prompt, adapter, max_tokens, sampling, tuple(body.stop_list))
+        if body.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens={body.min_tokens} is more than max_tokens={max_tokens}", param="min_tokens")
+        return Job(prompt, adapter, max_tokens, sampling, tuple(body.stop_list), body.min_tokens)
 
     def _submit(job: Job) -> Any:
         try:
@@ -229,6 +232,40 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
         return await _complete(request, body, chat=False)
 
     return app
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"the request body is larger than this server accepts ({max_bytes} bytes)")
+
+
+class BodyLimit:
+    """413 in OpenAI's shape for bodies past `max_bytes`. Not FastAPI's max_body_size: that one answers
+    a too-large Content-Length in plain text, which OpenAI clients cannot parse."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            error = BodyTooLarge(self.max_bytes)
+            await JSONResponse(error_body(error.detail, "invalid_request_error"), 413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # a chunked body: raised inside the body read, answered by _http
+                raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:

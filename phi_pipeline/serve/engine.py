@@ -53,6 +53,7 @@ class Job:
     max_tokens: int
     sampling: Sampling
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,8 @@ class Engine:
         assert model is not None
         try:
             job = slot.job
-            slot.generation = model.start(job.prompt, job.adapter, job.max_tokens, job.sampling)
+            slot.generation = model.start(job.prompt, job.adapter, job.max_tokens, job.sampling,
+                                          min_new_tokens=job.min_tokens)
             slot.stream = model.tokenizer.create_stream()
             slot.text = StopText(job.stop)
         except Exception as exc:

@@ -59,6 +59,8 @@ class _Request(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, description="0: greedy; omitted: the bundle's default (greedy)")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass")
     top_k: int | None = Field(None, ge=0, description="sample among the k most likely tokens (extension; 0: all)")
+    min_tokens: int = Field(0, ge=0, description="generate at least this many tokens, end-of-text ignored before "
+                                                  "(extension, as vLLM's; benchmarks use it for fixed lengths)")
     seed: int | None = Field(None, description="seed of the sampler: same seed, same output")
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end the answer (not included)")
     stream: bool = Field(False, description="stream server-sent events")

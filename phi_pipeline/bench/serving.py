@@ -1,0 +1,283 @@
+"""Serving: `phi-pipeline serve` on a bundle, loaded by concurrent streaming clients.
+
+The server runs as users run it (its own process, `python -m phi_pipeline.cli serve`); the clients
+are threads of this process speaking plain HTTP (stdlib), so they take no GIL time from the engine.
+Each level sends the same requests (completions, streamed, a prompt of `prompt_len` tokens, exactly
+`new_tokens` new tokens via min_tokens, greedy), `clients` at a time, each client sending its next
+request when the last one ends (closed loop). Concurrency 1 is the requests run one after another.
+Mixed: requests cycle through the base model and every adapter; the highest level is run again
+once per model with every request on it, which prices the mixing.
+
+Per level: requests/s, output tokens/s, time to first token (request sent -> first content event)
+and latency (-> [DONE]), p50 and p95 over the requests.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phi_pipeline.bench.stats import load_average
+
+CONCURRENCY = (1, 2, 4, 8)
+REQUESTS_PER_CLIENT = 2  # per level and repetition: each client sends this many requests
+WORDS = "the a cat dog sat ran on under red blue small big house garden day night".split()
+
+
+@dataclass(frozen=True)
+class Request:
+    model: str
+    prompt: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ttft_s: float
+    latency_s: float
+    completion_tokens: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(bundle: Path, length: int, count: int) -> list[tuple[str, int]]:
+    """`count` different texts of exactly `length` tokens of the bundle's tokenizer (cut at a token)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    out = []
+    for i in range(count):
+        words = [WORDS[(i * 7 + j * (i + 3)) % len(WORDS)] for j in range(4 * length)]
+        ids = tok.encode(" ".join(words), add_special_tokens=False).ids[:length]
+        text = tok.decode(ids)
+        out.append((text, len(tok.encode(text, add_special_tokens=False).ids)))
+    return out
+
+
+class Server:
+    """`phi-pipeline serve BUNDLE` in a subprocess, ready when /health says so."""
+
+    def __init__(self, bundle: Path, threads: int | None, max_active: int, max_tokens: int, log: Path):
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "phi_pipeline.cli", "serve", str(bundle), "--port", str(self.port),
+                "--max-active", str(max_active), "--max-queue", str(4 * max_active), "--max-tokens", str(max_tokens)]
+        if threads:
+            args += ["--threads", str(threads)]
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        self.log = log
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}; log {self.log}:\n"
+                                   f"{self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://{self.url}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the server was not ready after {timeout} s; log {self.log}")
+
+    def models(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"http://{self.url}/v1/models", timeout=30) as resp:
+            return json.loads(resp.read())["data"]
+
+    def close(self) -> None:
+        self.proc.terminate()  # SIGTERM: the server drains, then exits
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def send(url: str, request: Request, new_tokens: int) -> Outcome:
+    """One streamed completion; times measured at this client."""
+    body = json.dumps({"model": request.model, "prompt": request.prompt, "max_tokens": new_tokens,
+                       "min_tokens": new_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    host, port = url.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:500]!r}")
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if event["choices"] and event["choices"][0]["text"] and first is None:
+                first = time.perf_counter()
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+        end = time.perf_counter()
+    finally:
+        conn.close()
+    return Outcome((first or end) - start, end - start, tokens)
+
+
+def run_level(url: str, requests: list[Request], clients: int, new_tokens: int) -> dict[str, Any]:
+    """`requests` sent by `clients` threads, each taking the next request when its last one ends."""
+    outcomes: list[Outcome | None] = [None] * len(requests)
+    errors: list[str] = []
+    lock = threading.Lock()
+    todo = iter(range(len(requests)))
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                outcomes[i] = send(url, requests[i], new_tokens)
+            except Exception as exc:  # recorded: one failed request must not hang the level
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    done = [o for o in outcomes if o is not None]
+    tokens = sum(o.completion_tokens for o in done)
+    return {
+        "clients": clients,
+        "requests": len(requests),
+        "failed": len(errors),
+        "errors": errors[:5],
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(len(done) / wall, 3),
+        "output_tok_s": round(tokens / wall, 2),
+        "ttft_s": percentiles([o.ttft_s for o in done]),
+        "latency_s": percentiles([o.latency_s for o in done]),
+        "load_average": load_average(),
+    }
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "n": 0}
+    if len(values) == 1:
+        return {"p50": round(values[0], 4), "p95": round(values[0], 4), "n": 1}
+    cuts = statistics.quantiles(values, n=20, method="inclusive")
+    return {"p50": round(statistics.median(values), 4), "p95": round(cuts[18], 4), "n": len(values)}
+
+
+def bench_serving(
+    bundle: Path, scratch: Path, *, threads: int | None, prompt_len: int, new_tokens: int, reps: int = 1,
+    concurrency: tuple[int, ...] = CONCURRENCY,
+) -> dict[str, Any]:
+    """Every concurrency level with mixed models, then the highest with one model at a time."""
+    top = max(concurrency)
+    server = Server(bundle, threads, max_active=top, max_tokens=new_tokens, log=scratch / "serve.log")
+    try:
+        server.wait_ready()
+        models = [m["id"] for m in server.models()]
+        count = REQUESTS_PER_CLIENT * top * reps
+        texts = prompts(bundle, prompt_len, count)
+        mixed = [Request(models[i % len(models)], t, n) for i, (t, n) in enumerate(texts)]
+        send(server.url, mixed[0], 2)  # warm-up: first-request allocations are not served to users twice
+        levels = {}
+        for clients in concurrency:
+            levels[str(clients)] = run_level(server.url, mixed, clients, new_tokens)
+        singles = {m: run_level(server.url, [Request(m, r.prompt, r.prompt_tokens) for r in mixed], top, new_tokens)
+                   for m in models}
+    finally:
+        server.close()
+    sequential = levels[str(min(concurrency))]
+    return {
+        "bundle": str(bundle),
+        "models": models,
+        "threads": threads or "default",
+        "prompt_tokens": sorted({r.prompt_tokens for r in mixed}),
+        "new_tokens": new_tokens,
+        "mixed": levels,
+        "one_model": singles,
+        "speedup_vs_sequential": {
+            k: round(v["output_tok_s"] / sequential["output_tok_s"], 3) if sequential["output_tok_s"] else None
+            for k, v in levels.items()
+        },
+        "mixing_cost": mixing_cost(levels[str(top)], list(singles.values())),
+    }
+
+
+def mixing_cost(mixed: dict[str, Any], singles: list[dict[str, Any]]) -> float | None:
+    """Output tokens/s lost by mixing models at one level: 1 - mixed / unmixed, where unmixed is what
+    the same share of requests per model would give run apart (time adds: the harmonic mean)."""
+    rates = [s["output_tok_s"] for s in singles]
+    if not mixed["output_tok_s"] or not all(rates):
+        return None
+    unmixed = len(rates) / sum(1 / r for r in rates)
+    return round(1 - mixed["output_tok_s"] / unmixed, 4)
+
+
+def report_lines(s: dict[str, Any]) -> list[str]:
+    """The report's serving section (report.py calls it)."""
+    if "error" in s:
+        return ["Failed:", "", "```", s["error"].rstrip(), "```", ""]
+
+    def ms(p: dict[str, Any], key: str) -> str:
+        return "-" if p[key] is None else f"{1000 * p[key]:.0f}"
+
+    rows = [[f"mixed, {k}", v["requests"], f"{v['requests_per_s']:.2f}", f"{v['output_tok_s']:.1f}",
+             f"{s['speedup_vs_sequential'][k]:.2f}x" if s["speedup_vs_sequential"][k] else "-",
+             ms(v["ttft_s"], "p50"), ms(v["ttft_s"], "p95"), ms(v["latency_s"], "p50"), ms(v["latency_s"], "p95"),
+             v["failed"]] for k, v in s["mixed"].items()]
+    top = max(s["mixed"], key=int)
+    for model, one in s["one_model"].items():
+        rows.append([f"{model} only, {one['clients']}", one["requests"], f"{one['requests_per_s']:.2f}",
+                     f"{one['output_tok_s']:.1f}", "", ms(one["ttft_s"], "p50"), ms(one["ttft_s"], "p95"),
+                     ms(one["latency_s"], "p50"), ms(one["latency_s"], "p95"), one["failed"]])
+    header = ["requests, clients", "requests", "requests/s", "output tok/s", "vs one after another",
+              "TTFT p50 ms", "TTFT p95 ms", "latency p50 ms", "latency p95 ms", "failed"]
+    lines = [
+        f"`phi-pipeline serve` on `{s['bundle']}` (models {', '.join(s['models'])}; decoder threads {s['threads']}), "
+        f"streamed completions of {s['prompt_tokens']} prompt tokens and exactly {s['new_tokens']} new ones, greedy; "
+        "clients send their next request when the last one ends. Mixed: requests cycle through the base model and "
+        "every adapter. Clients 1 = the same requests one after another.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
+        "",
+    ]
+    if s["mixing_cost"] is not None:
+        lines += [f"Cost of mixing at {top} clients: {100 * s['mixing_cost']:.1f}% fewer output tokens/s mixed than "
+                  "the same requests would give with each model's share run apart (from the one-model rows; "
+                  "negative: mixing was faster).", ""]
+    return lines
