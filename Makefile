@@ -27,7 +27,7 @@ BIN := $(VENV)/bin
 # torch goes in first, alone: pip then takes the local CPU build instead of a multi-GB CUDA one.
 TORCH_PIN := $(shell grep -m1 -o '"torch==[0-9.]*"' pyproject.toml | tr -d '"')
 
-.PHONY: venv finetune-and-export configs test bench clean
+.PHONY: venv finetune-and-export configs test bench serve clean
 
 $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,13 @@ BENCH_ARGS ?=
 bench: venv
 	@test -f $(BUNDLE)/manifest.json || $(MAKE) finetune-and-export
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/phi-pipeline bench $(BUNDLE) $(BENCH_ARGS)
+
+# Serve the bundle (built first if missing) with an OpenAI-compatible API on http://127.0.0.1:8000 (chat page at /);
+# SERVE_ARGS="--port 9000 --threads 2 --api-key KEY" etc.
+SERVE_ARGS ?=
+serve: venv
+	@test -f $(BUNDLE)/manifest.json || $(MAKE) finetune-and-export
+	$(BIN)/phi-pipeline serve $(BUNDLE) $(SERVE_ARGS)
 
 clean:
 	rm -rf .phi-pipeline dist

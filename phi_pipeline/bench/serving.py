@@ -181,6 +181,7 @@ def run_level(url: str, requests: list[Request], clients: int, new_tokens: int) 
         "failed": len(errors),
         "errors": errors[:5],
         "wall_s": round(wall, 3),
+        "output_tokens": tokens,
         "requests_per_s": round(len(done) / wall, 3),
         "output_tok_s": round(tokens / wall, 2),
         "ttft_s": percentiles([o.ttft_s for o in done]),
