@@ -328,3 +328,83 @@ def test_serving_bench_reports_every_level_and_the_mixing_cost(random_bundle, tm
     assert isinstance(result["mixing_cost"], float)
     report = "\n".join(report_lines(result))
     assert "| mixed, 2 | 4 |" in report and f"| {CHAT_ADAPTER} only, 2 |" in report and "Cost of mixing" in report
+
+
+def test_long_prompt_goes_in_chunks_and_a_short_request_is_not_stuck_behind_a_long_one(random_bundle, monkeypatch):
+    from phi_pipeline import runtime
+
+    feeds = []
+    real_feed, real_step = runtime.Generation.feed, runtime.Generation.step
+
+    def counted(self, chunk=None):
+        feeds.append(len(self.prompt))
+        return real_feed(self, chunk)
+
+    def paced(self):
+        time.sleep(0.002)
+        return real_step(self)
+
+    monkeypatch.setattr(runtime.Generation, "feed", counted)
+    monkeypatch.setattr(runtime.Generation, "step", paced)
+    settings = ServeSettings(random_bundle, max_tokens=400, engine=EngineSettings(prefill_chunk=16))
+    with running(settings) as (url, srv):
+        oa = client(url)
+        prompt = " ".join("abcdefgh"[i % 8] for i in range(300))
+        whole = oa.completions.create(model=TEMPLATE_ADAPTER, prompt=prompt, max_tokens=8, temperature=0)
+        n = whole.usage.prompt_tokens
+        assert feeds.count(n) == -(-n // 16)  # ceil(n / 16) model runs for the prompt
+
+        long = oa.completions.create(model=BASE, prompt="a", max_tokens=400, temperature=0, stream=True,
+                                     extra_body={"min_tokens": 400})
+        chunks = iter(long)
+        next(chunks)
+        short = oa.completions.create(model=CHAT_ADAPTER, prompt="b", max_tokens=2, temperature=0, extra_body={"min_tokens": 2})
+        assert short.usage.completion_tokens == 2
+        assert srv.engine.busy == 1  # the long one is still decoding
+        assert sum(1 for _ in chunks) > 100
+    # chunked prefill gives the answer one model run over the whole prompt gives
+    with running(ServeSettings(random_bundle, max_tokens=8)) as (url, _):
+        again = client(url).completions.create(model=TEMPLATE_ADAPTER, prompt=prompt, max_tokens=8, temperature=0)
+    assert again.choices[0].text == whole.choices[0].text
+
+
+def test_health_reports_a_failed_load(random_bundle):
+    def broken():
+        raise RuntimeError("no such model")
+
+    with running(ServeSettings(random_bundle), wait_ready=False, engine=Engine(broken)) as (url, srv):
+        assert srv.engine.ready.wait(30)
+        resp = httpx.get(url + "/health")
+        assert resp.status_code == 503 and resp.json() == {"status": "failed", "error": "RuntimeError: no such model"}
+
+
+def test_stop_text_holds_back_what_could_start_a_stop_string():
+    text = StopText(("END", "xy"))
+    assert text.add("abc") == "a"  # "bc" could be the start of "END": held back
+    assert text.add("E") == "b"
+    assert text.add("N") == "c"
+    assert text.add("Dzz") == "" and text.stopped and text.text == "abc"  # cut where END starts
+    plain = StopText(())
+    assert plain.add("abc") == "abc" and plain.flush() == ""
+    late = StopText(("xy",))
+    assert late.add("ax") == "a" and late.flush() == "x"  # the end of the answer releases what was held
+
+
+def test_sampling_options_follow_openai_semantics():
+    from phi_pipeline.runtime import Sampling
+
+    assert Sampling().search_options() == {}
+    assert Sampling(temperature=0, seed=3).search_options() == {"do_sample": False}
+    assert Sampling(temperature=0.7).search_options() == {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
+    assert Sampling(top_p=0.9, seed=1).search_options() == {"do_sample": True, "temperature": 1.0, "top_k": 0,
+                                                             "top_p": 0.9, "random_seed": 1}
+
+
+def test_serve_cli_refuses_bad_arguments_with_exit_code_2(tmp_path, capsys):
+    from phi_pipeline.cli import main
+
+    assert main(["serve", str(tmp_path)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--max-active", "0", "--max-queue", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-active must be >= 1" in err and "--max-queue must be >= 0" in err
