@@ -223,7 +223,6 @@ class BundleModel(GenaiModel):
         # e.g. a webgpu or cuda bundle checked on a CPU-only build machine: same graph, CPU kernels
         self.cpu_fallback = needs_cpu_fallback(self.manifest.get("execution_provider", "CPUExecutionProvider"))
         super().__init__(model_dir, threads=threads, provider="cpu" if self.cpu_fallback else None)
-        self.threads = threads
         self.formats: dict[str, dict[str, Any]] = {}
         for a in self.manifest["adapters"]:
             if "file" in a:

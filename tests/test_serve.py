@@ -183,6 +183,7 @@ def test_errors_come_in_openai_shape(server, oa):
     with pytest.raises(openai.BadRequestError) as exc:
         oa.completions.create(model=BASE, prompt="a " * 3000, max_tokens=4)
     assert exc.value.code == "context_length_exceeded" and "1024" in exc.value.message
+    assert _error(_raw(url, "/v1/completions", {"model": BASE, "prompt": ""}), 400)["param"] == "prompt"
     with pytest.raises(openai.BadRequestError) as exc:
         oa.completions.create(model=BASE, prompt="a", max_tokens=65)
     assert exc.value.param == "max_tokens"
@@ -324,7 +325,7 @@ def test_serving_bench_reports_every_level_and_the_mixing_cost(random_bundle, tm
         assert level["output_tokens"] == 4 * level["requests"]  # min_tokens: exactly new_tokens each
         assert level["output_tok_s"] == pytest.approx(level["output_tokens"] / level["wall_s"], rel=0.05)
         assert 0 < level["ttft_s"]["p50"] <= level["latency_s"]["p50"] and level["latency_s"]["p95"] > 0
-    assert result["prompt_tokens"] == [8] and result["speedup_vs_sequential"]["1"] == 1.0
+    assert all(4 <= n <= 12 for n in result["prompt_tokens"]) and result["speedup_vs_sequential"]["1"] == 1.0
     assert isinstance(result["mixing_cost"], float)
     report = "\n".join(report_lines(result))
     assert "| mixed, 2 | 4 |" in report and f"| {CHAT_ADAPTER} only, 2 |" in report and "Cost of mixing" in report

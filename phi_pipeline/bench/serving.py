@@ -32,7 +32,6 @@ from phi_pipeline.bench.stats import load_average
 
 CONCURRENCY = (1, 2, 4, 8)
 REQUESTS_PER_CLIENT = 2  # per level and repetition: each client sends this many requests
-WORDS = "the a cat dog sat ran on under red blue small big house garden day night".split()
 
 
 @dataclass(frozen=True)
@@ -56,15 +55,18 @@ def free_port() -> int:
 
 
 def prompts(bundle: Path, length: int, count: int) -> list[tuple[str, int]]:
-    """`count` different texts of exactly `length` tokens of the bundle's tokenizer (cut at a token)."""
+    """`count` different texts of about `length` tokens of the bundle's tokenizer, made of its own
+    word tokens (so any tokenizer knows them), with their exact token counts."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    special = set(tok.get_added_tokens_decoder())
+    words = sorted(i for i in tok.get_vocab().values() if i not in special and tok.decode([i]).strip().isalpha())
     out = []
     for i in range(count):
-        words = [WORDS[(i * 7 + j * (i + 3)) % len(WORDS)] for j in range(4 * length)]
-        ids = tok.encode(" ".join(words), add_special_tokens=False).ids[:length]
-        text = tok.decode(ids)
+        ids = [words[(i * 7 + j * 13) % len(words)] for j in range(2 * length)]
+        cut = tok.encode(tok.decode(ids), add_special_tokens=False).ids[:length]
+        text = tok.decode(cut)
         out.append((text, len(tok.encode(text, add_special_tokens=False).ids)))
     return out
 

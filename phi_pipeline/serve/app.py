@@ -20,10 +20,13 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phi_pipeline.bundle import MANIFEST
 from phi_pipeline.runtime import BundleModel, PromptFormatError, Sampling
-from phi_pipeline.serve.engine import Delta, Engine, EngineSettings, Failed, Finished, Job, NotAccepting, QueueFull
+from phi_pipeline.serve.engine import (
+    Delta, Engine, EngineSettings, Failed, Finished, Handle, Job, NotAccepting, QueueFull,
+)
 from phi_pipeline.serve.protocol import (
     ChatCompletionRequest, Completion, CompletionRequest, UnsupportedOption, error_body, model_card, now,
 )
@@ -180,18 +183,20 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
         if limit is not None and limit > settings.max_tokens:
             raise APIError(400, f"{param}={limit} is more than this server allows ({settings.max_tokens}; "
                            "see phi-pipeline serve --max-tokens)", param=param, code="invalid_value")
-        if not prompt or len(prompt) + (limit or 1) > context:
+        where = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+        if not prompt:
+            raise APIError(400, "the prompt is empty: give some text", param=where)
+        if len(prompt) + (limit or 1) > context:
             asked = f"{len(prompt)} in the prompt" + (f" + {limit} to generate" if limit else "")
             raise APIError(400, f"This model's maximum context length is {context} tokens; the request needs "
-                           f"{asked}. Shorten the prompt or lower {param}.", param="messages"
-                           if isinstance(body, ChatCompletionRequest) else "prompt", code="context_length_exceeded")
+                           f"{asked}. Shorten the prompt or lower {param}.", param=where, code="context_length_exceeded")
         max_tokens = limit if limit is not None else min(settings.max_tokens, context - len(prompt))
         sampling = Sampling(body.temperature, body.top_p, body.top_k, body.seed)
         if body.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens={body.min_tokens} is more than max_tokens={max_tokens}", param="min_tokens")
         return Job(prompt, adapter, max_tokens, sampling, tuple(body.stop_list), body.min_tokens)
 
-    def _submit(job: Job) -> Any:
+    def _submit(job: Job) -> Handle:
         try:
             return engine.submit(job, asyncio.get_running_loop())
         except QueueFull:
@@ -207,7 +212,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
         handle = _submit(job)
         out = Completion(chat, model_id)
         if body.stream:
-            return EventSourceResponse(_stream(handle, out, body.include_usage))
+            return _Stream(_stream(handle, out, body.include_usage), handle)
         watcher = asyncio.create_task(_watch_disconnect(request, handle))
         try:
             text = []
@@ -243,10 +248,10 @@ class BodyLimit:
     """413 in OpenAI's shape for bodies past `max_bytes`. Not FastAPI's max_body_size: that one answers
     a too-large Content-Length in plain text, which OpenAI clients cannot parse."""
 
-    def __init__(self, app: Any, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -257,7 +262,7 @@ class BodyLimit:
             return
         seen = 0
 
-        async def counted() -> Any:
+        async def counted() -> Message:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
@@ -272,33 +277,43 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return format_sse_event(data_str=data if isinstance(data, str) else json.dumps(data))
 
 
-async def _stream(handle: Any, out: Completion, include_usage: bool) -> AsyncIterator[bytes]:
+class _Stream(EventSourceResponse):
+    """A stream that cancels its request however it ends: the client went away (even before the
+    first event) or the response was cancelled; a no-op once the request has finished."""
+
+    def __init__(self, content: AsyncIterator[bytes], handle: Handle):
+        super().__init__(content)
+        self.handle = handle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.handle.cancel()
+
+
+async def _stream(handle: Handle, out: Completion, include_usage: bool) -> AsyncIterator[bytes]:
     """OpenAI's stream: the role first (chat), content deltas, the finish reason, usage if asked,
-    [DONE]. A failure mid-stream ends it with an error event. Leaving early (the client went away)
-    cancels the request, which frees its generator at the engine's next round."""
-    try:
-        first = out.chat
-        if first:
-            yield _sse(out.chunk(None, first=True, include_usage=include_usage))
-        while True:
-            event = await handle.events.get()
-            if isinstance(event, Delta):
-                yield _sse(out.chunk(event.text, include_usage=include_usage))
-            elif isinstance(event, Finished):
-                yield _sse(out.chunk(None, event.finish_reason, include_usage=include_usage))
-                if include_usage:
-                    yield _sse(out.usage_chunk(event.prompt_tokens, event.completion_tokens))
-                break
-            else:
-                assert isinstance(event, Failed)
-                yield _sse(error_body(event.message, "server_error", code="engine_error"))
-                break
-        yield _sse("[DONE]")
-    finally:
-        handle.cancel()
+    [DONE]. A failure mid-stream ends it with an error event."""
+    if out.chat:
+        yield _sse(out.chunk(None, first=True, include_usage=include_usage))
+    while True:
+        event = await handle.events.get()
+        if isinstance(event, Delta):
+            yield _sse(out.chunk(event.text, include_usage=include_usage))
+        elif isinstance(event, Finished):
+            yield _sse(out.chunk(None, event.finish_reason, include_usage=include_usage))
+            if include_usage:
+                yield _sse(out.usage_chunk(event.prompt_tokens, event.completion_tokens))
+            break
+        else:
+            assert isinstance(event, Failed)
+            yield _sse(error_body(event.message, "server_error", code="engine_error"))
+            break
+    yield _sse("[DONE]")
 
 
-async def _watch_disconnect(request: Request, handle: Any) -> None:
+async def _watch_disconnect(request: Request, handle: Handle) -> None:
     """Cancel `handle` when the client of a non-streamed request goes away."""
     while True:
         message = await request.receive()

@@ -118,7 +118,7 @@ class Handle:
     def cancel(self) -> None:
         self.cancelled.set()
 
-    def _emit(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
         try:
             self._loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -260,7 +260,7 @@ class Engine:
             slot.produced += 1
             piece = text.add(slot.stream.decode(token))
             if piece:
-                slot.handle._emit(Delta(piece))
+                slot.handle.emit(Delta(piece))
             if text.stopped:
                 self._close(slot, "stop")
             elif generation.done:
@@ -273,7 +273,7 @@ class Engine:
         assert slot.text is not None
         rest = slot.text.flush()
         if rest:
-            slot.handle._emit(Delta(rest))
+            slot.handle.emit(Delta(rest))
         self._finish(slot, Finished(reason, len(slot.job.prompt), slot.produced))
 
     def _finish(self, slot: _Slot, event: Event) -> None:
@@ -281,7 +281,7 @@ class Engine:
         if slot in self._active:
             self._active.remove(slot)
         slot.generation = slot.stream = None
-        slot.handle._emit(event)
+        slot.handle.emit(event)
         with self._cv:
             self._accepted -= 1
             if self._accepted == 0:

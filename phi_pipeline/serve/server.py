@@ -32,7 +32,10 @@ class DrainingServer(uvicorn.Server):
         self.engine = engine
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        if self.engine.state != "ready":  # loading, failed, or a second signal while draining
+        if self.engine.state == "draining":  # a second signal: stop now, unfinished streams are cut
+            self.should_exit = self.force_exit = True
+            return
+        if self.engine.state != "ready":  # loading or failed: nothing to drain
             super().handle_exit(sig, frame)
             return
         log.info("draining: %d request(s) to finish; new ones get 503 (signal again to stop now)", self.engine.busy)
@@ -83,6 +86,7 @@ def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     settings = ServeSettings(path, threads=threads, api_key=api_key, max_tokens=max_tokens,
                              engine=EngineSettings(max_active=max_active, max_queue=max_queue))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # uvicorn's look
     server = build_server(settings, host, port)
     ids = [manifest["pipeline"], *(a["name"] for a in manifest["adapters"])]
     shown = f"[{host}]" if ":" in host else host
