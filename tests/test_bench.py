@@ -135,12 +135,7 @@ def test_results_schema(results, tmp_path):
     assert all(0 < r["fraction_of_bound"] for r in model["roofline"])
 
     _check_rows(results["given_bundle"]["rows"])
-    serving = results["serving"]
-    assert "error" not in serving, serving.get("error")
-    assert list(serving["mixed"]) == ["1", "2", "4", "8"] and len(serving["one_model"]) == 3  # base, r8, r16
-    assert all(level["failed"] == 0 for level in serving["mixed"].values())
     report = (tmp_path / "bench" / "report.md").read_text()
-    assert "## Serving: concurrent clients, mixed adapters" in report
     assert report.startswith("# phi-pipeline benchmark") and "Projection packing (lora_packing)" in report
     assert (tmp_path / "bench" / "decode.png").stat().st_size > 0
 
