@@ -123,8 +123,17 @@ def test_seeded_sampling_repeats_and_differs_from_greedy(oa):
     assert len({sample(s) for s in range(4)}) > 1
 
 
-def test_concurrent_mixed_adapter_clients_get_their_solo_outputs(server, oa):
+def test_concurrent_mixed_adapter_clients_get_their_solo_outputs(server, oa, monkeypatch):
     """8 clients at once, 3 models, chat and completions, streamed and not: each gets what it got alone."""
+    from phi_pipeline import runtime
+
+    real = runtime.Generation.step
+
+    def paced(self):  # requests long enough to overlap however the client threads get scheduled
+        time.sleep(0.002)
+        return real(self)
+
+    monkeypatch.setattr(runtime.Generation, "step", paced)
     jobs = [(MODELS[i % 3], f"{'abcdefgh'[i]} {'hgfedcba'[i]} c", i % 2 == 0, i % 4 < 2) for i in range(8)]
 
     def run(job):
@@ -262,9 +271,9 @@ def test_drain_finishes_running_requests_and_refuses_new_ones(random_bundle, mon
         return real(self)
 
     monkeypatch.setattr(runtime.Generation, "step", slow)
-    with running(ServeSettings(random_bundle, max_tokens=200)) as (url, srv):
+    with running(ServeSettings(random_bundle, max_tokens=400)) as (url, srv):
         oa = client(url)
-        kw = dict(model=CHAT_ADAPTER, prompt="a", max_tokens=200, temperature=0, extra_body={"min_tokens": 200})
+        kw = dict(model=CHAT_ADAPTER, prompt="a", max_tokens=400, temperature=0, extra_body={"min_tokens": 400})
         alone = oa.completions.create(**kw).choices[0].text
         stream = oa.completions.create(stream=True, **kw)
         chunks = iter(stream)
@@ -347,7 +356,7 @@ def test_long_prompt_goes_in_chunks_and_a_short_request_is_not_stuck_behind_a_lo
 
     monkeypatch.setattr(runtime.Generation, "feed", counted)
     monkeypatch.setattr(runtime.Generation, "step", paced)
-    settings = ServeSettings(random_bundle, max_tokens=400, engine=EngineSettings(prefill_chunk=16))
+    settings = ServeSettings(random_bundle, max_tokens=1000, engine=EngineSettings(prefill_chunk=16))
     with running(settings) as (url, srv):
         oa = client(url)
         prompt = " ".join("abcdefgh"[i % 8] for i in range(300))
@@ -355,8 +364,8 @@ def test_long_prompt_goes_in_chunks_and_a_short_request_is_not_stuck_behind_a_lo
         n = whole.usage.prompt_tokens
         assert feeds.count(n) == -(-n // 16)  # ceil(n / 16) model runs for the prompt
 
-        long = oa.completions.create(model=BASE, prompt="a", max_tokens=400, temperature=0, stream=True,
-                                     extra_body={"min_tokens": 400})
+        long = oa.completions.create(model=BASE, prompt="a", max_tokens=1000, temperature=0, stream=True,
+                                     extra_body={"min_tokens": 1000})
         chunks = iter(long)
         next(chunks)
         short = oa.completions.create(model=CHAT_ADAPTER, prompt="b", max_tokens=2, temperature=0, extra_body={"min_tokens": 2})
