@@ -106,7 +106,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
 
     app = FastAPI(title=f"phi-pipeline serve: {base_id}", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.state.engine, app.state.settings, app.state.models = engine, settings, models
+    app.state.engine = engine  # server.py drains it on Ctrl-C
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
