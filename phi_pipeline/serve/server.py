@@ -94,6 +94,8 @@ def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key
     print(f"  models: {', '.join(ids)} (base: {ids[0]})", file=sys.stderr)
     print(f"  decoder threads: {threads or 'onnxruntime-genai default (1 on CPU)'}; max active {max_active}, "
           f"queue {max_queue}; API key {'required' if api_key else 'off'}", file=sys.stderr)
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"  warning: --host {host} takes requests from other machines and no --api-key is set", file=sys.stderr)
     threading.Thread(target=_exit_if_load_fails, args=(server,), daemon=True).start()
     server.run()
     engine = server.engine
