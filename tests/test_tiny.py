@@ -134,3 +134,30 @@ def test_tiny_tokenizer_has_phi3_chat_template_and_special_tokens(tiny_builds):
     text = "<|user|>\nthe hot drink<|end|>\n"
     assert tok(text)["input_ids"][0] == ids["<|user|>"] and tok.decode(tok(text)["input_ids"]) == text
     assert all(len(tok(" " + w)["input_ids"]) == 1 for w in _words(all_datasets()["antonyms"][0]))
+
+
+@pytest.mark.slow
+def test_short_finetune_adapter_is_byte_identical_when_rerun(fast_project, tmp_path, monkeypatch):
+    """The fast spec's first adapter (a few seeded steps), trained again from scratch: the same bytes."""
+    import shutil
+
+    from phi_pipeline.configs import finetune_file
+    from phi_pipeline.pipeline import ADAPTER_FILES, load_plan
+    from phi_pipeline.runner import run_olive
+
+    project = tmp_path / "project"
+    shutil.copytree(fast_project, project, ignore=shutil.ignore_patterns("dist"))
+    monkeypatch.chdir(project)
+    plan = load_plan("pipelines/fast.yaml", "cpu")
+    adapter = plan.adapters[0]
+    manifest = json.loads((fast_project / plan.paths.bundle_dir / "manifest.json").read_text())
+    cached = plan.paths.cache_dir / "adapters" / manifest["adapters"][0]["cache_key"] / "adapter"
+    out = plan.paths.finetune_dir(adapter.name) / "adapter"
+    shutil.rmtree(out.parent, ignore_errors=True)
+    run_olive(
+        plan.paths.configs_dir / finetune_file(adapter.name), tmp_path / "finetune.log",
+        [out / name for name in ADAPTER_FILES],
+        offline=True, hf_cache=plan.paths.hf_cache_dir, seed=adapter.spec.training.seed,
+    )
+    for name in ADAPTER_FILES:
+        assert file_sha256(out / name) == file_sha256(cached / name), name
