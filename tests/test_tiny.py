@@ -161,3 +161,14 @@ def test_short_finetune_adapter_is_byte_identical_when_rerun(fast_project, tmp_p
     )
     for name in ADAPTER_FILES:
         assert file_sha256(out / name) == file_sha256(cached / name), name
+
+
+@pytest.mark.slow
+def test_default_adapters_answer_most_eval_rows_and_the_base_does_not(tiny_bundle):
+    """The embedded default's bar (int4 ONNX, greedy): tone >= 0.90 and antonyms >= 0.70 exact match."""
+    summary = json.loads((tiny_bundle / "manifest.json").read_text())["evaluation"]["adapters"]
+    bar = {"tone": 0.90, "antonyms": 0.70}
+    for name, minimum in bar.items():
+        figures = summary[name]
+        assert figures["metric"] == "exact_match", name
+        assert figures["adapter_onnx"] >= minimum and figures["base_onnx"] <= 0.10, (name, figures)
