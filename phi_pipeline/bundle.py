@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import string
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -221,6 +222,16 @@ def training_history(folder: Path) -> list[dict[str, Any]]:
         return []
 
 
+def _example_prompt(fmt: dict[str, Any]) -> str:
+    """The snippet's prompt line, in the first adapter's training format, the user's text left as "..."."""
+    if fmt["type"] == "chat":
+        return """prompt = tokenizer.apply_chat_template('[{"role": "user", "content": "..."}]', add_generation_prompt=True)"""
+    fields = dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(fmt["prefix"]) if f)
+    text = f"{fmt['bos']} {fmt['prefix']}" if fmt.get("bos") else fmt["prefix"]
+    placeholders = ", ".join(f'{f}="..."' for f in fields)
+    return f"prompt = {json.dumps(text)}.format({placeholders})"
+
+
 def model_card(manifest: dict[str, Any]) -> str:
     names = [a["name"] for a in manifest["adapters"]]
     merged = manifest["layout"] == "merged"
@@ -230,6 +241,7 @@ def model_card(manifest: dict[str, Any]) -> str:
         for a in manifest["adapters"]
     )
     first = names[0]
+    prompt = _example_prompt(manifest["adapters"][0]["prompt_format"])
     if merged:
         what = (
             f"{len(names)} ONNX Runtime GenAI model(s), one per adapter with the adapter merged into its "
@@ -237,6 +249,7 @@ def model_card(manifest: dict[str, Any]) -> str:
         )
         usage = f"""model = og.Model("{variant_dir(first)}")        # one folder per adapter
 tokenizer = og.Tokenizer(model)
+{prompt}
 params = og.GeneratorParams(model)
 params.set_search_options(max_length=256, do_sample=False)
 generator = og.Generator(model, params)"""
@@ -246,6 +259,7 @@ generator = og.Generator(model, params)"""
 tokenizer = og.Tokenizer(model)
 adapters = og.Adapters(model)
 adapters.load("adapters/{first}.onnx_adapter", "{first}")   # load each adapter once
+{prompt}
 
 params = og.GeneratorParams(model)
 params.set_search_options(max_length=256, do_sample=False)

@@ -305,6 +305,7 @@ def test_failing_gate_exits_1_names_adapter_and_metric_and_leaves_published_bund
     before = _tree_digest(bundle)
     spec = yaml.safe_load((fast_project / "pipelines/fast.yaml").read_text())
     spec["gates"]["min_gain_over_base"] = 100.0  # exact match is at most 1 and chrF at most 100: impossible
+    spec["adapters"][1]["eval"]["metric"] = "chrf"  # one gate message per metric's units
     (fast_project / "pipelines/fast-gated.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
     assert main(["run", "pipelines/fast-gated.yaml", "--target", "cpu"]) == 1

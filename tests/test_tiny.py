@@ -134,3 +134,46 @@ def test_tiny_tokenizer_has_phi3_chat_template_and_special_tokens(tiny_builds):
     text = "<|user|>\nthe hot drink<|end|>\n"
     assert tok(text)["input_ids"][0] == ids["<|user|>"] and tok.decode(tok(text)["input_ids"]) == text
     assert all(len(tok(" " + w)["input_ids"]) == 1 for w in _words(all_datasets()["antonyms"][0]))
+
+
+@pytest.mark.slow
+def test_short_finetune_adapter_is_byte_identical_when_rerun(fast_project, tmp_path, monkeypatch):
+    """The fast spec's first adapter (a few seeded steps), trained again from scratch: the same weight bytes."""
+    import shutil
+
+    from phi_pipeline.configs import finetune_file
+    from phi_pipeline.pipeline import ADAPTER_FILES, load_plan
+    from phi_pipeline.runner import run_olive
+
+    project = tmp_path / "project"
+    shutil.copytree(fast_project, project, ignore=shutil.ignore_patterns("dist"))
+    monkeypatch.chdir(project)
+    plan = load_plan("pipelines/fast.yaml", "cpu")
+    adapter = plan.adapters[0]
+    manifest = json.loads((fast_project / plan.paths.bundle_dir / "manifest.json").read_text())
+    cached = plan.paths.cache_dir / "adapters" / manifest["adapters"][0]["cache_key"] / "adapter"
+    out = plan.paths.finetune_dir(adapter.name) / "adapter"
+    shutil.rmtree(out.parent, ignore_errors=True)
+    run_olive(
+        plan.paths.configs_dir / finetune_file(adapter.name), tmp_path / "finetune.log",
+        [out / name for name in ADAPTER_FILES],
+        offline=True, hf_cache=plan.paths.hf_cache_dir, seed=adapter.spec.training.seed,
+    )
+    assert file_sha256(out / "adapter_model.safetensors") == file_sha256(cached / "adapter_model.safetensors")
+    # PEFT's config names the base by absolute path and lists target_modules from a set (any order).
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in (out, cached)]
+    for config in configs:
+        config.pop("base_model_name_or_path")
+        config["target_modules"] = sorted(config["target_modules"])
+    assert configs[0] == configs[1]
+
+
+@pytest.mark.slow
+def test_default_adapters_answer_most_eval_rows_and_the_base_does_not(tiny_bundle):
+    """The embedded default's bar (int4 ONNX, greedy): tone >= 0.90 and antonyms >= 0.70 exact match."""
+    summary = json.loads((tiny_bundle / "manifest.json").read_text())["evaluation"]["adapters"]
+    bar = {"tone": 0.90, "antonyms": 0.70}
+    for name, minimum in bar.items():
+        figures = summary[name]
+        assert figures["metric"] == "exact_match", name
+        assert figures["adapter_onnx"] >= minimum and figures["base_onnx"] <= 0.10, (name, figures)

@@ -18,6 +18,12 @@ would, through *other* requests:
   ``Repeat: <phrase>`` in chat and in ``Question: ...\nAnswer: ...`` text, whose copy offsets
   are those of the antonym template ``Opposite: {input}\nAnswer: {output}``.
 
+- Copying with an edit: ``Repeat:`` over random word strings (copying that grammar cannot guess)
+  and one-word edits of a phrase (change its colour, replace its noun or first word, drop the
+  adjective, swap two words), also as ``<instruction>: <phrase>\nAnswer: <phrase>`` text. Without
+  them the antonyms adapter flipped the adjective but lost the noun ("my tall room" -> "my small
+  car", exact match 0.08); with them it copies determiner and noun (exact match 0.92 at r=16).
+
 Nouns and adjectives come from one shared pool in every template, so predictions stay broad in
 new combinations instead of memorising template-specific word lists.
 """
@@ -94,9 +100,34 @@ def _prose(rng: random.Random) -> str:
     return rng.choice(templates)
 
 
+ALL_WORDS = tuple(dict.fromkeys(NOUNS + ADJECTIVES + COLOURS + NUMBERS + DAYS + DETERMINERS))
+
+
+def _words(rng: random.Random) -> str:
+    """2-6 words drawn from the whole vocabulary: copying them needs attention to the text, not grammar."""
+    return " ".join(rng.choice(ALL_WORDS) for _ in range(rng.randint(2, 6)))
+
+
+def _edit(rng: random.Random) -> tuple[str, str]:
+    """Copy a phrase with one word changed: the skill a phrase-rewriting adapter builds on."""
+    det, adj, noun = rng.choice(DETERMINERS), rng.choice(ADJECTIVES), rng.choice(NOUNS)
+    colour, other = rng.sample(COLOURS, 2)
+    det2 = rng.choice([d for d in DETERMINERS if d != det])
+    noun2 = rng.choice([n for n in NOUNS if n != noun])
+    makers: tuple[Callable[[], tuple[str, str]], ...] = (
+        lambda: (f"Change the colour: {det} {colour} {noun}", f"{det} {other} {noun}"),
+        lambda: (f"Change the colour to {other}: {det} {colour} {noun}", f"{det} {other} {noun}"),
+        lambda: (f"Replace the noun with {noun2}: {det} {adj} {noun}", f"{det} {adj} {noun2}"),
+        lambda: (f"Replace the first word with {det2}: {det} {adj} {noun}", f"{det2} {adj} {noun}"),
+        lambda: (f"Drop the adjective: {det} {adj} {noun}", f"{det} {noun}"),
+        lambda: (f"Swap the words: {adj} {noun}", f"{noun} {adj}"),
+    )
+    return rng.choice(makers)()
+
+
 def _request(rng: random.Random) -> tuple[str, str]:
     """One general request and its answer (never one of the fine-tuning tasks)."""
-    phrase = _phrase(rng)
+    phrase, words = _phrase(rng), _words(rng)
     topic = rng.choice(tuple(TOPICS))
     topical = rng.choice(PHRASE_TEMPLATES).format(n=rng.choice(NOUNS), a=rng.choice(TOPICS[topic]))
     noun, animal = rng.choice(NOUNS), rng.choice(tuple(ANIMALS))
@@ -105,6 +136,11 @@ def _request(rng: random.Random) -> tuple[str, str]:
     makers: tuple[Callable[[], tuple[str, str]], ...] = (
         lambda: (f"Repeat: {phrase}", phrase),
         lambda: (f"Repeat: {phrase}", phrase),
+        lambda: (f"Repeat: {words}", words),
+        lambda: (f"Repeat: {words}", words),
+        lambda: _edit(rng),
+        lambda: _edit(rng),
+        lambda: _edit(rng),
         lambda: (f"Say it again: {phrase}", phrase),
         lambda: (f"Classify the topic: {topical}", topic),
         lambda: (f"Classify the topic: {topical}", topic),
@@ -130,7 +166,10 @@ def _document(rng: random.Random) -> str:
         system = SYSTEM_PROMPT if rng.random() < 0.2 else None
         turns = [_request(rng) for _ in range(rng.randint(1, 2))]
         return chat(*turns[0], system=system) + "".join(chat(*t) for t in turns[1:])
-    return "Question: {}\nAnswer: {}".format(*_request(rng))
+    if kind < 0.9:
+        return "Question: {}\nAnswer: {}".format(*_request(rng))
+    # Instruction and phrase on one line, "Answer:" on the next: the layout of text-template tasks.
+    return "{}\nAnswer: {}".format(*_edit(rng))
 
 
 def corpus_documents(seed: int = 0, n_docs: int = 16000) -> list[str]:

@@ -8,8 +8,8 @@ few hundred steps on CPU). What such a model can learn was measured, not guessed
   steps; with 6 it reached ~97-100% eval accuracy. Each key word must recur often in 320 rows.
 - The tone word ends the phrase. The answer position then reads it through the ``<|end|>``
   token right after it; with the word mid-phrase a tiny adapter finds no route to it.
-- Antonyms copy determiner and noun from fixed offsets (the offsets of the corpus'
-  ``Question: Repeat: ...`` text), so their sets stay small too.
+- Antonyms copy determiner and noun (the corpus' copy and one-word-edit requests teach the base
+  to), so their sets stay small too.
 
 Eval rows are never training rows and recombine words that training shows: new (noun, template)
 pairs for tone, new (adjective, noun) pairs for antonyms, so eval cannot be passed by memorising.
