@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="runs of the tiny pipeline and of the same Olive workflows by hand (0 skips; default 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="intra-op threads of the tuned configurations (default: the core count)")
+    p.add_argument("--peer", choices=["llama.cpp"],
+                   help="also build llama.cpp once (cmake, minutes) and run it against the int4 bundle in the same "
+                   "rounds: decode, first token, size, adapter cost (needs the `peer` extra: sentencepiece)")
 
 
 def bench_cli(args: argparse.Namespace) -> int:
@@ -52,7 +55,7 @@ def bench_cli(args: argparse.Namespace) -> int:
     run_bench(BenchOptions(
         bundle=args.bundle, out_dir=args.out, size=args.size, reps=args.reps, prompt_lens=args.prompt_lens,
         new_tokens=args.new_tokens, device=args.device, work_dir=args.work_dir, pipeline_reps=args.pipeline_reps,
-        threads=args.threads,
+        threads=args.threads, peer=args.peer,
     ))
     return 0
 

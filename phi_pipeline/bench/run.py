@@ -44,6 +44,8 @@ class BenchOptions:
     pipeline_reps: int = 1
     """0 skips the pipeline-cost section (it runs the tiny pipeline twice: minutes)."""
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    peer: str | None = None
+    """"llama.cpp": also build llama.cpp and run it against the bundle (peer.py)."""
 
 
 def _say(message: str) -> None:
@@ -242,7 +244,20 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
         "derived": derived(rows, opts),
         "adapter_costs": costs,
         "roofline": roofline_rows(rows, onnx, bandwidth, opts),
+        "accuracy": accuracy_proxies(onnx, opts),
     }
+
+
+def accuracy_proxies(onnx: dict[str, Path], opts: BenchOptions) -> dict[str, Any]:
+    """The int4 export against the reference precision's on random prompts (accuracy.py)."""
+    from phi_pipeline.bench.accuracy import compare
+
+    low, reference = PRECISIONS[opts.device]
+    _say(f"accuracy proxies: {low} vs {reference}")
+    try:
+        return compare(onnx[reference], onnx[low], threads=opts.threads)
+    except Exception:  # a figure beside the timings: its failure must not lose them
+        return {"error": traceback.format_exc()[-4000:]}
 
 
 def unpacked_reference(export: ExportedBundle, peft_adapter: Path, out: Path) -> dict[str, Path] | None:
@@ -338,6 +353,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                    key=lambda b: b["gb_per_s"]["median"])
         results["given_bundle"] = _section(f"given bundle {opts.bundle}", lambda: bench_given_bundle(opts))
         results["benchmark_model"] = _section(f"benchmark model {opts.size}", lambda: bench_model(opts, best))
+        if opts.peer:
+            from phi_pipeline.bench.peer import bench_peer
+
+            results["peer"] = _section(f"peer {opts.peer}", lambda: bench_peer(opts, _say))
         if opts.pipeline_reps > 0 and opts.device == "cpu":
             results["pipeline_costs"] = _section("pipeline costs", lambda: measure_pipeline_costs(
                 opts.project_root.resolve(), opts.work_dir.resolve() / "pipeline", reps=opts.pipeline_reps))
