@@ -141,6 +141,7 @@ def sentencepiece_model(hf_dir: Path, out: Path, *, seed: int = 0) -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    model_vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     specials = sorted(tokenizer.added_tokens_decoder.items())
     if [i for i, _ in specials] != list(range(len(specials))) or not specials:
         raise PeerError(f"{hf_dir}: special tokens {[(i, t.content) for i, t in specials]} are not ids 0..k-1; "
@@ -151,9 +152,10 @@ def sentencepiece_model(hf_dir: Path, out: Path, *, seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(out.with_suffix("")), model_type="bpe",
-        vocab_size=len(tokenizer), hard_vocab_limit=False, byte_fallback=True,
+        # a soft limit; never above the model's rows (the converter indexes its table by piece id)
+        vocab_size=min(len(tokenizer), model_vocab), hard_vocab_limit=False,
         unk_id=0, unk_piece=specials[0][1].content, bos_id=-1, eos_id=-1, pad_id=-1,
-        user_defined_symbols=[t.content for _, t in specials[1:]], minloglevel=2, random_seed=seed,
+        user_defined_symbols=[t.content for _, t in specials[1:]], minloglevel=2,
     )
     return out
 
@@ -227,19 +229,19 @@ def llama_bench(peer: LlamaCpp, model: Path, opts: "BenchOptions", log: Path) ->
     return out
 
 
-_PROMPT_EVAL = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
-_EVAL = re.compile(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs")
+_PROMPT_EVAL = re.compile(r"^\S+: prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", re.M)
+_EVAL = re.compile(r"^\S+:\s+eval time =\s*([\d.]+) ms /\s*(\d+) runs", re.M)
 
 
 def parse_completion_timings(text: str) -> dict[str, float]:
-    """llama-completion's perf print -> {"ttft_s", "prompt_tokens", "decode_tok_s"}."""
-    prompt = _PROMPT_EVAL.search(text)
-    evals = [m for m in _EVAL.finditer(text) if "prompt" not in text[max(0, m.start() - 7):m.start()]]
-    if prompt is None or not evals:
+    """llama-completion's perf print (llama_perf_context_print) -> {"ttft_s", "prompt_tokens", "decode_tok_s"}:
+    the prompt evaluation yields the first token, each later "run" one more."""
+    prompts, evals = _PROMPT_EVAL.findall(text), _EVAL.findall(text)
+    if not prompts or not evals:
         raise PeerError(f"no llama.cpp timings in its output:\n{text[-1500:]}")
-    ms, runs = float(evals[-1].group(1)), int(evals[-1].group(2))
-    return {"ttft_s": float(prompt.group(1)) / 1000, "prompt_tokens": int(prompt.group(2)),
-            "decode_tok_s": runs / (ms / 1000) if ms else 0.0}
+    (p_ms, p_tokens), (ms, runs) = prompts[-1], evals[-1]
+    return {"ttft_s": float(p_ms) / 1000, "prompt_tokens": int(p_tokens),
+            "decode_tok_s": int(runs) / (float(ms) / 1000) if float(ms) else 0.0}
 
 
 def prompt_text(hf: Path, length: int, seed: int = 0) -> str:
