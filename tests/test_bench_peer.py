@@ -101,7 +101,7 @@ def test_peer_section_compares_the_tiny_bundle_with_llama_cpp(tmp_path, monkeypa
     work = tmp_path / "work"
     work.mkdir()
     (work / "llama.cpp").symlink_to(built)
-    opts = run.BenchOptions(bundle=_tokenizer(tmp_path / "tokenizer"), size="tiny", reps=1, prompt_lens=(16, 32),
+    opts = run.BenchOptions(bundle=_tokenizer(tmp_path / "tokenizer"), size="tiny", peer_rounds=1, prompt_lens=(16, 32),
                             new_tokens=8, work_dir=work, project_root=ROOT, threads=2, peer="llama.cpp")
     result = peer.bench_peer(opts, lambda message: None)
     assert result["bundle_session_options"]["intra_op_num_threads"] == 0  # the bundle as shipped

@@ -216,9 +216,11 @@ def llama_bench(peer: LlamaCpp, model: Path, opts: "BenchOptions", log: Path) ->
     lens = ",".join(map(str, opts.prompt_lens))
     common = [str(peer.tool("llama-bench")), "-m", str(model), "-t", str(opts.threads), "-r", "1", "-o", "json"]
     out: dict[str, dict[str, float]] = {str(n): {} for n in opts.prompt_lens}
-    for args, key in (([ "-p", lens, "-n", "0"], "pp"), (["-p", "0", "-n", str(opts.new_tokens), "-d", lens], "tg")):
+    logged = []
+    for args, key in ((["-p", lens, "-n", "0"], "pp"), (["-p", "0", "-n", str(opts.new_tokens), "-d", lens], "tg")):
         proc = subprocess.run([*common, *args], capture_output=True, text=True)
-        log.write_text(proc.stdout + proc.stderr)
+        logged.append(proc.stdout + proc.stderr)
+        log.write_text("\n".join(logged))
         if proc.returncode != 0:
             raise PeerError(f"llama-bench failed (exit {proc.returncode}); log {log}:\n{proc.stderr[-2000:]}")
         for test in json.loads(proc.stdout):
@@ -250,7 +252,9 @@ def prompt_text(hf: Path, length: int, seed: int = 0) -> str:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(hf / "tokenizer.model"))
-    normal = [i for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))]
+    special = {i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i)
+               or sp.id_to_piece(i).startswith("<|")}  # and the chat tokens, which llama.cpp would parse as such
+    normal = [i for i in range(sp.get_piece_size()) if i not in special]
     ids = np.random.default_rng(seed + length).choice(normal, 2 * length).tolist()
     return sp.decode(sp.encode(sp.decode(ids))[: length - 1])  # llama.cpp adds BOS
 
@@ -385,7 +389,7 @@ def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, An
         "llama.cpp Q4_0 (llama-completion)": lambda i: completion("completion", i, None),
         "llama.cpp Q4_0 + r8 (llama-completion)": lambda i: completion("completion-r8", i, models.lora),
     }
-    rounds = measure_rounds(lambda name, i: runners[name](i), opts.reps, say)
+    rounds = measure_rounds(lambda name, i: runners[name](i), opts.peer_rounds, say)
     sizes = {"bundle_int4": folder_bytes(bundle, exclude=("adapters",)), "onnx_adapter_r8": adapter.stat().st_size,
              **{f"gguf_{q}": p.stat().st_size for q, p in models.gguf.items()}, "gguf_lora_r8": models.lora.stat().st_size}
     genai = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"].get("session_options", {})
@@ -393,7 +397,7 @@ def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, An
         "llama_cpp": {"llama-cpp-python sdist": version, "cmake_options": list(CMAKE_OPTIONS), "threads": opts.threads},
         "bundle": str(bundle),
         "bundle_session_options": genai,
-        "rounds": opts.reps,
+        "rounds": opts.peer_rounds,
         "sizes_bytes": sizes,
         **summarize(rounds, sizes, opts.prompt_lens),
         "raw_rounds": rounds,

@@ -46,6 +46,8 @@ class BenchOptions:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     peer: str | None = None
     """"llama.cpp": also build llama.cpp and run it against the bundle (peer.py)."""
+    peer_rounds: int = 5
+    """Interleaved rounds of the peer comparison (each runs every row once)."""
 
 
 def _say(message: str) -> None:
