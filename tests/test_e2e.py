@@ -130,16 +130,18 @@ def test_cpu_model_card_says_how_to_choose_the_threads(tiny_bundle):
     assert "intra_op_num_threads" in card and "--threads 1" in card
 
 
-THREADS_AFTER_GENERATE = r"""
+# Threads of a process holding the bundle loaded as `generate --threads N` loads it (N = 0: not given).
+THREADS_WHILE_LOADED = r"""
 import os, sys
-from phi_pipeline.cli import main
-main(["generate", sys.argv[1], "--prompt", "hello", "--max-new-tokens", "2", *sys.argv[2:]])
+from phi_pipeline.generate import BundleModel
+model = BundleModel(sys.argv[1], intra_op_threads=int(sys.argv[2]) or None)
+model.generate(model.user_prompt("hello", None), None, 2)
 print(len(os.listdir("/proc/self/task")))
 """
 
 
-def _threads_after_generate(bundle: Path, *args: str) -> int:
-    proc = subprocess.run([sys.executable, "-c", THREADS_AFTER_GENERATE, str(bundle), *args], capture_output=True, text=True)
+def _threads_while_loaded(bundle: Path, threads: int) -> int:
+    proc = subprocess.run([sys.executable, "-c", THREADS_WHILE_LOADED, str(bundle), str(threads)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.strip().splitlines()[-1])
 
@@ -149,5 +151,4 @@ def test_published_cpu_bundle_decodes_on_every_core_and_threads_1_overrides_it(t
     decoder = json.loads((tiny_bundle / "genai_config.json").read_text())["model"]["decoder"]
     assert decoder["session_options"]["intra_op_num_threads"] == 0  # onnxruntime: one intra-op thread per core
     # onnxruntime's intra-op pool starts threads beyond the caller's: one fewer with --threads 1
-    shipped = _threads_after_generate(tiny_bundle)
-    assert shipped > _threads_after_generate(tiny_bundle, "--threads", "1")
+    assert _threads_while_loaded(tiny_bundle, 0) > _threads_while_loaded(tiny_bundle, 1)

@@ -152,8 +152,9 @@ def sentencepiece_model(hf_dir: Path, out: Path, *, seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(out.with_suffix("")), model_type="bpe",
-        # a soft limit; never above the model's rows (the converter indexes its table by piece id)
-        vocab_size=min(len(tokenizer), model_vocab), hard_vocab_limit=False,
+        # a soft limit (room for every character of a small tokenizer's text), never above the model's
+        # rows: the converter indexes its table by piece id
+        vocab_size=min(max(len(tokenizer), 256), model_vocab), hard_vocab_limit=False,
         unk_id=0, unk_piece=specials[0][1].content, bos_id=-1, eos_id=-1, pad_id=-1,
         user_defined_symbols=[t.content for _, t in specials[1:]], minloglevel=2,
     )
