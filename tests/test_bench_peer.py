@@ -13,12 +13,14 @@ from phi_pipeline.bench import peer
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# llama-completion --perf, as llama.cpp 0.3.36's vendored copy prints it (log prefix: time, level)
 COMPLETION_OUTPUT = """\
-llama_perf_sampler_print:    sampling time =       3.10 ms /   191 runs   (    0.02 ms per token, 61612.90 tokens per second)
-common_perf_print:        load time =     210.33 ms
-common_perf_print: prompt eval time =      50.00 ms /    64 tokens (    0.78 ms per token,  1280.00 tokens per second)
-common_perf_print:        eval time =     500.00 ms /   127 runs   (    3.94 ms per token,   254.00 tokens per second)
-common_perf_print:       total time =     560.00 ms /   191 tokens
+0.00.086.624 I common_perf_print:    sampling time =       0.28 ms
+0.00.086.642 I common_perf_print:    samplers time =       0.10 ms /   191 tokens
+0.00.086.660 I common_perf_print:        load time =     210.33 ms
+0.00.086.675 I common_perf_print: prompt eval time =      50.00 ms /    64 tokens (    0.78 ms per token,  1280.00 tokens per second)
+0.00.086.689 I common_perf_print:        eval time =     500.00 ms /   127 runs   (    3.94 ms per token,   254.00 tokens per second)
+0.00.086.703 I common_perf_print:       total time =     560.00 ms /   191 tokens
 """
 
 

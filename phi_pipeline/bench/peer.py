@@ -232,8 +232,9 @@ def llama_bench(peer: LlamaCpp, model: Path, opts: "BenchOptions", log: Path) ->
     return out
 
 
-_PROMPT_EVAL = re.compile(r"^\S+: prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", re.M)
-_EVAL = re.compile(r"^\S+:\s+eval time =\s*([\d.]+) ms /\s*(\d+) runs", re.M)
+# Lines of common_perf_print, after llama.cpp's log prefix (a timestamp and level where enabled).
+_PROMPT_EVAL = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
+_EVAL = re.compile(r"(?<!prompt )eval time =\s*([\d.]+) ms /\s*(\d+) runs")
 
 
 def parse_completion_timings(text: str) -> dict[str, float]:
@@ -263,14 +264,14 @@ def prompt_text(hf: Path, length: int, seed: int = 0) -> str:
 def llama_completion(peer: LlamaCpp, model: Path, prompt_file: Path, opts: "BenchOptions", log: Path,
                      lora: Path | None = None) -> dict[str, float]:
     cmd = [str(peer.tool("llama-completion")), "-m", str(model), "-f", str(prompt_file), "-n", str(opts.new_tokens),
-           "--ignore-eos", "--temp", "0", "-t", str(opts.threads), "-no-cnv"]
+           "--ignore-eos", "--temp", "0", "-t", str(opts.threads), "-no-cnv", "--perf"]
     if lora is not None:
         cmd += ["--lora", str(lora)]
     proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise PeerError(f"llama-completion failed (exit {proc.returncode}); log {log}:\n{proc.stderr[-2000:]}")
-    return parse_completion_timings(proc.stderr)
+    return parse_completion_timings(proc.stdout + proc.stderr)
 
 
 def _bundle_round(bundle: Path, adapter: Path | None, opts: "BenchOptions", scratch: Path, label: str) -> dict[str, Any]:
