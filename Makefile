@@ -69,7 +69,8 @@ bench: venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/phi-pipeline bench $(BUNDLE) $(BENCH_ARGS)
 
 # The same benchmark plus llama.cpp on the same model, interleaved: builds llama.cpp once into
-# .phi-pipeline/bench/llama.cpp (cmake, about 5 minutes on 2 cores) and converts the base to GGUF.
+# .phi-pipeline/bench/llama.cpp (cmake, about 5 minutes on 2 cores) and converts the base to GGUF;
+# BENCH_ARGS="--peer-rounds 10" for more rounds (about 30 s each for the 150m base).
 bench-peer:
 	$(MAKE) venv EXTRAS=$(EXTRAS),peer
 	@test -f $(BUNDLE)/manifest.json || $(MAKE) finetune-and-export
