@@ -27,7 +27,7 @@ BIN := $(VENV)/bin
 # torch goes in first, alone: pip then takes the local CPU build instead of a multi-GB CUDA one.
 TORCH_PIN := $(shell grep -m1 -o '"torch==[0-9.]*"' pyproject.toml | tr -d '"')
 
-.PHONY: venv finetune-and-export configs test bench serve clean
+.PHONY: venv finetune-and-export configs test bench bench-peer serve clean
 
 $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,14 @@ SERVE_ARGS ?=
 serve: venv
 	@test -f $(BUNDLE)/manifest.json || $(MAKE) finetune-and-export
 	$(BIN)/phi-pipeline serve $(BUNDLE) $(SERVE_ARGS)
+
+# The same benchmark plus llama.cpp on the same model, interleaved: builds llama.cpp once into
+# .phi-pipeline/bench/llama.cpp (cmake, about 5 minutes on 2 cores) and converts the base to GGUF;
+# BENCH_ARGS="--peer-rounds 10" for more rounds (about 30 s each for the 150m base).
+bench-peer:
+	$(MAKE) venv EXTRAS=$(EXTRAS),peer
+	@test -f $(BUNDLE)/manifest.json || $(MAKE) finetune-and-export
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/phi-pipeline bench $(BUNDLE) --peer llama.cpp $(BENCH_ARGS)
 
 clean:
 	rm -rf .phi-pipeline dist

@@ -108,6 +108,16 @@ def _copy_model(export: Path, dest: Path) -> None:
         dst.chmod(0o644)  # Olive writes model.onnx.data owner-only; a bundle is meant to be shipped
 
 
+def _set_decoder_session_options(model_dir: Path, options: dict[str, object]) -> None:
+    """Merge the target's decoder session options into an exported genai_config.json."""
+    if not options:
+        return
+    path = model_dir / "genai_config.json"
+    config = json.loads(path.read_text())
+    config["model"]["decoder"].setdefault("session_options", {}).update(options)
+    path.write_text(json.dumps(config, indent=4) + "\n")
+
+
 def _adapter_entry(t: "TrainedAdapter", location: dict[str, str], bos: str | None) -> dict[str, Any]:
     spec = t.plan.spec
     return {
@@ -166,6 +176,7 @@ def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "
 
     staged = _new_staging(plan)
     _copy_model(export, staged)
+    _set_decoder_session_options(staged, plan.target.decoder_session_options)
     if plan.spec.export.pack_projections:  # before conversion: adapters fill the packed inputs
         pack_lora_projections(staged, list(plan.lora_layout))
     bos = _bos_token(staged)
@@ -187,6 +198,7 @@ def stage_merged(plan: "Plan", variants: dict[str, Path], trained: list["Trained
     for t in trained:
         folder = variant_dir(t.plan.name)
         _copy_model(variants[t.plan.name], staged / folder)
+        _set_decoder_session_options(staged / folder, plan.target.decoder_session_options)
         adapters.append(_adapter_entry(t, {"model_dir": folder}, _bos_token(staged / folder)))
     _write_manifest(plan, staged, adapters, stages)
     return staged
@@ -267,10 +279,10 @@ generator = og.Generator(model, params)
 generator.set_active_adapter(adapters, "{first}")           # omit for the base model"""
     threads = ""
     if manifest["execution_provider"] == "CPUExecutionProvider":
-        threads = """On CPU, onnxruntime-genai runs the decoder on one intra-op thread unless told otherwise; one
-thread per core decoded 1.7x faster on a 2-core machine (phi-pipeline's bench/report.md):
-`config = og.Config("."); config.overlay('{"model": {"decoder": {"session_options": {"intra_op_num_threads": 4}}}}');
-model = og.Model(config)`, or `--threads 4` on the command line below.
+        threads = """On CPU, this folder's genai_config.json runs the decoder on every core (`intra_op_num_threads`: 0;
+onnxruntime-genai's own default is one thread, 1.6-1.7x slower on a 2-core machine). To use fewer, e.g. beside
+other work: `config = og.Config("."); config.overlay('{"model": {"decoder": {"session_options":
+{"intra_op_num_threads": 1}}}}'); model = og.Model(config)`, or `--threads 1` on the command line below.
 
 """
     return f"""# {manifest['pipeline']} ({manifest['target']}, {manifest['precision']}, {manifest['layout']})

@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter name to activate (default: none, the base model)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the adapter's format")
-    p.add_argument("--threads", type=int, help="intra-op threads of the decoder (default: onnxruntime-genai's, one on "
-                   "CPU; the core count decoded 1.7x faster on 2 cores in bench/report.md)")
+    p.add_argument("--threads", type=int, help="intra-op threads of the decoder (default: the bundle's genai_config.json; "
+                   "CPU bundles use every core)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(

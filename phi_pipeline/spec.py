@@ -220,6 +220,17 @@ class ExportSpec(_Model):
     int4_accuracy_level: Optional[Literal[1, 2, 3, 4]] = Field(
         None, description="MatMulNBits accuracy level (4 = int8 activations, fastest on CPU); default: builder's."
     )
+    int4_symmetric: bool = Field(
+        True, description="Symmetric int4 weights (Model Builder int4_is_symmetric); false: asymmetric, with zero points."
+    )
+    int4_quantize_embeddings: bool = Field(
+        True,
+        description="Quantize the token embedding table to int4 too (Model Builder op types MatMul/Gather): about "
+        "half of a small model's bytes stay fp32 otherwise.",
+    )
+    int4_lm_head: Literal["int4", "int8"] = Field(
+        "int4", description="Weight precision of the LM head in an int4 export (int8: more accurate, larger)."
+    )
     pack_projections: bool = Field(
         True,
         description="Multi-adapter layout: pack q/k/v and gate/up (base MatMul and LoRA) back into one MatMul each "

@@ -42,6 +42,8 @@ class Target:
     target's export passes in, when they cannot share the main environment's pins."""
     model_builder_options: dict[str, object] = field(default_factory=dict)
     """Extra Model Builder options always used for this target."""
+    decoder_session_options: dict[str, object] = field(default_factory=dict)
+    """onnxruntime session options written into a published bundle's genai_config.json (the decoder's)."""
     note: str = ""
 
     @property
@@ -76,6 +78,9 @@ TARGETS: dict[str, Target] = {
             install_extras=("cpu",),
             multi_lora=True,
             training_device="cpu",
+            # 0: one intra-op thread per core; onnxruntime-genai's default when none is named is one thread
+            # (1.6x slower decode on 2 cores, bench/report.md). --threads / a config overlay still override it.
+            decoder_session_options={"intra_op_num_threads": 0},
         ),
         Target(
             name="cuda",

@@ -134,8 +134,14 @@ def test_results_schema(results, tmp_path):
     }
     assert all(0 < r["fraction_of_bound"] for r in model["roofline"])
 
+    acc = model["accuracy"]
+    assert "error" not in acc, acc.get("error")
+    assert 0 <= acc["token_agreement"]["min"] <= acc["token_agreement"]["max"] <= 1
+    assert acc["perplexity_ratio"] > 0 and acc["kl_nats_per_token"]["min"] >= 0
+
     _check_rows(results["given_bundle"]["rows"])
     report = (tmp_path / "bench" / "report.md").read_text()
+    assert "teacher-forced positions: token agreement" in report
     assert report.startswith("# phi-pipeline benchmark") and "Projection packing (lora_packing)" in report
     assert (tmp_path / "bench" / "decode.png").stat().st_size > 0
 

@@ -93,3 +93,48 @@ def test_unknown_target_is_refused_listing_targets(monkeypatch):
     with pytest.raises(UsageError) as info:
         plan_for(ROOT / "pipelines/tiny-phi3.yaml", "tpu", monkeypatch)
     assert "unknown target 'tpu'; known targets: cpu" in str(info.value)
+
+
+def _tiny_plan_with_export(monkeypatch, **export):
+    import yaml
+
+    from phi_pipeline.plan import make_plan
+    from phi_pipeline.spec import parse_spec
+
+    monkeypatch.chdir(ROOT)
+    spec = yaml.safe_load((ROOT / "pipelines/tiny-phi3.yaml").read_text())
+    spec["export"] |= export
+    return make_plan(parse_spec(yaml.safe_dump(spec), "tiny-phi3.yaml"), "cpu")
+
+
+def test_int4_export_quantizes_the_embedding_table_symmetric_by_default(monkeypatch):
+    from phi_pipeline.olive_compat import translate_int4_options
+
+    builder = workflow_configs(plan_for(ROOT / "pipelines/tiny-phi3.yaml", "cpu", monkeypatch))[EXPORT_FILE]["passes"]["builder"]
+    assert builder["int4_op_types_to_quantize"] == ["MatMul", "Gather"]
+    assert builder["int4_is_symmetric"] is True and builder["int4_block_size"] == 32
+    assert "matmul_mixed_precision" not in builder["extra_options"]  # the LM head stays int4
+    # what genai 0.18's Model Builder reads once olive_compat has renamed Olive's int4_* keys
+    options = translate_int4_options({k: v for k, v in builder.items() if k.startswith("int4_")})
+    assert options == {"block_size": 32, "is_symmetric": True, "op_types_to_quantize": ["MatMul", "Gather"]}
+
+
+def test_int4_export_settings_reach_model_builder_when_changed(monkeypatch, tmp_path):
+    plan = _tiny_plan_with_export(monkeypatch, int4_symmetric=False, int4_quantize_embeddings=False, int4_lm_head="int8",
+                                  int4_block_size=64, int4_accuracy_level=4)
+    builder = workflow_configs(plan)[EXPORT_FILE]["passes"]["builder"]
+    assert builder["int4_op_types_to_quantize"] == ["MatMul"]
+    assert (builder["int4_is_symmetric"], builder["int4_block_size"], builder["int4_accuracy_level"]) == (False, 64, 4)
+    assert builder["extra_options"]["matmul_mixed_precision"] == {"last_matmul": "int8"}
+    assert builder["extra_options"]["nodes_to_exclude"]  # the LoRA MatMuls are still kept out
+    olive_check(workflow_configs(plan)[EXPORT_FILE], tmp_path)
+
+
+def test_fp32_export_has_no_int4_settings(monkeypatch):
+    builder = workflow_configs(_tiny_plan_with_export(monkeypatch, precision="fp32"))[EXPORT_FILE]["passes"]["builder"]
+    assert not any(k.startswith("int4_") for k in builder) and "extra_options" not in builder
+
+
+def test_unknown_lm_head_precision_is_refused_naming_the_field(monkeypatch):
+    with pytest.raises(UsageError, match="int4_lm_head"):
+        _tiny_plan_with_export(monkeypatch, int4_lm_head="int2")

@@ -4,6 +4,7 @@ onnxruntime-genai alone with adapters swapped on one loaded model."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,14 @@ def test_int4_model_keeps_lora_matmuls_in_float(tiny_bundle):
     lora_nodes = [n for n in graph.node if "/lora_" in n.name and n.op_type.startswith("MatMul")]
     assert lora_nodes and {n.op_type for n in lora_nodes} == {"MatMul"}
     assert any(n.op_type == "MatMulNBits" for n in graph.node)  # the base weights are int4
+
+
+def test_int4_bundle_quantizes_the_embedding_table(tiny_bundle):
+    import onnx
+
+    graph = onnx.load(str(tiny_bundle / "model.onnx"), load_external_data=False).graph
+    embed = [n for n in graph.node if n.name.startswith("/model/embed_tokens/")]
+    assert [n.op_type for n in embed] == ["GatherBlockQuantized"]
 
 
 GENAI_ONLY = r"""
@@ -116,6 +125,30 @@ def test_generate_command_answers_with_the_threads_asked_for_and_refuses_zero(ti
     assert "--threads" in capsys.readouterr().err
 
 
-def test_cpu_model_card_says_how_to_use_more_threads(tiny_bundle):
+def test_cpu_model_card_says_how_to_choose_the_threads(tiny_bundle):
     card = (tiny_bundle / "README.md").read_text()
-    assert "intra_op_num_threads" in card and "--threads" in card
+    assert "intra_op_num_threads" in card and "--threads 1" in card
+
+
+# Threads of a process holding the bundle loaded as `generate --threads N` loads it (N = 0: not given).
+THREADS_WHILE_LOADED = r"""
+import os, sys
+from phi_pipeline.generate import BundleModel
+model = BundleModel(sys.argv[1], intra_op_threads=int(sys.argv[2]) or None)
+model.generate(model.user_prompt("hello", None), None, 2)
+print(len(os.listdir("/proc/self/task")))
+"""
+
+
+def _threads_while_loaded(bundle: Path, threads: int) -> int:
+    proc = subprocess.run([sys.executable, "-c", THREADS_WHILE_LOADED, str(bundle), str(threads)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not Path("/proc/self/task").is_dir(), reason="needs 2+ cores and /proc")
+def test_published_cpu_bundle_decodes_on_every_core_and_threads_1_overrides_it(tiny_bundle):
+    decoder = json.loads((tiny_bundle / "genai_config.json").read_text())["model"]["decoder"]
+    assert decoder["session_options"]["intra_op_num_threads"] == 0  # onnxruntime: one intra-op thread per core
+    # onnxruntime's intra-op pool starts threads beyond the caller's: one fewer with --threads 1
+    assert _threads_while_loaded(tiny_bundle, 0) > _threads_while_loaded(tiny_bundle, 1)

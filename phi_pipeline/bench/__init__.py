@@ -8,6 +8,9 @@
   switch and load times.
 - roofline.py: the machine's copy bandwidth and the weight bytes a decode step reads.
 - pipeline_costs.py: wall time of each pipeline stage vs the same Olive workflows run by hand.
+- accuracy.py: accuracy proxies of the int4 export against the fp32 one on random prompts.
+- peer.py: `--peer llama.cpp`: llama.cpp built from a pinned source, the same model as GGUF, rounds
+  interleaved with the bundle as shipped.
 - report.py: results.json -> report.md and a PNG chart.
 - run.py: the whole benchmark, in the order above.
 

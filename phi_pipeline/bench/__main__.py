@@ -40,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="runs of the tiny pipeline and of the same Olive workflows by hand (0 skips; default 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="intra-op threads of the tuned configurations (default: the core count)")
+    p.add_argument("--peer", choices=["llama.cpp"],
+                   help="also build llama.cpp once (cmake, minutes) and run it against the int4 bundle in the same "
+                   "rounds: decode, first token, size, adapter cost (needs the `peer` extra: sentencepiece)")
+    p.add_argument("--peer-rounds", type=int, default=5,
+                   help="interleaved rounds of the peer comparison, each running every row once (default 5)")
 
 
 def bench_cli(args: argparse.Namespace) -> int:
@@ -47,12 +52,13 @@ def bench_cli(args: argparse.Namespace) -> int:
 
     if not (args.bundle / "manifest.json").is_file():
         raise UsageError(str(args.bundle), ["no manifest.json here; give a folder published by phi-pipeline run"])
-    if args.reps < 1 or args.new_tokens < 2 or args.pipeline_reps < 0 or args.threads < 1:
-        raise UsageError("phi-pipeline bench", ["--reps and --threads must be >= 1, --new-tokens >= 2, --pipeline-reps >= 0"])
+    if args.reps < 1 or args.new_tokens < 2 or args.pipeline_reps < 0 or args.threads < 1 or args.peer_rounds < 1:
+        raise UsageError("phi-pipeline bench", ["--reps, --threads and --peer-rounds must be >= 1, --new-tokens >= 2, "
+                                                "--pipeline-reps >= 0"])
     run_bench(BenchOptions(
         bundle=args.bundle, out_dir=args.out, size=args.size, reps=args.reps, prompt_lens=args.prompt_lens,
         new_tokens=args.new_tokens, device=args.device, work_dir=args.work_dir, pipeline_reps=args.pipeline_reps,
-        threads=args.threads,
+        threads=args.threads, peer=args.peer, peer_rounds=args.peer_rounds,
     ))
     return 0
 

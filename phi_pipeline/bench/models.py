@@ -224,21 +224,24 @@ def export_bundle(
     from phi_pipeline.versions import package_versions
 
     work.mkdir(parents=True, exist_ok=True)
+    name = f"bench-{precision}"
+    spec_text = bench_spec(name, base_dir, ranks, precision, work)
+    plan = make_plan(parse_spec(spec_text, str(work / "spec.yaml")), target, source=str(work / "spec.yaml"))
+    workflow = render(workflow_configs(plan)[EXPORT_FILE])
     record = {
         "base": _record_of(base_dir), "adapters": {a: _record_of(f) for a, f in adapters.items()}, "ranks": ranks,
         "precision": precision, "target": target, "packages": package_versions(),
         "staging": "lora projections packed",  # bundles staged before lora_packing existed are rebuilt
+        "workflow": workflow,  # and those exported with other Model Builder settings
+        "decoder_session_options": plan.target.decoder_session_options,
     }
     cached = built_from(work, record) if record["base"] is not None else None
     if cached is not None and "export_dir" in cached and (Path(cached["bundle"]) / "manifest.json").is_file():
         return ExportedBundle(Path(cached["bundle"]), precision, cached["export_seconds"], Path(cached["export_dir"]))
     (work / STAMP).unlink(missing_ok=True)
-    name = f"bench-{precision}"
-    spec_text = bench_spec(name, base_dir, ranks, precision, work)
     (work / "spec.yaml").write_text(spec_text)
-    plan = make_plan(parse_spec(spec_text, str(work / "spec.yaml")), target, source=str(work / "spec.yaml"))
     config_path = work / EXPORT_FILE
-    config_path.write_text(render(workflow_configs(plan)[EXPORT_FILE]))
+    config_path.write_text(workflow)
     write_layout_adapter(plan)
     out = plan.paths.export_dir
     shutil.rmtree(out, ignore_errors=True)

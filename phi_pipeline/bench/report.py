@@ -165,7 +165,7 @@ def headlines(results: dict[str, Any]) -> list[str]:
     """The few numbers a reader wants first, each from this run (absent pieces are left out)."""
     b, s = results["benchmark_model"], results["settings"]
     cuda = s["device"] == "cuda"
-    threads = "default" if cuda else s["threads"]  # run.tuned_threads
+    threads = "default"  # the bundle as shipped: its genai_config.json (every core on CPU)
     short = str(s["prompt_lens"][0])
     lines = []
     torch, int4 = _row(b, engine="pytorch-eager", adapter=None), _row(b, precision="int4", adapter=None, threads=threads)
@@ -175,7 +175,7 @@ def headlines(results: dict[str, Any]) -> list[str]:
         if int4.get("gpu_memory_bytes") and torch.get("gpu_memory_bytes"):
             memory += f"GPU memory {_mib(int4['gpu_memory_bytes'])} vs {_mib(torch['gpu_memory_bytes'])} MiB, "
         lines.append(
-            f"ONNX int4 ({'CUDA' if cuda else f'{threads} intra-op threads'}) vs PyTorch eager {torch['precision']} "
+            f"ONNX int4 ({'CUDA' if cuda else 'as shipped'}) vs PyTorch eager {torch['precision']} "
             f"(prompt {short}): decode {_mm(int4['prompts'][short]['decode_tok_s'])} vs "
             f"{_mm(torch['prompts'][short]['decode_tok_s'])} tok/s ({_x(up.get('decode'))}), time to first token "
             f"{_x(up.get('ttft'))} faster, {memory}on disk {_mib(b['sizes_bytes'].get('onnx_int4_model'))} vs "
@@ -192,10 +192,13 @@ def headlines(results: dict[str, Any]) -> list[str]:
     if adapter and merged:
         lines.append(f"One r8 adapter: {_mib(adapter)} MiB as an .onnx_adapter vs {_mib(merged)} MiB for a full int4 model "
                      f"with it merged in ({merged / adapter:.0f}x).")
-    gain = b["derived"]["threads_speedup"].get(f"onnx-int4-none-t{threads}@{short}")
+    gain = b["derived"]["threads_speedup"].get(f"onnx-int4-none-t{s['threads']}@{short}")
     if gain:
-        lines.append(f"intra_op_num_threads={threads} vs onnxruntime-genai's default: int4 decode {_x(gain['decode'])}, "
-                     f"first token {_x(gain['ttft'])} faster.")
+        lines.append(f"intra_op_num_threads={s['threads']} vs the bundle as shipped: int4 decode {_x(gain['decode'])}, "
+                     f"first token {_x(gain['ttft'])}.")
+    acc = b.get("accuracy")
+    if acc and "error" not in acc:
+        lines.append(accuracy_line(acc))
     costs = b["adapter_costs"].get(f"adapters-onnx-int4-t{threads}", {}).get("slowdown", {}).get(short)
     if costs:
         merged = costs.get("merged", {}).get("decode_slowdown_vs_none", {}).get("median")
@@ -218,6 +221,18 @@ def headlines(results: dict[str, Any]) -> list[str]:
     if roof:
         lines.append(f"int4 decode reaches {100 * roof['fraction_of_bound']:.0f}% of the copy-bandwidth bound "
                      f"({roof['bound_tok_s']:.0f} tok/s).")
+    peer = results.get("peer")
+    if peer and "ratios" in peer:
+        r = peer["ratios"]
+        lens = [k.split("@")[1] for k in r if k.startswith("decode_vs_llama_q4_0@")]
+        lines.append(
+            "Bundle int4 as shipped / llama.cpp Q4_0, paired rounds: decode "
+            + ", ".join(f"{_mm(r[f'decode_vs_llama_q4_0@{n}'], 1, 2)}x (prompt {n})" for n in lens)
+            + "; first-token speed " + ", ".join(f"{_mm(r[f'first_token_speed_vs_llama_q4_0@{n}'], 1, 2)}x" for n in lens)
+            + f"; size {r['size_vs_llama_q4_0']:.2f}x; r8 adapter decode cost "
+            + ", ".join(f"{_mm(r[f'adapter_decode_cost_bundle@{n}'], 100, 1)} % vs llama.cpp's "
+                        f"{_mm(r[f'adapter_decode_cost_llama_cpp@{n}'], 100, 1)} %" for n in lens) + "."
+        )
     p = results.get("pipeline_costs")
     if p and "error" not in p:
         lines.append(
@@ -227,6 +242,43 @@ def headlines(results: dict[str, Any]) -> list[str]:
             "time under varying load dominates)."
         )
     return [f"- {line}" for line in lines]
+
+
+def accuracy_line(acc: dict[str, Any]) -> str:
+    return (f"int4 vs fp32 export, {acc['prompts']} random {acc['prompt_len']}-token prompts, {acc['new_tokens']} "
+            f"teacher-forced positions: token agreement {_mm(acc['token_agreement'], 100, 1)} %, perplexity "
+            f"{acc['perplexity_quantized']:.2f} vs {acc['perplexity_reference']:.2f} ({acc['perplexity_ratio']:.3f}x), "
+            f"KL {_mm(acc['kl_nats_per_token'], 1, 4)} nats/token (random weights: near-flat logits, a pessimistic proxy).")
+
+
+def peer_lines(p: dict[str, Any]) -> list[str]:
+    """The llama.cpp comparison (peer.py): rows, paired ratios, what was tried."""
+    if "skipped" in p:
+        return [f"Skipped: {p['skipped']}", ""]
+    lens = list(p["rows"][0]["prompts"])
+    sizes = p["sizes_bytes"]
+    size_of = {"bundle int4": sizes["bundle_int4"], "llama.cpp Q4_0": sizes["gguf_Q4_0"], "llama.cpp Q4_K_M": sizes["gguf_Q4_K_M"]}
+    adapter_of = {"onnxruntime-genai": sizes["onnx_adapter_r8"], "llama.cpp": sizes["gguf_lora_r8"]}
+    rows = []
+    for r in p["rows"]:
+        on_disk = _mib(size_of.get(r["name"])) if r["adapter"] is None else f"+ {_mib(adapter_of[r['engine']])}"
+        rows.append([r["name"], r["tool"],
+                     *(_mm(r["prompts"][n]["decode_tok_s"]) for n in lens),
+                     *(_mm(r["prompts"][n]["ttft_s"], 1000, 0) for n in lens),
+                     _mib(r["peak_rss_bytes"]), on_disk if r["name"] in size_of or r["adapter"] else "-"])
+    lines = [f"llama.cpp from the llama-cpp-python {p['llama_cpp']['llama-cpp-python sdist']} sdist "
+             f"(cmake {' '.join(p['llama_cpp']['cmake_options'])}), {p['llama_cpp']['threads']} threads; the bundle "
+             f"as shipped (decoder session options {p['bundle_session_options']}); {p['rounds']} interleaved rounds, "
+             "one request per prompt length and row per round.", ""]
+    lines += _table(["row", "measured with", *(f"decode tok/s, prompt {n}" for n in lens),
+                     *(f"first token ms, prompt {n}" for n in lens), "peak RSS MiB", "on disk MiB"], rows) + [""]
+    ratio_rows = [[k, _mm(v, 1, 3) if isinstance(v, dict) else f"{v:.3f}"] for k, v in p["ratios"].items()]
+    lines += _table(["paired per round: bundle / llama.cpp (first token: llama.cpp time / bundle time; "
+                     "adapter cost: 1 - with / without)", "median [min-max]"], ratio_rows) + [""]
+    lines += ["llama.cpp's first token is llama-bench's prompt processing time (the bundle's also counts creating "
+              "the generator and sampling); its decode runs after a context of the prompt's length (`-d`). The "
+              "adapter rows are llama-completion's own timings, with and without `--lora`, on the same prompt file.", ""]
+    return lines
 
 
 def write_chart(results: dict[str, Any], path: Path) -> None:
@@ -322,7 +374,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
         f"load average {m['load_average_start']} at start, {m['load_average_end']} at end; total {results['wall_s']} s.",
         f"Settings: size {s['size']}, {s['reps']} repetitions, prompts {s['prompt_lens']} tokens, {s['new_tokens']} new "
         f"tokens, batch 1, greedy, device {s['device']}. Every figure is `median [min-max]`; ratios compare runs of this "
-        "invocation. `threads`: onnxruntime-genai intra-op threads (`default` is its own choice, one thread here). "
+        "invocation. `threads`: onnxruntime-genai intra-op threads (`default`: the bundle's genai_config.json as shipped; "
+        "CPU bundles name 0, every core). "
         "Other processes on the machine move wall-clock figures: each row records the load average after it, and "
         "CPU ms/token (process CPU time) is the steadier figure for one-thread rows.",
         "",
@@ -340,6 +393,9 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     title = f"{b['size']}, {b['parameters'] / 1e6:.0f}M parameters, random weights" if "size" in b else ""
     lines += [f"## Benchmark model: {title}", ""] + (model_lines(results) if ok else _failed(b if "error" in b else results["bandwidth"]))
     lines += [f"## Given bundle: `{s['bundle']}`", ""] + (_failed(g) if "error" in g else given_lines(g))
+    if "peer" in results:
+        lines += ["## Against llama.cpp (`--peer llama.cpp`)", ""]
+        lines += _failed(results["peer"]) if "error" in results["peer"] else peer_lines(results["peer"])
     if costs:
         lines += ["## Pipeline costs (tiny default, scratch copy of the project)", ""]
         lines += _failed(costs) if "error" in costs else pipeline_lines(costs) + [""]

@@ -45,6 +45,10 @@ class BenchOptions:
     pipeline_reps: int = 1
     """0 skips the pipeline-cost section (it runs the tiny pipeline twice: minutes)."""
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    peer: str | None = None
+    """"llama.cpp": also build llama.cpp and run it against the bundle (peer.py)."""
+    peer_rounds: int = 5
+    """Interleaved rounds of the peer comparison (each runs every row once)."""
 
 
 def _say(message: str) -> None:
@@ -244,7 +248,20 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
         "derived": derived(rows, opts),
         "adapter_costs": costs,
         "roofline": roofline_rows(rows, onnx, bandwidth, opts),
+        "accuracy": accuracy_proxies(onnx, opts),
     }
+
+
+def accuracy_proxies(onnx: dict[str, Path], opts: BenchOptions) -> dict[str, Any]:
+    """The int4 export against the reference precision's on random prompts (accuracy.py)."""
+    from phi_pipeline.bench.accuracy import compare
+
+    low, reference = PRECISIONS[opts.device]
+    _say(f"accuracy proxies: {low} vs {reference}")
+    try:
+        return compare(onnx[reference], onnx[low], threads=opts.threads)
+    except Exception:  # a figure beside the timings: its failure must not lose them
+        return {"error": traceback.format_exc()[-4000:]}
 
 
 def unpacked_reference(export: ExportedBundle, peft_adapter: Path, out: Path) -> dict[str, Path] | None:
@@ -346,6 +363,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 Path(bundles[PRECISIONS[opts.device][0]]), opts.work_dir / opts.size / "runs" / "serving",
                 threads=_thread_settings(opts)[-1], prompt_len=opts.prompt_lens[0], new_tokens=opts.new_tokens,
                 reps=opts.reps))
+        if opts.peer:
+            from phi_pipeline.bench.peer import bench_peer
+
+            results["peer"] = _section(f"peer {opts.peer}", lambda: bench_peer(opts, _say))
         if opts.pipeline_reps > 0 and opts.device == "cpu":
             results["pipeline_costs"] = _section("pipeline costs", lambda: measure_pipeline_costs(
                 opts.project_root.resolve(), opts.work_dir.resolve() / "pipeline", reps=opts.pipeline_reps))

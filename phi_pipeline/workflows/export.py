@@ -71,9 +71,15 @@ def model_builder_pass(plan: Plan, *, lora_nodes: list[str] | None = None) -> di
     builder: dict[str, Any] = {"type": "ModelBuilder", "precision": plan.precision}
     extra: dict[str, Any] = dict(plan.target.model_builder_options)
     if plan.precision == "int4":
-        builder["int4_block_size"] = plan.spec.export.int4_block_size
-        if plan.spec.export.int4_accuracy_level is not None:
-            builder["int4_accuracy_level"] = plan.spec.export.int4_accuracy_level
+        export = plan.spec.export
+        builder["int4_block_size"] = export.int4_block_size
+        if export.int4_accuracy_level is not None:
+            builder["int4_accuracy_level"] = export.int4_accuracy_level
+        builder["int4_is_symmetric"] = export.int4_symmetric
+        # Gather: the embedding table as GatherBlockQuantized (int4 only; Model Builder's default algorithm).
+        builder["int4_op_types_to_quantize"] = ["MatMul", "Gather"] if export.int4_quantize_embeddings else ["MatMul"]
+        if export.int4_lm_head != "int4":
+            extra["matmul_mixed_precision"] = {"last_matmul": export.int4_lm_head}
         if lora_nodes:
             extra["nodes_to_exclude"] = lora_nodes
     if extra:

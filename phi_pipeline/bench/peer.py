@@ -1,0 +1,412 @@
+"""`phi-pipeline bench --peer llama.cpp`: the bundle against llama.cpp on the same model (GitHub issue 12).
+
+- build: llama.cpp from the source the llama-cpp-python sdist vendors (version pinned in pyproject.toml's
+  [tool.phi-pipeline.peer]), built once with cmake into the bench work dir (llama-bench, llama-quantize,
+  llama-completion).
+- convert: the benchmark base to GGUF (f32, then Q4_0 and Q4_K_M with llama-quantize) and its r8 PEFT
+  adapter to a GGUF LoRA, with llama.cpp's own converters. Its Phi-3 converter reads a SentencePiece
+  `tokenizer.model`, which the benchmark base (a byte-level BPE tokenizer.json) lacks: one is trained
+  with `sentencepiece` whose first ids are the base's special tokens, in a folder that links the base's
+  weights beside it.
+- rounds: each round runs the bundle as shipped (no adapter, r8) and llama.cpp (Q4_0, Q4_K_M with
+  llama-bench; Q4_0 with and without the LoRA with llama-completion), so every ratio pairs runs of
+  the same round; ratios are medians of the per-round ratios.
+
+llama.cpp's figures: decode = llama-bench's text generation of `new_tokens` tokens after `prompt`
+tokens of context (`-d`), first token = its prompt processing time for `prompt` tokens (the bundle's
+TTFT also counts generator creation and sampling the first token). With a LoRA, llama-bench has no
+adapter option, so both LoRA rows come from llama-completion's own timings (prompt eval, eval).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from phi_pipeline.bench.stats import summary
+from phi_pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from phi_pipeline.bench.run import BenchOptions
+
+PEERS = ("llama.cpp",)
+TOOLS = ("llama-bench", "llama-quantize", "llama-completion")
+QUANTS = ("Q4_0", "Q4_K_M")
+LORA_QUANT = "Q4_0"  # the llama.cpp quantization the adapter rows run on
+BUILD_STAMP = "built.json"
+CMAKE_OPTIONS = (
+    "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+)
+
+
+class PeerError(PipelineError):
+    """The peer could not be built, converted or run; the message names the log to read."""
+
+
+def pinned_version(project_root: Path) -> str:
+    """The llama-cpp-python sdist whose vendored llama.cpp is the peer (pyproject.toml)."""
+    path = project_root / "pyproject.toml"
+    try:
+        return tomllib.loads(path.read_text())["tool"]["phi-pipeline"]["peer"]["llama-cpp-python"]
+    except (OSError, KeyError) as exc:
+        raise PeerError(f"{path}: no [tool.phi-pipeline.peer] llama-cpp-python pin ({exc!r}); run from the project root") from None
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    home: Path
+    """<bench work dir>/llama.cpp/<version>: source/, build/, the build logs and stamp."""
+
+    @property
+    def source(self) -> Path:
+        return self.home / "source"
+
+    @property
+    def bin(self) -> Path:
+        return self.home / "build" / "bin"
+
+    def tool(self, name: str) -> Path:
+        return self.bin / name
+
+    @property
+    def built(self) -> bool:
+        return (self.home / BUILD_STAMP).is_file() and all(self.tool(t).is_file() for t in TOOLS)
+
+
+def llama_cpp_home(work_dir: Path, version: str) -> LlamaCpp:
+    return LlamaCpp(work_dir / "llama.cpp" / version)
+
+
+def _run(cmd: list[str], log: Path, *, env: dict[str, str] | None = None) -> None:
+    """Run `cmd` with its output in `log`; a failure raises PeerError with the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise PeerError(f"{' '.join(map(str, cmd))} failed (exit {proc.returncode}); log {log}:\n{log.read_text()[-3000:]}")
+
+
+def build(work_dir: Path, version: str, say: Callable[[str], None]) -> LlamaCpp:
+    """llama.cpp built once per version: pip fetches the sdist, cmake builds TOOLS (minutes)."""
+    peer = llama_cpp_home(work_dir, version)
+    if peer.built:
+        return peer
+    home = peer.home
+    home.mkdir(parents=True, exist_ok=True)
+    if not (peer.source / "CMakeLists.txt").is_file():
+        say(f"fetching llama-cpp-python {version} (sdist) for its vendored llama.cpp")
+        download = home / "download"
+        shutil.rmtree(download, ignore_errors=True)
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+              f"llama-cpp-python=={version}", "-d", str(download)], home / "pip-download.log")
+        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        partial = home / "source.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        with tarfile.open(next(download.glob("*.tar.gz"))) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(partial, members=[m for m in members if m.name], filter="data")
+        shutil.rmtree(peer.source, ignore_errors=True)
+        partial.rename(peer.source)
+        shutil.rmtree(download)
+    say(f"building llama.cpp ({', '.join(TOOLS)}) with cmake: about 5 minutes on 2 cores")
+    jobs = str(os.cpu_count() or 1)
+    _run(["cmake", "-S", str(peer.source), "-B", str(home / "build"), *CMAKE_OPTIONS], home / "cmake-configure.log")
+    _run(["cmake", "--build", str(home / "build"), "-j", jobs, "--target", *TOOLS], home / "cmake-build.log")
+    (home / BUILD_STAMP).write_text(json.dumps({"llama-cpp-python": version, "tools": list(TOOLS),
+                                                "cmake_options": list(CMAKE_OPTIONS)}, indent=2) + "\n")
+    return peer
+
+
+# --- the benchmark base as llama.cpp reads it -------------------------------------------------------
+
+def sentencepiece_model(hf_dir: Path, out: Path, *, seed: int = 0) -> Path:
+    """Train a SentencePiece model for `hf_dir`'s tokenizer: its special tokens (which must be ids
+    0..k-1, as in the tiny base) keep their ids, the first as <unk>; the rest of the vocabulary is
+    learned from text decoded from random ids of that tokenizer. The GGUF converter pads the
+    vocabulary to the model's vocab_size, so only the special ids need to agree."""
+    import numpy as np
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    model_vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
+    specials = sorted(tokenizer.added_tokens_decoder.items())
+    if [i for i, _ in specials] != list(range(len(specials))) or not specials:
+        raise PeerError(f"{hf_dir}: special tokens {[(i, t.content) for i, t in specials]} are not ids 0..k-1; "
+                        "cannot train a matching SentencePiece tokenizer.model")
+    rng = np.random.default_rng(seed)
+    ids = np.arange(len(specials), len(tokenizer))
+    lines = [tokenizer.decode(rng.choice(ids, 24).tolist()) for _ in range(4000)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(out.with_suffix("")), model_type="bpe",
+        # a soft limit (room for every character of a small tokenizer's text), never above the model's
+        # rows: the converter indexes its table by piece id
+        vocab_size=min(max(len(tokenizer), 256), model_vocab), hard_vocab_limit=False,
+        unk_id=0, unk_piece=specials[0][1].content, bos_id=-1, eos_id=-1, pad_id=-1,
+        user_defined_symbols=[t.content for _, t in specials[1:]], minloglevel=2,
+    )
+    return out
+
+
+def gguf_input(base: Path, out: Path) -> Path:
+    """A folder llama.cpp's converters read as the base: links to `base`'s files plus tokenizer.model."""
+    if not (out / "tokenizer.model").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        for f in base.iterdir():
+            if f.is_file():
+                (out / f.name).symlink_to(f.resolve())
+        sentencepiece_model(base, out / "tokenizer.model")
+    return out
+
+
+@dataclass(frozen=True)
+class PeerModels:
+    gguf: dict[str, Path]
+    """quantization -> model file"""
+    lora: Path
+
+
+def convert(peer: LlamaCpp, base: Path, peft_adapter: Path, work: Path, say: Callable[[str], None]) -> PeerModels:
+    """The base to GGUF (f32 -> each of QUANTS) and the PEFT adapter to a GGUF LoRA (f32, like the
+    bundle's .onnx_adapter); reused while the base's bench stamp is unchanged."""
+    from phi_pipeline.bench.models import built_from, stamp
+
+    record = {"base": json.loads((base / "bench_record.json").read_text())["record"],
+              "adapter": json.loads((peft_adapter.parent / "bench_record.json").read_text())["record"],
+              "llama.cpp": peer.home.name, "quants": list(QUANTS)}
+    models = PeerModels({q: work / f"base-{q}.gguf" for q in QUANTS}, work / "lora-r8-f32.gguf")
+    if built_from(work, record) is not None and all(p.is_file() for p in [*models.gguf.values(), models.lora]):
+        return models
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    hf = gguf_input(base, work / "hf")
+    env = os.environ | {"PYTHONPATH": str(peer.source / "gguf-py")}
+    say("converting the benchmark base to GGUF (f32) with convert_hf_to_gguf.py")
+    f32 = work / "base-f32.gguf"
+    _run([sys.executable, str(peer.source / "convert_hf_to_gguf.py"), str(hf), "--outtype", "f32", "--outfile", str(f32)],
+         work / "convert.log", env=env)
+    for q, path in models.gguf.items():
+        say(f"llama-quantize {q}")
+        _run([str(peer.tool("llama-quantize")), str(f32), str(path), q], work / f"quantize-{q}.log")
+    f32.unlink()
+    say("converting the r8 adapter with convert_lora_to_gguf.py")
+    _run([sys.executable, str(peer.source / "convert_lora_to_gguf.py"), str(peft_adapter), "--base", str(hf),
+          "--outtype", "f32", "--outfile", str(models.lora)], work / "convert-lora.log", env=env)
+    stamp(work, record)
+    return models
+
+
+# --- measurements -----------------------------------------------------------------------------------
+
+def llama_bench(peer: LlamaCpp, model: Path, opts: "BenchOptions", log: Path) -> dict[str, dict[str, float]]:
+    """One llama-bench repetition: {prompt: {"ttft_s", "decode_tok_s"}} for each prompt length."""
+    lens = ",".join(map(str, opts.prompt_lens))
+    common = [str(peer.tool("llama-bench")), "-m", str(model), "-t", str(opts.threads), "-r", "1", "-o", "json"]
+    out: dict[str, dict[str, float]] = {str(n): {} for n in opts.prompt_lens}
+    logged = []
+    for args, key in ((["-p", lens, "-n", "0"], "pp"), (["-p", "0", "-n", str(opts.new_tokens), "-d", lens], "tg")):
+        proc = subprocess.run([*common, *args], capture_output=True, text=True)
+        logged.append(proc.stdout + proc.stderr)
+        log.write_text("\n".join(logged))
+        if proc.returncode != 0:
+            raise PeerError(f"llama-bench failed (exit {proc.returncode}); log {log}:\n{proc.stderr[-2000:]}")
+        for test in json.loads(proc.stdout):
+            if key == "pp":
+                out[str(test["n_prompt"])]["ttft_s"] = test["avg_ns"] / 1e9
+            else:
+                out[str(test["n_depth"])]["decode_tok_s"] = test["avg_ts"]
+    return out
+
+
+# Lines of common_perf_print, after llama.cpp's log prefix (a timestamp and level where enabled).
+_PROMPT_EVAL = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
+_EVAL = re.compile(r"(?<!prompt )eval time =\s*([\d.]+) ms /\s*(\d+) runs")
+
+
+def parse_completion_timings(text: str) -> dict[str, float]:
+    """llama-completion's perf print (llama_perf_context_print) -> {"ttft_s", "prompt_tokens", "decode_tok_s"}:
+    the prompt evaluation yields the first token, each later "run" one more."""
+    prompts, evals = _PROMPT_EVAL.findall(text), _EVAL.findall(text)
+    if not prompts or not evals:
+        raise PeerError(f"no llama.cpp timings in its output:\n{text[-1500:]}")
+    (p_ms, p_tokens), (ms, runs) = prompts[-1], evals[-1]
+    return {"ttft_s": float(p_ms) / 1000, "prompt_tokens": int(p_tokens),
+            "decode_tok_s": int(runs) / (float(ms) / 1000) if float(ms) else 0.0}
+
+
+def prompt_text(hf: Path, length: int, seed: int = 0) -> str:
+    """Text that the GGUF's (SentencePiece) vocabulary reads as about `length` tokens of random pieces."""
+    import numpy as np
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(hf / "tokenizer.model"))
+    special = {i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i)
+               or sp.id_to_piece(i).startswith("<|")}  # and the chat tokens, which llama.cpp would parse as such
+    normal = [i for i in range(sp.get_piece_size()) if i not in special]
+    ids = np.random.default_rng(seed + length).choice(normal, 2 * length).tolist()
+    return sp.decode(sp.encode(sp.decode(ids))[: length - 1])  # llama.cpp adds BOS
+
+
+def llama_completion(peer: LlamaCpp, model: Path, prompt_file: Path, opts: "BenchOptions", log: Path,
+                     lora: Path | None = None, attempts: int = 3) -> dict[str, float]:
+    """One llama-completion request's own timings. Its logger thread may lose the last lines at exit
+    (common/log.cpp leaks the logger on purpose), so a run without its perf print is run again."""
+    cmd = [str(peer.tool("llama-completion")), "-m", str(model), "-f", str(prompt_file), "-n", str(opts.new_tokens),
+           "--ignore-eos", "--temp", "0", "-t", str(opts.threads), "-no-cnv", "--perf"]
+    if lora is not None:
+        cmd += ["--lora", str(lora)]
+    for attempt in range(1, attempts + 1):
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        text = proc.stdout + proc.stderr
+        log.write_text(text)
+        if proc.returncode != 0:
+            raise PeerError(f"llama-completion failed (exit {proc.returncode}); log {log}:\n{proc.stderr[-2000:]}")
+        if (_PROMPT_EVAL.search(text) and _EVAL.search(text)) or attempt == attempts:
+            return parse_completion_timings(text) | {"attempts": attempt}
+    raise ValueError(f"attempts must be >= 1, not {attempts}")
+
+
+def _bundle_round(bundle: Path, adapter: Path | None, opts: "BenchOptions", scratch: Path, label: str) -> dict[str, Any]:
+    """One request per prompt length on the bundle as shipped (its genai_config.json's threads)."""
+    from phi_pipeline.bench.decode import DecodeConfig, run_config
+
+    cfg = DecodeConfig(label, "onnx", str(bundle), adapter=str(adapter) if adapter else None, threads=None,
+                       prompt_lens=opts.prompt_lens, new_tokens=opts.new_tokens, reps=1, device="cpu")
+    result = run_config(cfg, scratch)
+    if "error" in result:
+        raise PeerError(result["error"])
+    return {n: {"ttft_s": p["ttft_s"]["median"], "decode_tok_s": p["decode_tok_s"]["median"]}
+            for n, p in result["prompts"].items() if "skipped" not in p} | {"peak_rss_bytes": result["peak_rss_bytes"]}
+
+
+# Rows of the comparison: (name, engine, quantization, adapter, tool).
+ROWS = (
+    ("bundle int4", "onnxruntime-genai", "int4", None, "bench.decode"),
+    ("bundle int4 + r8", "onnxruntime-genai", "int4", "r8", "bench.decode"),
+    ("llama.cpp Q4_0", "llama.cpp", "Q4_0", None, "llama-bench"),
+    ("llama.cpp Q4_K_M", "llama.cpp", "Q4_K_M", None, "llama-bench"),
+    ("llama.cpp Q4_0 (llama-completion)", "llama.cpp", "Q4_0", None, "llama-completion"),
+    ("llama.cpp Q4_0 + r8 (llama-completion)", "llama.cpp", "Q4_0", "r8", "llama-completion"),
+)
+
+
+def measure_rounds(run_row: Callable[[str, int], dict[str, Any]], rounds: int, say: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
+    """Every row once per round, in ROWS order: {row name: [round results]}."""
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in ROWS}
+    for i in range(rounds):
+        for name, *_ in ROWS:
+            say(f"peer round {i + 1}/{rounds}: {name}")
+            out[name].append(run_row(name, i))
+    return out
+
+
+def _per_round(a: list[dict[str, Any]], b: list[dict[str, Any]], length: str, key: str, invert: bool = False) -> dict[str, Any]:
+    """Median [min-max] of a/b per round (b/a with invert: for times, where lower is better)."""
+    values = [(y[length][key] / x[length][key]) if invert else (x[length][key] / y[length][key])
+              for x, y in zip(a, b) if length in x and length in y and x[length].get(key) and y[length].get(key)]
+    return summary(values)
+
+
+def summarize(rounds: dict[str, list[dict[str, Any]]], sizes: dict[str, int], prompt_lens: tuple[int, ...]) -> dict[str, Any]:
+    """Rows (median [min-max] over rounds) and the paired ratios the issue asks for."""
+    rows = []
+    for name, engine, quant, adapter, tool in ROWS:
+        results = rounds[name]
+        prompts = {
+            str(n): {key: summary([r[str(n)][key] for r in results if str(n) in r and key in r[str(n)]], digits=4)
+                     for key in ("ttft_s", "decode_tok_s")}
+            for n in prompt_lens
+        }
+        rss = [r["peak_rss_bytes"] for r in results if r.get("peak_rss_bytes")]
+        rows.append({"name": name, "engine": engine, "quantization": quant, "adapter": adapter, "tool": tool,
+                     "prompts": prompts, "peak_rss_bytes": max(rss) if rss else None})
+    ratios: dict[str, Any] = {}
+    bundle, q40 = rounds["bundle int4"], rounds["llama.cpp Q4_0"]
+    for n in map(str, prompt_lens):
+        ratios[f"decode_vs_llama_q4_0@{n}"] = _per_round(bundle, q40, n, "decode_tok_s")
+        ratios[f"decode_vs_llama_q4_k_m@{n}"] = _per_round(bundle, rounds["llama.cpp Q4_K_M"], n, "decode_tok_s")
+        ratios[f"first_token_speed_vs_llama_q4_0@{n}"] = _per_round(bundle, q40, n, "ttft_s", invert=True)
+        ratios[f"adapter_decode_cost_bundle@{n}"] = _cost(rounds["bundle int4 + r8"], bundle, n)
+        ratios[f"adapter_decode_cost_llama_cpp@{n}"] = _cost(rounds["llama.cpp Q4_0 + r8 (llama-completion)"],
+                                                            rounds["llama.cpp Q4_0 (llama-completion)"], n)
+        ratios[f"decode_vs_llama_q4_0_with_r8@{n}"] = _per_round(
+            rounds["bundle int4 + r8"], rounds["llama.cpp Q4_0 + r8 (llama-completion)"], n, "decode_tok_s")
+    ratios["size_vs_llama_q4_0"] = round(sizes["bundle_int4"] / sizes["gguf_Q4_0"], 4)
+    ratios["size_vs_llama_q4_k_m"] = round(sizes["bundle_int4"] / sizes["gguf_Q4_K_M"], 4)
+    return {"rows": rows, "ratios": ratios}
+
+
+def _cost(with_: list[dict[str, Any]], without: list[dict[str, Any]], length: str) -> dict[str, Any]:
+    """1 - decode tokens/s with the adapter / without, per round."""
+    return summary([1 - x[length]["decode_tok_s"] / y[length]["decode_tok_s"] for x, y in zip(with_, without)
+                    if length in x and length in y and y[length].get("decode_tok_s")])
+
+
+def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, Any]:
+    """The whole peer section: build, convert, interleaved rounds, sizes and ratios."""
+    from phi_pipeline.bench.decode import TORCH_PRECISION
+    from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter
+    from phi_pipeline.bench.run import ADAPTER_RANKS, TABLE_ADAPTER, folder_bytes
+    from phi_pipeline.spec import DEFAULT_TARGET_MODULES
+
+    if opts.device != "cpu":
+        return {"skipped": "the llama.cpp peer runs on CPU only"}
+    version = pinned_version(opts.project_root)
+    peer = build(opts.work_dir, version, say)
+    work = opts.work_dir / opts.size
+    # The same base, adapters and int4 bundle as the benchmark-model section (reused from its stamps).
+    base = build_bench_base(work / "base", SIZES[opts.size], opts.bundle, dtype=TORCH_PRECISION["cpu"])
+    peft = {n: make_random_adapter(base, work / "adapters" / n, r=r, seed=r, target_modules=DEFAULT_TARGET_MODULES["phi3"])
+            for n, r in ADAPTER_RANKS.items()}
+    bundle = export_bundle(base, peft, ADAPTER_RANKS, "int4", work / "int4", "cpu").bundle
+    adapter = bundle / "adapters" / f"{TABLE_ADAPTER}.onnx_adapter"
+    models = convert(peer, base, peft[TABLE_ADAPTER] / "adapter", work / "llama.cpp", say)
+    scratch = work / "peer-runs"
+    scratch.mkdir(parents=True, exist_ok=True)
+    prompts = {}
+    for n in opts.prompt_lens:
+        prompts[n] = scratch / f"prompt-{n}.txt"
+        prompts[n].write_text(prompt_text(work / "llama.cpp" / "hf", n))
+
+    def completion(name: str, i: int, lora: Path | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for n, f in prompts.items():
+            t = llama_completion(peer, models.gguf[LORA_QUANT], f, opts, scratch / f"{name}-{i}-{n}.log", lora)
+            out[str(n)] = t
+        return out
+
+    runners: dict[str, Callable[[int], dict[str, Any]]] = {
+        "bundle int4": lambda i: _bundle_round(bundle, None, opts, scratch, f"peer-bundle-{i}"),
+        "bundle int4 + r8": lambda i: _bundle_round(bundle, adapter, opts, scratch, f"peer-bundle-r8-{i}"),
+        "llama.cpp Q4_0": lambda i: llama_bench(peer, models.gguf["Q4_0"], opts, scratch / f"bench-Q4_0-{i}.log"),
+        "llama.cpp Q4_K_M": lambda i: llama_bench(peer, models.gguf["Q4_K_M"], opts, scratch / f"bench-Q4_K_M-{i}.log"),
+        "llama.cpp Q4_0 (llama-completion)": lambda i: completion("completion", i, None),
+        "llama.cpp Q4_0 + r8 (llama-completion)": lambda i: completion("completion-r8", i, models.lora),
+    }
+    rounds = measure_rounds(lambda name, i: runners[name](i), opts.peer_rounds, say)
+    sizes = {"bundle_int4": folder_bytes(bundle, exclude=("adapters",)), "onnx_adapter_r8": adapter.stat().st_size,
+             **{f"gguf_{q}": p.stat().st_size for q, p in models.gguf.items()}, "gguf_lora_r8": models.lora.stat().st_size}
+    genai = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"].get("session_options", {})
+    return {
+        "llama_cpp": {"llama-cpp-python sdist": version, "cmake_options": list(CMAKE_OPTIONS), "threads": opts.threads},
+        "bundle": str(bundle),
+        "bundle_session_options": genai,
+        "rounds": opts.peer_rounds,
+        "sizes_bytes": sizes,
+        **summarize(rounds, sizes, opts.prompt_lens),
+        "raw_rounds": rounds,
+    }

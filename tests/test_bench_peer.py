@@ -1,0 +1,116 @@
+"""`phi-pipeline bench --peer llama.cpp` (bench/peer.py): parsing llama.cpp's output, the paired ratios,
+the SentencePiece tokenizer its converter needs, and the whole peer section on the tiny model where
+llama.cpp has been built (`make bench-peer` builds it into .phi-pipeline/bench/llama.cpp)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from phi_pipeline.bench import peer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# llama-completion --perf, as llama.cpp 0.3.36's vendored copy prints it (log prefix: time, level)
+COMPLETION_OUTPUT = """\
+0.00.086.624 I common_perf_print:    sampling time =       0.28 ms
+0.00.086.642 I common_perf_print:    samplers time =       0.10 ms /   191 tokens
+0.00.086.660 I common_perf_print:        load time =     210.33 ms
+0.00.086.675 I common_perf_print: prompt eval time =      50.00 ms /    64 tokens (    0.78 ms per token,  1280.00 tokens per second)
+0.00.086.689 I common_perf_print:        eval time =     500.00 ms /   127 runs   (    3.94 ms per token,   254.00 tokens per second)
+0.00.086.703 I common_perf_print:       total time =     560.00 ms /   191 tokens
+"""
+
+
+def test_completion_timings_are_read_from_llama_cpp_perf_print():
+    t = peer.parse_completion_timings(COMPLETION_OUTPUT)
+    assert t == {"ttft_s": 0.05, "prompt_tokens": 64, "decode_tok_s": 254.0}
+
+
+def test_completion_without_timings_is_an_error_naming_the_output():
+    with pytest.raises(peer.PeerError, match="no llama.cpp timings"):
+        peer.parse_completion_timings("error: unknown argument --foo")
+
+
+def _round(decode: float, ttft: float) -> dict:
+    return {"64": {"decode_tok_s": decode, "ttft_s": ttft}, "peak_rss_bytes": 100}
+
+
+def test_ratios_pair_rows_of_the_same_round():
+    rounds = {name: [] for name, *_ in peer.ROWS}
+    # round 1: the bundle 2x llama.cpp's decode, round 2: 1x; adapters cost 10% (bundle) and 20% (llama.cpp)
+    for bundle, llama in ((200.0, 100.0), (150.0, 150.0)):
+        rounds["bundle int4"].append(_round(bundle, 0.1))
+        rounds["bundle int4 + r8"].append(_round(0.9 * bundle, 0.1))
+        rounds["llama.cpp Q4_0"].append(_round(llama, 0.05))
+        rounds["llama.cpp Q4_K_M"].append(_round(llama, 0.05))
+        rounds["llama.cpp Q4_0 (llama-completion)"].append(_round(llama, 0.05))
+        rounds["llama.cpp Q4_0 + r8 (llama-completion)"].append(_round(0.8 * llama, 0.05))
+    sizes = {"bundle_int4": 90, "gguf_Q4_0": 100, "gguf_Q4_K_M": 120}
+    out = peer.summarize(rounds, sizes, (64,))
+    r = out["ratios"]
+    assert (r["decode_vs_llama_q4_0@64"]["min"], r["decode_vs_llama_q4_0@64"]["max"]) == (1.0, 2.0)
+    assert r["first_token_speed_vs_llama_q4_0@64"]["median"] == 0.5  # the bundle takes twice as long
+    assert r["adapter_decode_cost_bundle@64"]["median"] == pytest.approx(0.1)
+    assert r["adapter_decode_cost_llama_cpp@64"]["median"] == pytest.approx(0.2)
+    assert (r["size_vs_llama_q4_0"], r["size_vs_llama_q4_k_m"]) == (0.9, 0.75)
+    bundle_row = next(row for row in out["rows"] if row["name"] == "bundle int4")
+    assert bundle_row["prompts"]["64"]["decode_tok_s"]["median"] == 175.0
+
+
+def test_llama_cpp_version_is_pinned_in_pyproject():
+    assert peer.pinned_version(ROOT).count(".") == 2
+
+
+def test_sentencepiece_model_keeps_the_special_token_ids(tmp_path):
+    pytest.importorskip("sentencepiece", reason="the peer extra (sentencepiece) is not installed")
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from phi_pipeline.tiny.base_model import train_tokenizer
+
+    hf = tmp_path / "base"
+    train_tokenizer(1024).save_pretrained(hf)
+    (hf / "config.json").write_text(json.dumps({"vocab_size": 1024}))
+    sp = spm.SentencePieceProcessor(model_file=str(peer.sentencepiece_model(hf, tmp_path / "tokenizer.model")))
+    tokenizer = AutoTokenizer.from_pretrained(str(hf))
+    specials = sorted(tokenizer.added_tokens_decoder.items())
+    assert [sp.id_to_piece(i) for i, _ in specials] == [t.content for _, t in specials]
+    assert len(specials) < sp.get_piece_size() <= 1024
+
+
+def _built_llama_cpp() -> Path:
+    home = peer.llama_cpp_home(ROOT / ".phi-pipeline" / "bench", peer.pinned_version(ROOT))
+    if not home.built:
+        pytest.skip(f"llama.cpp is not built in {home.home} (`make bench-peer` builds it; CI never does)")
+    pytest.importorskip("sentencepiece", reason="the peer extra (sentencepiece) is not installed")
+    return home.home.parent
+
+
+@pytest.mark.slow
+def test_peer_section_compares_the_tiny_bundle_with_llama_cpp(tmp_path, monkeypatch):
+    """The whole peer path on the tiny model with the llama.cpp build of this checkout: GGUF and
+    LoRA conversion, llama-bench, llama-completion with and without the adapter, the bundle rows."""
+    from test_bench import _olive_in_process, _tokenizer
+
+    import phi_pipeline.runner
+    from phi_pipeline.bench import report, run
+
+    built = _built_llama_cpp()
+    monkeypatch.setattr(phi_pipeline.runner, "run_olive", _olive_in_process)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "llama.cpp").symlink_to(built)
+    opts = run.BenchOptions(bundle=_tokenizer(tmp_path / "tokenizer"), size="tiny", peer_rounds=1, prompt_lens=(16, 32),
+                            new_tokens=8, work_dir=work, project_root=ROOT, threads=2, peer="llama.cpp")
+    result = peer.bench_peer(opts, lambda message: None)
+    assert result["bundle_session_options"]["intra_op_num_threads"] == 0  # the bundle as shipped
+    for row in result["rows"]:
+        for p in row["prompts"].values():
+            assert p["decode_tok_s"]["median"] > 0 and p["ttft_s"]["median"] > 0, row
+    assert {"gguf_Q4_0", "gguf_Q4_K_M", "gguf_lora_r8", "bundle_int4", "onnx_adapter_r8"} <= set(result["sizes_bytes"])
+    assert result["ratios"]["decode_vs_llama_q4_0@16"]["n"] == 1
+    lines = report.peer_lines(result)
+    assert any(line.startswith("| bundle int4 |") for line in lines)
