@@ -195,7 +195,7 @@ def prepare_splits(plan: Plan) -> dict[str, tuple[dict[str, str], dict[str, Any]
 def _content_form(document: Any, plan: Plan) -> Any:
     """A workflow with the run's own paths replaced by what they hold or stand for: data files by their
     sha256, the base by a placeholder (its digest is keyed separately), the pipeline's run folders and the
-    work dir by placeholders. A cache key of this form depends on content only, not on the pipeline's name,
+    work dir by placeholders, the workflow's id (the pipeline's name) left out. A cache key of this form depends on content only, not on the pipeline's name,
     output or work dir, so a copy of a spec under another name reuses every unchanged result."""
     files: dict[str, str] = {}
     for adapter in plan.adapters:
@@ -224,7 +224,8 @@ def _content_form(document: Any, plan: Plan) -> Any:
                     return placeholder + value[len(prefix) :]
         return value
 
-    return norm(document)
+    # workflow_id names Olive's run after the pipeline; it does not shape the result
+    return norm({k: v for k, v in document.items() if k != "workflow_id"})
 
 
 def training_key(plan: Plan, workflow: dict[str, Any], hooks: dict[str, Any], base: str) -> str:
