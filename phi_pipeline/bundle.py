@@ -222,7 +222,7 @@ def model_card(manifest: dict[str, Any]) -> str:
     merged = manifest["layout"] == "merged"
     rows = "\n".join(
         f"| `{a['name']}` | `{a.get('file') or a['model_dir']}` | {a['method']} r={a['lora']['r']} "
-        f"alpha={a['lora']['alpha']} | `{a['dataset']['train']}` |"
+        f"alpha={a['lora']['alpha']} | `{a['dataset'].get('train') or a['dataset'].get('hub')}` |"
         for a in manifest["adapters"]
     )
     first = names[0]

@@ -62,6 +62,14 @@ option for early stopping or for reporting progress. :func:`install_trainer_hook
 
 Delete these when Olive's LoRA pass accepts callbacks.
 
+``modules_to_save``
+-------------------
+Olive 0.13's LoRA pass declares its ``modules_to_save`` parameter with ``type_=None``, so its config schema
+accepts nothing but null: ``modules_to_save: [lm_head]`` is refused while the config is validated, before
+the pass (which hands the value to PEFT's ``LoraConfig``) can use it. :func:`patch_lora_modules_to_save`,
+run by :func:`apply`, declares it ``Optional[list[str]]``, for LoRA and every pass deriving from it
+(QLoRA). A no-op once Olive declares a type.
+
 Usage
 -----
 ``python -m phi_pipeline.olive_compat run --config workflow.json`` is ``olive run --config
@@ -98,6 +106,7 @@ __all__ = [
     "needs_quant_patch",
     "patch_telemetry_shutdown",
     "install_trainer_hooks",
+    "patch_lora_modules_to_save",
 ]
 
 #: First onnxruntime-genai version whose ``create_model`` needs ``hf_details`` (from ``parse_extra_options``).
@@ -242,11 +251,35 @@ def _lazy_run_for_config(run_for_config: Callable) -> Callable:
     return _mark(run_for_config_with_compat)
 
 
+def patch_lora_modules_to_save() -> bool:
+    """Let Olive's LoRA pass config accept a list for ``modules_to_save`` (see the module docstring). Idempotent."""
+    from typing import Optional
+
+    from olive.passes.pytorch.lora import LoRA
+
+    original = LoRA.__dict__["_default_config"].__func__
+    if _is_patched(original):
+        return True
+
+    @functools.wraps(original)
+    def default_config_with_typed_modules_to_save(cls, accelerator_spec):
+        config = original(cls, accelerator_spec)
+        param = config.get("modules_to_save")
+        if param is not None and param.type_ is None:
+            param.type_ = Optional[list[str]]
+        return config
+
+    default_config_with_typed_modules_to_save.__wrapped_original__ = original
+    LoRA._default_config = classmethod(_mark(default_config_with_typed_modules_to_save))
+    return True
+
+
 def apply() -> dict[str, bool]:
-    """Patch Olive's ModelBuilder pass for the installed onnxruntime-genai. Idempotent; safe to call often.
+    """Patch Olive for the installed onnxruntime-genai (ModelBuilder) and LoRA's modules_to_save type. Idempotent.
 
     Returns which patches are active: ``{"maybe_patch_quant": bool, "create_model": bool}``.
     """
+    patch_lora_modules_to_save()
     genai = genai_version()
     active = {"maybe_patch_quant": False, "create_model": False}
     if genai is None:

@@ -246,17 +246,18 @@ def _prepare_finetune_dir(out: Path, key: str) -> str | None:
     start from an empty folder."""
     trainer = out / "trainer"
     stamp = out / TRAINING_KEY_FILE
-    checkpoints = sorted(trainer.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])) if trainer.is_dir() else []
-    if checkpoints and stamp.is_file() and stamp.read_text() == key:
-        for child in out.iterdir():
-            if child.name not in (trainer.name, stamp.name):
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        for child in trainer.iterdir():
-            # a checkpoint the kill interrupted has no trainer_state.json; Olive would try to resume from it
-            if child.name.startswith("checkpoint-") and not (child / TRAINER_STATE).is_file():
-                shutil.rmtree(child)
-        latest = [c for c in checkpoints if c.exists()]
-        return latest[-1].name if latest else None
+    # a checkpoint the kill interrupted has no trainer_state.json yet: it cannot be resumed from
+    done = sorted(
+        (c for c in trainer.glob("checkpoint-*") if (c / TRAINER_STATE).is_file()),
+        key=lambda c: int(c.name.rsplit("-", 1)[1]),
+    )
+    if done and stamp.is_file() and stamp.read_text() == key:
+        keep = {trainer / "runs", *done}
+        for child in [*out.iterdir(), *trainer.iterdir()]:
+            if child in (trainer, stamp) or child in keep:
+                continue
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return done[-1].name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     stamp.write_text(key)

@@ -197,7 +197,7 @@ def render_markdown(
             ]
             out += [f"First {len(rows)} examples (all of them are in `{EVAL_JSON}`):", "", _md_table(cols, rows), ""]
         if name in charts:
-            out += [f"![training loss of {name}]({charts[name]})", ""]
+            out += [f"![training and validation loss of {name}]({charts[name]})", ""]
         tb = tensorboard.get(name)
         if tb:
             out += [f"Training logs (TensorBoard, kept beside the cache entry, not shipped): `tensorboard --logdir {tb}`", ""]

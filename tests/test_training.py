@@ -191,7 +191,19 @@ def test_early_stopping_ends_training_before_max_steps_and_ships_the_best_checkp
     shipped = load_file(fast_project / ".phi-pipeline/cache/adapters" / entry["cache_key"] / "adapter/adapter_model.safetensors")
     kept = load_file(best / "adapter_model.safetensors")
     assert shipped.keys() == kept.keys() and all((shipped[k] == kept[k]).all() for k in kept)
-    assert "validation loss" in (bundle / "report.md").read_text() or (bundle / "report/loss-tone.png").is_file()
+    assert "![training and validation loss of tone](report/loss-tone.png)" in (bundle / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_tiny_default_validates_on_held_out_rows_and_reports_both_loss_curves(tiny_bundle):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    for entry in manifest["adapters"]:
+        history = entry["training_history"]
+        assert any("loss" in h for h in history) and any("eval_loss" in h for h in history)
+        assert len(entry["dataset"]["validation_rows"]["lines"]) == 32
+    report = (tiny_bundle / "report.md").read_text()
+    assert "![training and validation loss of antonyms](report/loss-antonyms.png)" in report
+    assert "Confusion table of the adapter" in report  # tone's metrics include f1
 
 
 @pytest.mark.slow
@@ -216,3 +228,31 @@ def test_killed_fine_tune_resumes_from_its_checkpoint_and_publishes(fast_project
     assert "tone: resuming the interrupted fine-tune from checkpoint-" in err
     assert "Resuming training at" in (fast_project / ".phi-pipeline/runs/resume/cpu/logs/finetune-tone.log").read_text()
     assert (bundle / "manifest.json").is_file()
+
+
+def test_array_hub_and_modules_to_save_configs_pass_olive_validation(tmp_path, monkeypatch):
+    from olive_validation import olive_check
+
+    from phi_pipeline.configs import workflow_configs
+    from phi_pipeline.olive_compat import patch_lora_modules_to_save
+
+    patch_lora_modules_to_save()  # as `olive run` through olive_compat does
+
+    def sources(raw):
+        raw["export"]["layout"] = "merged"
+        raw["lora"]["modules_to_save"] = ["lm_head"]
+        raw["adapters"][0]["data"].update(train="data/tone.json", field="rows", validation="data/tone-val.json")
+        raw["adapters"][0]["data"].pop("validation_fraction")
+        raw["adapters"][1]["data"] = {
+            "hub": "someorg/antonyms", "train_split": "train", "eval_split": "test",
+            "text_template": "Opposite: {input}\nAnswer: {output}", "response_field": "output",
+        }
+
+    configs = workflow_configs(_tiny_plan(tmp_path, monkeypatch, sources))
+    tone = configs["finetune-tone.json"]
+    assert [d["load_dataset_config"] for d in tone["data_configs"]] == [
+        {"data_name": "json", "data_files": ["data/tone.json"], "split": "train", "field": "rows"},
+        {"data_name": "json", "data_files": ["data/tone-val.json"], "split": "train", "field": "rows"},
+    ]
+    for name in ("finetune-tone.json", "finetune-antonyms.json"):
+        olive_check(configs[name], tmp_path)

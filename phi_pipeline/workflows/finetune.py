@@ -50,8 +50,10 @@ def training_args(plan: AdapterPlan, plan_paths: PipelinePaths) -> dict[str, Any
         "output_dir": (plan_paths.finetune_dir(plan.name) / "trainer").as_posix(),
         "report_to": ["tensorboard"],
     }
-    if validates and t.load_best_model_at_end:
-        args.update({"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False})
+    if validates:
+        # the best checkpoint (and early stopping's yardstick) is the lowest validation loss
+        args.update({"metric_for_best_model": "eval_loss", "greater_is_better": False})
+        args["load_best_model_at_end"] = t.load_best_model_at_end
     if t.max_steps is not None:
         args["max_steps"] = t.max_steps
     else:
