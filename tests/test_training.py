@@ -256,3 +256,20 @@ def test_array_hub_and_modules_to_save_configs_pass_olive_validation(tmp_path, m
     ]
     for name in ("finetune-tone.json", "finetune-antonyms.json"):
         olive_check(configs[name], tmp_path)
+
+
+def test_interrupted_fine_tune_keeps_complete_checkpoints_of_its_own_key_only(tmp_path):
+    from phi_pipeline.pipeline import TRAINING_KEY_FILE, _prepare_finetune_dir
+
+    out = tmp_path / "tone"
+    (out / "trainer/checkpoint-2").mkdir(parents=True)
+    (out / "trainer/checkpoint-2/trainer_state.json").write_text("{}")
+    (out / "trainer/checkpoint-4").mkdir()  # killed while being written: no trainer_state.json
+    (out / "trainer/runs").mkdir()
+    (out / "adapter").mkdir()
+    (out / TRAINING_KEY_FILE).write_text("key-a")
+    assert _prepare_finetune_dir(out, "key-a") == "checkpoint-2"
+    assert sorted(p.name for p in (out / "trainer").iterdir()) == ["checkpoint-2", "runs"]
+    assert not (out / "adapter").exists()
+    assert _prepare_finetune_dir(out, "key-b") is None
+    assert [p.name for p in out.iterdir()] == [TRAINING_KEY_FILE] and (out / TRAINING_KEY_FILE).read_text() == "key-b"
