@@ -13,8 +13,8 @@ from typing import Any, Iterator
 
 
 class Stages:
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr  # the stderr of now, not of import time
         self.seconds: dict[str, float] = {}
         self.cached: set[str] = set()
         self._start = time.perf_counter()
