@@ -195,3 +195,18 @@ def test_search_interrupted_trial_is_asked_again_with_its_settings(tmp_path):
     uninterrupted = []
     run_study("a", search(), tmp_path / "u.db", "study", _trainer(uninterrupted), lambda _: None)
     assert [p for _, p in calls[:2] + resumed] == [p for _, p in uninterrupted]
+
+
+def test_search_report_marks_the_best_trial_and_draws_the_chart(tmp_path):
+    from phi_pipeline.search.report import plot_search, search_markdown
+
+    outcome = run_study(
+        "a", search(trials=4), tmp_path / "s.db", "study", _trainer([], lambda n: n == 2), lambda _: None
+    ).to_dict()
+    text = "\n".join(search_markdown(outcome, "report/search-a.png"))
+    best = outcome["best_trial"]
+    assert f"| **{best} (best)** |" in text
+    assert text.count("\n| ") == 1 + 4  # header + one row per trial (separator row starts with '|---')
+    assert "failed: CUDA out of memory" in text
+    plot_search(outcome, tmp_path / "search.png")
+    assert (tmp_path / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
