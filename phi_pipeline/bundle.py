@@ -22,7 +22,7 @@ from phi_pipeline.cache import file_sha256, tree_files
 from phi_pipeline.versions import package_versions
 
 if TYPE_CHECKING:
-    from phi_pipeline.pipeline import TrainedAdapter
+    from phi_pipeline.trained import TrainedAdapter
     from phi_pipeline.plan import Plan
     from phi_pipeline.progress import Stages
 
@@ -115,15 +115,11 @@ def _adapter_entry(t: "TrainedAdapter", location: dict[str, str], bos: str | Non
         "method": spec.lora.method,
         "lora": {**spec.lora.model_dump(), "target_modules": list(t.plan.target_modules)},
         "training": spec.training.model_dump(),
+        # the data spec (sources, and how a row becomes text, so `phi-pipeline eval` can re-read the eval split)
         "dataset": {
-            "train": spec.data.train,
-            "train_sha256": t.dataset_sha256["train"],
-            "eval": spec.data.eval,
-            "eval_sha256": t.dataset_sha256["eval"],
-            # how a row becomes text, so `phi-pipeline eval` can re-read the eval split
-            "text_template": spec.data.text_template,
-            "response_field": spec.data.response_field,
-            "messages_field": spec.data.messages_field,
+            **spec.data.model_dump(exclude_none=True),
+            **{f"{split}_sha256": sha for split, sha in t.dataset_sha256.items()},
+            "validation_rows": t.validation,
         },
         "eval": spec.eval.model_dump(),
         "gates": spec.gates.model_dump(),
@@ -226,7 +222,7 @@ def model_card(manifest: dict[str, Any]) -> str:
     merged = manifest["layout"] == "merged"
     rows = "\n".join(
         f"| `{a['name']}` | `{a.get('file') or a['model_dir']}` | {a['method']} r={a['lora']['r']} "
-        f"alpha={a['lora']['alpha']} | `{a['dataset']['train']}` |"
+        f"alpha={a['lora']['alpha']} | `{a['dataset'].get('train') or a['dataset'].get('hub')}` |"
         for a in manifest["adapters"]
     )
     first = names[0]

@@ -70,6 +70,14 @@ def readme(plan: Plan, names: list[str]) -> str:
         "spec that trains there runs the same fine-tune workflows and shares their adapters.",
         "",
     ]
+    cut = [a.name for a in plan.adapters if a.cuts_validation]
+    if cut:
+        lines += [
+            f"Adapters {', '.join(cut)} validate on rows held out of their training file (data.validation_fraction):",
+            f"their fine-tunes read `{plan.paths.split_file(cut[0], 'train').parent.parent.as_posix()}/<adapter>/"
+            "{train,validation}.jsonl`, which `phi-pipeline run` writes first.",
+            "",
+        ]
     if plan.layout == "multi-adapter":
         lines += [
             f"Layout multi-adapter: `{EXPORT_FILE}` exports the base once, with every LoRA weight as an optional graph",

@@ -46,6 +46,30 @@ When the Olive release we pin calls ``parse_extra_options``/``check_extra_option
 ``olive run`` of a ModelBuilder workflow works with the pinned onnxruntime-genai. Then replace
 ``python -m phi_pipeline.olive_compat run ...`` with ``olive run ...`` and drop this file and its tests.
 
+Trainer hooks
+-------------
+Olive 0.13's LoRA/QLoRA pass builds its ``transformers.Trainer`` without callbacks, so there is no
+option for early stopping or for reporting progress. :func:`install_trainer_hooks` wraps
+``transformers.Trainer.__init__`` in Olive's process to append, as set by the JSON in
+``PHI_PIPELINE_TRAINER_HOOKS`` (written by the run from ``workflows.finetune.trainer_hooks``):
+
+- ``early_stopping: {patience, threshold}``: transformers' own ``EarlyStoppingCallback`` on the validation
+  loss (the workflow sets ``load_best_model_at_end`` and ``metric_for_best_model: eval_loss``, so the best
+  checkpoint's weights are what Olive saves as the adapter);
+- ``progress_file``: :class:`ProgressWriter`, one JSON line per trainer log (step, max_steps, loss,
+  eval_loss, time), a ``begin`` line (with the step a resumed run starts from) and an ``end`` line; at the
+  end it also writes the trainer's whole state (``trainer_state.json``, the loss history) beside it.
+
+Delete these when Olive's LoRA pass accepts callbacks.
+
+``modules_to_save``
+-------------------
+Olive 0.13's LoRA pass declares its ``modules_to_save`` parameter with ``type_=None``, so its config schema
+accepts nothing but null: ``modules_to_save: [lm_head]`` is refused while the config is validated, before
+the pass (which hands the value to PEFT's ``LoraConfig``) can use it. :func:`patch_lora_modules_to_save`,
+run by :func:`apply`, declares it ``Optional[list[str]]``, for LoRA and every pass deriving from it
+(QLoRA). A no-op once Olive declares a type.
+
 Usage
 -----
 ``python -m phi_pipeline.olive_compat run --config workflow.json`` is ``olive run --config
@@ -81,6 +105,8 @@ __all__ = [
     "needs_create_model_patch",
     "needs_quant_patch",
     "patch_telemetry_shutdown",
+    "install_trainer_hooks",
+    "patch_lora_modules_to_save",
 ]
 
 #: First onnxruntime-genai version whose ``create_model`` needs ``hf_details`` (from ``parse_extra_options``).
@@ -225,11 +251,35 @@ def _lazy_run_for_config(run_for_config: Callable) -> Callable:
     return _mark(run_for_config_with_compat)
 
 
+def patch_lora_modules_to_save() -> bool:
+    """Let Olive's LoRA pass config accept a list for ``modules_to_save`` (see the module docstring). Idempotent."""
+    from typing import Optional
+
+    from olive.passes.pytorch.lora import LoRA
+
+    original = LoRA.__dict__["_default_config"].__func__
+    if _is_patched(original):
+        return True
+
+    @functools.wraps(original)
+    def default_config_with_typed_modules_to_save(cls, accelerator_spec):
+        config = original(cls, accelerator_spec)
+        param = config.get("modules_to_save")
+        if param is not None and param.type_ is None:
+            param.type_ = Optional[list[str]]
+        return config
+
+    default_config_with_typed_modules_to_save.__wrapped_original__ = original
+    LoRA._default_config = classmethod(_mark(default_config_with_typed_modules_to_save))
+    return True
+
+
 def apply() -> dict[str, bool]:
-    """Patch Olive's ModelBuilder pass for the installed onnxruntime-genai. Idempotent; safe to call often.
+    """Patch Olive for the installed onnxruntime-genai (ModelBuilder) and LoRA's modules_to_save type. Idempotent.
 
     Returns which patches are active: ``{"maybe_patch_quant": bool, "create_model": bool}``.
     """
+    patch_lora_modules_to_save()
     genai = genai_version()
     active = {"maybe_patch_quant": False, "create_model": False}
     if genai is None:
@@ -285,6 +335,89 @@ def patch_telemetry_shutdown() -> bool:
     return True
 
 
+HOOKS_ENV = "PHI_PIPELINE_TRAINER_HOOKS"
+
+
+def progress_writer_class() -> type:
+    """transformers.TrainerCallback writing the trainer's logs as JSON lines (imported lazily: torch)."""
+    import json
+    import time
+    from pathlib import Path
+
+    from transformers import TrainerCallback
+
+    class ProgressWriter(TrainerCallback):
+        def __init__(self, path: str):
+            self.path = Path(path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+        def _write(self, record: dict[str, Any]) -> None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._write({"event": "begin", "step": state.global_step, "max_steps": state.max_steps, "time": time.time()})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            record = {"event": "log", "step": state.global_step, "max_steps": state.max_steps, "time": time.time()}
+            record.update({k: logs[k] for k in ("loss", "eval_loss") if k in logs})
+            if len(record) > 4:
+                self._write(record)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            state.save_to_json(str(self.path.with_name("trainer_state.json")))
+            self._write(
+                {
+                    "event": "end",
+                    "step": state.global_step,
+                    "max_steps": state.max_steps,
+                    "best_checkpoint": state.best_model_checkpoint,
+                    "best_eval_loss": state.best_metric,
+                    "time": time.time(),
+                }
+            )
+
+    return ProgressWriter
+
+
+def trainer_callbacks(hooks: dict[str, Any]) -> list[Any]:
+    """The callbacks a hooks setting (see the module docstring) asks for."""
+    callbacks: list[Any] = []
+    if "early_stopping" in hooks:
+        from transformers import EarlyStoppingCallback
+
+        stop = hooks["early_stopping"]
+        callbacks.append(EarlyStoppingCallback(stop["patience"], stop.get("threshold", 0.0)))
+    if "progress_file" in hooks:
+        callbacks.append(progress_writer_class()(hooks["progress_file"]))
+    return callbacks
+
+
+def install_trainer_hooks(hooks: dict[str, Any]) -> bool:
+    """Make every ``transformers.Trainer`` built in this process get the hooks' callbacks. Idempotent."""
+    import transformers
+
+    if _is_patched(transformers.Trainer.__init__):
+        return True
+    original = transformers.Trainer.__init__
+
+    @functools.wraps(original)
+    def init_with_callbacks(self, *args, callbacks=None, **kwargs):
+        original(self, *args, callbacks=[*(callbacks or []), *trainer_callbacks(hooks)], **kwargs)
+
+    init_with_callbacks.__wrapped_original__ = original
+    transformers.Trainer.__init__ = _mark(init_with_callbacks)
+    return True
+
+
+def trainer_hooks_from_env() -> dict[str, Any] | None:
+    import json
+
+    value = os.environ.get(HOOKS_ENV)
+    return json.loads(value) if value else None
+
+
 SEED_ENV = "PHI_PIPELINE_SEED"
 
 
@@ -314,6 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     apply()
     seed_from_env()
+    hooks = trainer_hooks_from_env()
+    if hooks:
+        install_trainer_hooks(hooks)
     if telemetry_disabled_by_env():
         patch_telemetry_shutdown()
     from olive.cli.launcher import main as olive_main

@@ -29,6 +29,14 @@ class PipelinePaths:
         the spec and the training device, so every target of a pipeline shares it (and its cache entry)."""
         return self.work_dir / "runs" / self.pipeline / "finetune" / adapter
 
+    def progress_file(self, adapter: str) -> Path:
+        """JSON lines the fine-tune's trainer writes as it logs (step, losses), which the run tails."""
+        return self.finetune_dir(adapter) / "progress.jsonl"
+
+    def split_file(self, adapter: str, split: str) -> Path:
+        """A training or validation split cut from an adapter's training file (data.validation_fraction)."""
+        return self.work_dir / "runs" / self.pipeline / "data" / adapter / f"{split}.jsonl"
+
     def trained_adapter_dir(self, adapter: str) -> Path:
         """The trained PEFT adapter a merged export reads; the run copies it here from its cache first
         (a cache hit leaves finetune_dir empty, or holding another target's adapter)."""

@@ -9,34 +9,30 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from phi_pipeline import bundle
 from phi_pipeline.cache import Cache, DigestMemo, content_key, file_sha256, tree_sha256
 from phi_pipeline.configs import EXPORT_FILE, finetune_file, write_configs
-from phi_pipeline.data import check_data
+from phi_pipeline.data import check_data, read_file_rows, validation_indices
 from phi_pipeline.errors import PipelineError, UsageError
-from phi_pipeline.plan import AdapterPlan, Plan, is_local_path, make_plan
-from phi_pipeline.progress import Stages
+from phi_pipeline.plan import Plan, is_local_path, make_plan
+from phi_pipeline.olive_compat import HOOKS_ENV
+from phi_pipeline.progress import Stages, TrainingProgress
 from phi_pipeline.publish import publish_dir
 from phi_pipeline.runner import run_olive
 from phi_pipeline.spec import load_spec
-from phi_pipeline.versions import package_versions
+from phi_pipeline.trained import TrainedAdapter
+from phi_pipeline.versions import package_versions, training_versions
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TRAINER_STATE = "trainer_state.json"
-
-
-@dataclass(frozen=True)
-class TrainedAdapter:
-    plan: AdapterPlan
-    folder: Path
-    """Cache entry: the PEFT adapter (adapter/), trainer_state.json and tensorboard/ logs."""
-    key: str
-    dataset_sha256: dict[str, str]
+TRAINING_KEY_FILE = "training-key"
+"""In a fine-tune's work folder: the cache key its checkpoints belong to (a resumed run must have the same)."""
 
 
 def load_plan(spec_path: str | Path, target: str, precision: str | None = None) -> Plan:
@@ -48,7 +44,7 @@ def check_inputs(plan: Plan) -> None:
     """Everything that can be checked before training, reported together (UsageError, exit 2)."""
     problems: list[str] = []
     for i, adapter in enumerate(plan.adapters):
-        problems += check_data(adapter.spec.data, f"adapters.{i}.data ({adapter.name})")
+        problems += check_data(adapter.spec.data, f"adapters.{i}.data ({adapter.name})", adapter.spec.training.seed)
     base = plan.spec.base_model
     if base.builtin is None:
         if is_local_path(base.name_or_path):  # make_plan refused a folder without config.json
@@ -114,7 +110,14 @@ def base_digest(plan: Plan, memo: DigestMemo) -> str:
     return f"hub:{plan.base_model}"
 
 
-def _run_workflow(plan: Plan, config_file: str, outputs: list[Path], echo: bool, seed: int | None = None) -> None:
+def _run_workflow(
+    plan: Plan,
+    config_file: str,
+    outputs: list[Path],
+    echo: bool,
+    seed: int | None = None,
+    env: dict[str, str] | None = None,
+) -> None:
     """Run one of the plan's Olive workflows; a local base keeps Olive offline and inside work_dir."""
     local = plan.base_is_local
     run_olive(
@@ -125,57 +128,174 @@ def _run_workflow(plan: Plan, config_file: str, outputs: list[Path], echo: bool,
         offline=local,
         hf_cache=plan.paths.hf_cache_dir if local else None,
         seed=seed,
+        env=env,
     )
 
 
 def collect_finetune_result(out: Path) -> Path:
-    """What a fine-tune leaves for later stages: the adapter, the trainer's log history and its
-    TensorBoard logs (Olive's output also holds a full copy of the base, which is not kept)."""
+    """What a fine-tune leaves for later stages: the adapter (the best checkpoint's, with a validation split),
+    the trainer's log history (written by olive_compat's progress hook) and its TensorBoard logs (Olive's
+    output also holds a full copy of the base, and the trainer folder its checkpoints: neither is kept)."""
     result = out / "result"
     shutil.rmtree(result, ignore_errors=True)
     shutil.copytree(out / "adapter", result / "adapter")
-    states = sorted((out / "trainer").glob("checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime)
-    if states:
-        shutil.copy2(states[-1], result / TRAINER_STATE)
+    if (out / TRAINER_STATE).is_file():
+        shutil.copy2(out / TRAINER_STATE, result / TRAINER_STATE)
     if (out / "trainer" / "runs").is_dir():
         shutil.copytree(out / "trainer" / "runs", result / "tensorboard")
     return result
 
 
-def train_adapters(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool) -> list[TrainedAdapter]:
-    from phi_pipeline.configs import workflow_configs
+def _write_if_changed(path: Path, text: str) -> None:
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
-    configs = workflow_configs(plan)
-    trained = []
+
+def prepare_splits(plan: Plan) -> dict[str, tuple[dict[str, str], dict[str, Any] | None]]:
+    """Per adapter: the sha256 of each local split file (hub splits: their name) and which rows the trainer
+    validates on. Cuts the seeded validation rows out of a local training file into the run's data folder."""
+    out = {}
     for adapter in plan.adapters:
         data = adapter.spec.data
-        shas = {"train": file_sha256(Path(data.train)), "eval": file_sha256(Path(data.eval))}
-        key = content_key(
-            {
-                "stage": "finetune",
-                "base": base,
-                "datasets": shas,
-                "workflow": configs[finetune_file(adapter.name)],
-                "packages": package_versions(),
+        if data.hub is not None:
+            train, validation = data.hub_training_splits()
+            source = f"hub:{data.hub}" + (f"/{data.subset}" if data.subset else "")
+            shas = {"train": f"{source}:{train}", "eval": f"{source}:{data.eval_split}"}
+            if validation:
+                shas["validation"] = f"{source}:{validation}"
+            out[adapter.name] = (shas, {"hub_split": validation} if validation else None)
+            continue
+        shas = {split: file_sha256(Path(getattr(data, split))) for split in ("train", "validation", "eval") if getattr(data, split)}
+        validation = {"file": data.validation} if data.validation else None
+        if adapter.cuts_validation:
+            problems: list[str] = []
+            rows = read_file_rows(Path(data.train), problems, data.field)
+            seed = adapter.spec.training.seed
+            held = validation_indices(len(rows.items), data.held_out_fraction, seed)
+            held_set = set(held)
+            parts: dict[str, list[str]] = {"train": [], "validation": []}
+            for i, (_, row) in enumerate(rows.items):
+                parts["validation" if i in held_set else "train"].append(json.dumps(row, ensure_ascii=False) + "\n")
+            for split, lines in parts.items():
+                _write_if_changed(plan.paths.split_file(adapter.name, split), "".join(lines))
+            validation = {
+                "held_out_from": data.train,
+                "fraction": data.held_out_fraction,
+                "seed": seed,
+                rows.unit + "s": [rows.items[i][0] for i in held],
             }
-        )
+        out[adapter.name] = (shas, validation)
+    return out
+
+
+def _content_form(document: Any, plan: Plan) -> Any:
+    """A workflow with the run's own paths replaced by what they hold or stand for: data files by their
+    sha256, the base by a placeholder (its digest is keyed separately), the pipeline's run folders and the
+    work dir by placeholders, the workflow's id (the pipeline's name) left out. A cache key of this form depends on content only, not on the pipeline's name,
+    output or work dir, so a copy of a spec under another name reuses every unchanged result."""
+    files: dict[str, str] = {}
+    for adapter in plan.adapters:
+        data = adapter.spec.data
+        candidates = [getattr(data, s) for s in ("train", "validation", "eval") if data.hub is None and getattr(data, s)]
+        candidates += [plan.paths.split_file(adapter.name, s).as_posix() for s in ("train", "validation")]
+        for path in candidates:
+            if Path(path).is_file():
+                files[Path(path).as_posix()] = f"<file sha256:{file_sha256(Path(path))}>"
+    prefixes = [(Path(plan.base_model).as_posix(), "<base>")] if plan.base_is_local else []
+    prefixes += [
+        ((plan.paths.work_dir / "runs" / plan.spec.name).as_posix(), "<runs>"),
+        (plan.paths.work_dir.as_posix(), "<work>"),
+    ]
+
+    def norm(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: norm(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [norm(v) for v in value]
+        if isinstance(value, str):
+            if value in files:
+                return files[value]
+            for prefix, placeholder in prefixes:
+                if value == prefix or value.startswith(prefix + "/"):
+                    return placeholder + value[len(prefix) :]
+        return value
+
+    # workflow_id names Olive's run after the pipeline; it does not shape the result
+    return norm({k: v for k, v in document.items() if k != "workflow_id"})
+
+
+def training_key(plan: Plan, workflow: dict[str, Any], hooks: dict[str, Any], base: str) -> str:
+    """A fine-tune's cache key: its inputs' content, its settings and the training packages' versions."""
+    return content_key(
+        {
+            "stage": "finetune",
+            "base": base,
+            "workflow": _content_form(workflow, plan),
+            "trainer_hooks": _content_form(hooks, plan),
+            "packages": training_versions(),
+        }
+    )
+
+
+def _prepare_finetune_dir(out: Path, key: str) -> str | None:
+    """Keep the checkpoints of an interrupted fine-tune with this key (returned: the last one's name), else
+    start from an empty folder."""
+    trainer = out / "trainer"
+    stamp = out / TRAINING_KEY_FILE
+    # a checkpoint the kill interrupted has no trainer_state.json yet: it cannot be resumed from
+    done = sorted(
+        (c for c in trainer.glob("checkpoint-*") if (c / TRAINER_STATE).is_file()),
+        key=lambda c: int(c.name.rsplit("-", 1)[1]),
+    )
+    if done and stamp.is_file() and stamp.read_text() == key:
+        keep = {trainer / "runs", *done}
+        for child in [*out.iterdir(), *trainer.iterdir()]:
+            if child in (trainer, stamp) or child in keep:
+                continue
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return done[-1].name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    stamp.write_text(key)
+    return None
+
+
+def train_adapters(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool) -> list[TrainedAdapter]:
+    from phi_pipeline.configs import workflow_configs
+    from phi_pipeline.workflows.finetune import trainer_hooks
+
+    configs = workflow_configs(plan)
+    splits = prepare_splits(plan)
+    trained = []
+    for adapter in plan.adapters:
+        shas, validation = splits[adapter.name]
+        hooks = trainer_hooks(adapter, plan.paths)
+        key = training_key(plan, configs[finetune_file(adapter.name)], hooks, base)
         stage = f"finetune:{adapter.name}"
         with stages.stage(stage, f"fine-tuning adapter {adapter.name!r} ({adapter.spec.lora.method})"):
             entry = cache.get("adapters", key)
             if entry is None:
                 out = plan.paths.finetune_dir(adapter.name)
-                shutil.rmtree(out, ignore_errors=True)
-                _run_workflow(
-                    plan,
-                    finetune_file(adapter.name),
-                    [out / "adapter" / name for name in ADAPTER_FILES],
-                    echo,
-                    seed=adapter.spec.training.seed,
-                )
+                resumed = _prepare_finetune_dir(out, key)
+                if resumed:
+                    stages.say(f"{adapter.name}: resuming the interrupted fine-tune from {resumed}")
+                with TrainingProgress(stages, adapter.name, plan.paths.progress_file(adapter.name)):
+                    _run_workflow(
+                        plan,
+                        finetune_file(adapter.name),
+                        [out / "adapter" / name for name in ADAPTER_FILES],
+                        echo,
+                        seed=adapter.spec.training.seed,
+                        env={HOOKS_ENV: json.dumps(hooks)},
+                    )
                 entry = cache.put("adapters", key, collect_finetune_result(out), {"adapter": adapter.name, "datasets": shas})
             else:
                 stages.mark_cached(stage)
-        trained.append(TrainedAdapter(adapter, entry, key, shas))
+        trained.append(TrainedAdapter(adapter, entry, key, shas, validation))
     return trained
 
 
@@ -187,7 +307,7 @@ def export_base(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool)
         {
             "stage": "export",
             "base": base,
-            "workflow": workflow_configs(plan)[EXPORT_FILE],
+            "workflow": _content_form(workflow_configs(plan)[EXPORT_FILE], plan),
             "packages": package_versions(),
         }
     )
@@ -219,7 +339,7 @@ def export_merged(
                 "stage": "export-merged",
                 "base": base,
                 "adapter": t.key,
-                "workflow": configs[export_file(name)],
+                "workflow": _content_form(configs[export_file(name)], plan),
                 "packages": package_versions(),
             }
         )

@@ -9,12 +9,13 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
 from phi_pipeline.errors import UsageError
 from phi_pipeline.paths import PipelinePaths
-from phi_pipeline.spec import DEFAULT_TARGET_MODULES, AdapterSpec, PipelineSpec
+from phi_pipeline.spec import DEFAULT_TARGET_MODULES, AdapterSpec, DataSpec, PipelineSpec
 from phi_pipeline.targets import Target, TrainingDevice, check_precision, get_target
 from phi_pipeline.tiny import builtin_config
 
@@ -25,10 +26,19 @@ class AdapterPlan:
     target_modules: tuple[str, ...]
     """The modules the trained adapter has LoRA weights on (for qlora: the ones Olive's QLoRA adapts)."""
     training_device: TrainingDevice
+    train_data: dict[str, Any]
+    """Olive's load_dataset_config of the rows the adapter trains on."""
+    validation_data: dict[str, Any] | None
+    """Olive's load_dataset_config of the validation rows the trainer evaluates, or None."""
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def cuts_validation(self) -> bool:
+        """Whether the run cuts train/validation files out of a local training file (validation_fraction)."""
+        return self.spec.data.hub is None and bool(self.spec.data.held_out_fraction)
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,14 @@ def make_plan(spec: PipelineSpec, target_name: str, *, source: str = "<spec>", p
             "the LoRA MatMuls unquantized"
         )
 
-    adapters = [_adapter_plan(i, a, model_type, target, problems) for i, a in enumerate(spec.adapters)]
+    paths = PipelinePaths(Path(spec.work_dir), Path(spec.output_dir), spec.name, target.name)
+    adapters = [_adapter_plan(i, a, model_type, target, paths, problems) for i, a in enumerate(spec.adapters)]
+    saving = [a.name for a in spec.adapters if a.lora.modules_to_save]
+    if saving and layout == "multi-adapter":
+        problems.append(
+            f"lora.modules_to_save (adapters {', '.join(saving)}): the multi-adapter layout swaps LoRA weights only "
+            "(Model Builder's adapter export drops fully trained modules); use export.layout: merged"
+        )
     layouts = {a.target_modules for a in adapters}
     if layout == "multi-adapter" and len(layouts) > 1:
         problems.append(
@@ -146,7 +163,7 @@ def make_plan(spec: PipelineSpec, target_name: str, *, source: str = "<spec>", p
         num_layers=num_layers,
         max_positions=hf_config.get("max_position_embeddings"),
         adapters=tuple(adapters),
-        paths=PipelinePaths(Path(spec.work_dir), Path(spec.output_dir), spec.name, target.name),
+        paths=paths,
     )
 
 
@@ -162,7 +179,36 @@ def _target_block_problems(target: str, exc: ValidationError) -> list[str]:
     ]
 
 
-def _adapter_plan(i: int, a: AdapterSpec, model_type: str | None, target: Target, problems: list[str]) -> AdapterPlan:
+def local_file_config(path: str | Path, field: str | None = None) -> dict[str, Any]:
+    """Olive's load_dataset_config for a local JSON Lines or JSON array file (datasets' json loader)."""
+    config: dict[str, Any] = {"data_name": "json", "data_files": [Path(path).as_posix()], "split": "train"}
+    if field is not None:
+        config["field"] = field
+    return config
+
+
+def hub_config(data: DataSpec, split: str) -> dict[str, Any]:
+    config: dict[str, Any] = {"data_name": data.hub, "split": split}
+    if data.subset is not None:
+        config["subset"] = data.subset
+    return config
+
+
+def _training_data(name: str, data: DataSpec, paths: PipelinePaths) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Where the trainer's training and validation rows come from."""
+    if data.hub is not None:
+        train, validation = data.hub_training_splits()
+        return hub_config(data, train), hub_config(data, validation) if validation else None
+    if data.validation is not None:
+        return local_file_config(data.train, data.field), local_file_config(data.validation, data.field)
+    if data.held_out_fraction:
+        return local_file_config(paths.split_file(name, "train")), local_file_config(paths.split_file(name, "validation"))
+    return local_file_config(data.train, data.field), None
+
+
+def _adapter_plan(
+    i: int, a: AdapterSpec, model_type: str | None, target: Target, paths: PipelinePaths, problems: list[str]
+) -> AdapterPlan:
     where = f"adapters.{i}.lora"
     default = DEFAULT_TARGET_MODULES.get(model_type or "")
     if a.lora.method == "qlora":
@@ -189,7 +235,8 @@ def _adapter_plan(i: int, a: AdapterSpec, model_type: str | None, target: Target
                 "list the modules to adapt, or set base_model.model_type"
             )
     device = target.training_device if a.training.device == "auto" else a.training.device
-    return AdapterPlan(spec=a, target_modules=tuple(modules), training_device=device)
+    train, validation = _training_data(a.name, a.data, paths)
+    return AdapterPlan(a, tuple(modules), device, train, validation)
 
 
 def missing_installs(plan: Plan) -> list[str]:

@@ -65,9 +65,9 @@ def _finite(value: Any) -> Any:
 
 
 def fmt_metric(metric: str, value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.2f}" if metric == "chrf" else f"{value:.3f}"
+    from phi_pipeline.evaluate.metrics import fmt
+
+    return fmt(metric, value)
 
 
 def _num(value: float | None, spec: str = ".3f") -> str:
@@ -181,6 +181,7 @@ def render_markdown(
             _md_table([h.format(m=metric) for h in HEADER], _rows(name, r)),
             "",
         ]
+        out += _other_metrics(r) + _confusion(r)
         gate_rows = _gate_rows(results, name)
         if gate_rows:
             out += [_md_table(["gate", "bound", "value", "result", "detail"], gate_rows), ""]
@@ -196,7 +197,7 @@ def render_markdown(
             ]
             out += [f"First {len(rows)} examples (all of them are in `{EVAL_JSON}`):", "", _md_table(cols, rows), ""]
         if name in charts:
-            out += [f"![training loss of {name}]({charts[name]})", ""]
+            out += [f"![training and validation loss of {name}]({charts[name]})", ""]
         tb = tensorboard.get(name)
         if tb:
             out += [f"Training logs (TensorBoard, kept beside the cache entry, not shipped): `tensorboard --logdir {tb}`", ""]
@@ -244,8 +245,33 @@ def _pyplot():
     return plt
 
 
+def _other_metrics(r: dict[str, Any]) -> list[str]:
+    """Every metric of eval.metric, for each runtime that ran (the table above shows the gate metric)."""
+    names = r.get("metrics", [])
+    if len(names) < 2:
+        return []
+    rows = []
+    for variant in ("base", "adapter"):
+        for runtime in ("onnx", "pytorch"):
+            figures = r[variant].get(runtime)
+            if figures and "metrics" in figures:
+                rows.append([f"{variant} ({'ONNX' if runtime == 'onnx' else 'PyTorch'})"]
+                            + [fmt_metric(m, figures["metrics"].get(m)) for m in names])
+    return [_md_table(["model", *names], rows), ""] if rows else []
+
+
+def _confusion(r: dict[str, Any]) -> list[str]:
+    """The adapter's confusion table for label metrics (accuracy, f1): reference rows, answer columns."""
+    labels = (r.get("adapter") or {}).get("labels")
+    if not labels:
+        return []
+    rows = [[f"**{ref}**", *map(str, counts), f"{labels['f1'][ref]:.3f}"] for ref, counts in zip(labels["labels"], labels["confusion"])]
+    return ["Confusion table of the adapter (rows: reference label, columns: answer):", "",
+            _md_table(["reference \\ answer", *labels["columns"], "F1"], rows), ""]
+
+
 def plot_training(adapter: str, history: list[dict[str, Any]], path: Path) -> None:
-    """Train loss and eval loss against the optimizer step, from the trainer's log history."""
+    """Training loss and validation loss against the optimizer step, from the trainer's log history."""
     plt = _pyplot()
     train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
@@ -253,7 +279,7 @@ def plot_training(adapter: str, history: list[dict[str, Any]], path: Path) -> No
     if train:
         ax.plot(*zip(*train), marker="o", markersize=3, label="train loss")
     if evals:
-        ax.plot(*zip(*evals), marker="s", markersize=3, label="eval loss")
+        ax.plot(*zip(*evals), marker="s", markersize=3, label="validation loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title(f"Fine-tuning loss: adapter '{adapter}'")

@@ -55,8 +55,10 @@ def run_olive(
     offline: bool = True,
     hf_cache: Path | None = None,
     seed: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> float:
-    """Run one workflow; return its wall time in seconds. `seed` seeds Olive's process (olive_compat)."""
+    """Run one workflow; return its wall time in seconds. `seed` seeds Olive's process (olive_compat);
+    `env` adds variables to its environment."""
     return run_olive_command(
         ["run", "--config", str(config_path)],
         log_path,
@@ -65,6 +67,7 @@ def run_olive(
         offline=offline,
         hf_cache=hf_cache,
         seed=seed,
+        env=env,
     )
 
 
@@ -77,6 +80,7 @@ def run_olive_command(
     offline: bool = True,
     hf_cache: Path | None = None,
     seed: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> float:
     """Any `olive` command, through the compatibility wrapper; return its wall time in seconds."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +96,7 @@ def run_olive_command(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=olive_env(offline, hf_cache) | ({SEED_ENV: str(seed)} if seed is not None else {}),
+            env=olive_env(offline, hf_cache) | ({SEED_ENV: str(seed)} if seed is not None else {}) | (env or {}),
             bufsize=1,
         )
         assert proc.stdout is not None

@@ -28,6 +28,8 @@ from pydantic import (
 from phi_pipeline.errors import UsageError
 from phi_pipeline.targets import TARGETS, Layout, Precision
 
+# A hub split name, or one with an absolute slice: train, train[:4096], train[100:900].
+_HUB_SPLIT = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)(?:\[(?P<start>\d*):(?P<end>\d+)\])?")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # LoRA target modules by Hugging Face `model_type`: every Linear of a decoder layer, which is also
@@ -97,6 +99,12 @@ class LoraSpec(_Model):
         description="Module names to adapt (method lora only). Default by model type: phi3 -> qkv_proj, o_proj, "
         "gate_up_proj, down_proj; llama/qwen2/mistral -> q/k/v/o and gate/up/down projections.",
     )
+    modules_to_save: Optional[list[str]] = Field(
+        None,
+        min_length=1,
+        description="Modules trained in full and saved with the adapter besides the LoRA weights (e.g. lm_head); "
+        "needs export.layout: merged (Model Builder's adapter export carries LoRA weights only).",
+    )
 
 
 class TrainingSpec(_Model):
@@ -113,6 +121,28 @@ class TrainingSpec(_Model):
     seed: int = Field(42, ge=0, description="Seed for data order and LoRA initialisation.")
     max_seq_len: int = Field(256, ge=8, description="Tokens per example; longer examples are truncated.")
     logging_steps: int = Field(10, ge=1, description="Log the training loss every this many steps.")
+    eval_steps: Optional[int] = Field(
+        None, ge=1, description="Compute the validation loss every this many steps (default: logging_steps)."
+    )
+    save_steps: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Write a checkpoint (in the adapter's work folder) every this many steps, which a killed run "
+        "resumes from; a multiple of eval_steps (default: eval_steps).",
+    )
+    early_stopping_patience: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Stop after this many validation evaluations without improvement (default: never stop early). "
+        "Needs a validation split.",
+    )
+    early_stopping_threshold: float = Field(
+        0.0, ge=0, description="How much the validation loss must fall to count as an improvement (default 0)."
+    )
+    load_best_model_at_end: bool = Field(
+        True,
+        description="With a validation split: ship the checkpoint with the lowest validation loss, not the last one.",
+    )
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in the backward pass: less memory, slower steps."
     )
@@ -130,12 +160,63 @@ class TrainingSpec(_Model):
     def _one_length(self) -> TrainingSpec:
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("set max_steps or epochs, not both")
+        if self.save_every % self.eval_every:
+            raise ValueError(
+                f"save_steps ({self.save_every}) must be a multiple of eval_steps ({self.eval_every}): the best "
+                "checkpoint is chosen among saved evaluations"
+            )
         return self
+
+    @property
+    def eval_every(self) -> int:
+        return self.eval_steps or self.logging_steps
+
+    @property
+    def save_every(self) -> int:
+        return self.save_steps or self.eval_every
+
+
+SPLITS = ("train", "validation", "eval")
 
 
 class DataSpec(_Model):
-    train: str = Field(description="Training split: a JSON Lines file, one example per line.")
-    eval: str = Field(description="Evaluation split, same format; must not be empty.")
+    train: Optional[str] = Field(
+        None,
+        description="Training split: a local JSON Lines file (one example per line) or JSON file holding an array "
+        "of examples (see field). Not with hub.",
+    )
+    eval: Optional[str] = Field(
+        None,
+        description="Evaluation split (final evaluation and publish gates only), same formats; must not be empty.",
+    )
+    validation: Optional[str] = Field(
+        None,
+        description="Validation split the trainer evaluates every eval_steps (early stopping, best checkpoint), "
+        "same formats. Default: validation_fraction of the training rows.",
+    )
+    validation_fraction: Optional[float] = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Share of the training rows held out as the validation split, chosen with training.seed "
+        "(default 0.1 when no validation file or split is named; 0: no validation).",
+    )
+    field: Optional[str] = Field(
+        None, description="JSON files: the key of the top-level object that holds the array of examples."
+    )
+    hub: Optional[str] = Field(
+        None,
+        description="A Hugging Face hub dataset (e.g. tatsu-lab/alpaca) instead of local files; needs train_split "
+        "and eval_split (network access or a filled HF datasets cache).",
+    )
+    subset: Optional[str] = Field(None, description="With hub: the dataset's configuration (subset) name.")
+    train_split: Optional[str] = Field(
+        None, description="With hub: the training split, slices allowed (e.g. 'train[:4096]')."
+    )
+    eval_split: Optional[str] = Field(None, description="With hub: the evaluation split (e.g. 'test[:256]').")
+    validation_split: Optional[str] = Field(
+        None, description="With hub: the validation split (default: validation_fraction of train_split)."
+    )
     text_template: Optional[str] = Field(
         None,
         description="How a row becomes text, with {field} placeholders, e.g. 'Q: {question}\\nA: {answer}'. "
@@ -149,6 +230,61 @@ class DataSpec(_Model):
         description="Chat data instead of a template: the field holding a list of {role, content} messages "
         "(roles system/user/assistant, ending with the assistant's answer), rendered with the model's chat template.",
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        files = {k: getattr(self, k) for k in SPLITS}
+        hub_splits = {k: getattr(self, f"{k}_split") for k in SPLITS}
+        if self.hub is None:
+            named = [f"{k}_split" for k, v in hub_splits.items() if v is not None] + (["subset"] if self.subset else [])
+            if named:
+                raise ValueError(f"{', '.join(named)} only apply with hub; for local files use train/validation/eval")
+            missing = [k for k in ("train", "eval") if files[k] is None]
+            if missing:
+                raise ValueError(f"set {' and '.join(missing)} (local files) or hub with train_split and eval_split")
+        else:
+            named = [k for k, v in files.items() if v is not None] + (["field"] if self.field else [])
+            if named:
+                raise ValueError(f"{', '.join(named)} name local files; with hub use train_split/validation_split/eval_split")
+            missing = [f"{k}_split" for k in ("train", "eval") if hub_splits[k] is None]
+            if missing:
+                raise ValueError(f"hub needs {' and '.join(missing)} (e.g. train_split: 'train[:4096]')")
+        has_validation = files["validation"] is not None or hub_splits["validation"] is not None
+        if has_validation and self.validation_fraction:
+            raise ValueError("set a validation split or validation_fraction, not both")
+        if self.hub is not None and self.held_out_fraction:
+            self.hub_training_splits()
+        return self
+
+    def hub_training_splits(self) -> tuple[str, str | None]:
+        """(train, validation) hub split strings. A validation fraction is cut from the end of train_split with
+        datasets' slice syntax: the hub loader reads splits as named, so these rows are the last ones, not seeded."""
+        train = self.train_split or ""
+        fraction = self.held_out_fraction
+        if not fraction:
+            return train, self.validation_split
+        plain = _HUB_SPLIT.fullmatch(train)
+        if plain is None:
+            raise ValueError(
+                f"validation_fraction cannot cut train_split {train!r}: use a split name ('train'), an absolute "
+                "slice ('train[:4096]', 'train[100:900]'), or name validation_split"
+            )
+        name, start, end = plain.group("name"), plain.group("start"), plain.group("end")
+        if end is None:
+            pct = 100 - round(fraction * 100)
+            return f"{name}[:{pct}%]", f"{name}[{pct}%:]"
+        first, last = int(start or 0), int(end)
+        cut = last - max(1, round((last - first) * fraction))
+        if cut <= first:
+            raise ValueError(f"train_split {train!r} is too small to hold out {fraction:g} of it for validation")
+        return f"{name}[{first}:{cut}]", f"{name}[{cut}:{last}]"
+
+    @property
+    def held_out_fraction(self) -> float:
+        """Share of the training rows that become the validation split (0 when one is named)."""
+        if self.validation is not None or self.validation_split is not None:
+            return 0.0
+        return 0.1 if self.validation_fraction is None else self.validation_fraction
 
     @model_validator(mode="after")
     def _one_format(self) -> DataSpec:
@@ -168,21 +304,50 @@ class DataSpec(_Model):
         return self
 
 
+Metric = Literal["exact_match", "accuracy", "f1", "chrf", "bleu", "rougeL"]
+METRIC_SCALES: dict[str, str] = {
+    "exact_match": "0-1",
+    "accuracy": "0-1",
+    "f1": "0-1",
+    "chrf": "0-100",
+    "bleu": "0-100",
+    "rougeL": "0-1",
+}
+
+
 class EvalSpec(_Model):
-    metric: Literal["exact_match", "chrf"] = Field(
-        "exact_match",
-        description="Task metric on the eval split: exact_match for label-style answers, chrf (character "
-        "n-gram F-score, 0-100) for free text.",
+    metric: list[Metric] = Field(
+        ["exact_match"],
+        min_length=1,
+        description="Task metric(s) on the eval split, one name or a list; the first drives the gates unless a "
+        "gate names another. exact_match (0-1); accuracy and f1 (macro F1 over the reference labels, 0-1; the "
+        "report adds a confusion table) for label answers; chrf and bleu (sacreBLEU, 0-100) and rougeL "
+        "(rouge-score F-measure, 0-1) for free text.",
     )
     max_new_tokens: int = Field(32, ge=1, description="Generation budget per eval example.")
     max_examples: Optional[int] = Field(None, ge=1, description="Evaluate the first N eval rows only (default: all).")
 
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("metric")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"metric lists a name twice: {v}")
+        return v
+
 
 class GateSpec(_Model):
+    metric: Optional[Metric] = Field(
+        None, description="The eval metric the metric gates compare (default: the first of eval.metric)."
+    )
     min_gain_over_base: float = Field(
         0.0,
         description="The adapter's ONNX metric must exceed the base model's by more than this "
-        "(metric units: 0-1 for exact_match, 0-100 for chrf).",
+        "(metric units: 0-100 for chrf and bleu, 0-1 for the others).",
     )
     max_drop_vs_pytorch: float = Field(
         0.05,
@@ -312,6 +477,22 @@ class AdapterSpec(_Model):
     @classmethod
     def _safe(cls, v: str) -> str:
         return _check_safe_name(v, "adapter name")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AdapterSpec:
+        has_validation = bool(self.data.held_out_fraction) or self.data.validation is not None or (
+            self.data.validation_split is not None
+        )
+        if self.training.early_stopping_patience is not None and not has_validation:
+            raise ValueError("training.early_stopping_patience needs a validation split (data.validation_fraction is 0)")
+        if self.gates.metric is not None and self.gates.metric not in self.eval.metric:
+            raise ValueError(f"gates.metric {self.gates.metric!r} is not one of eval.metric {self.eval.metric}")
+        return self
+
+    @property
+    def gate_metric(self) -> str:
+        """The metric the publish gates compare."""
+        return self.gates.metric or self.eval.metric[0]
 
 
 class ExportSpec(_Model):

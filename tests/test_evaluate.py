@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -13,58 +12,53 @@ import yaml
 from phi_pipeline.errors import UsageError
 from phi_pipeline.evaluate import (
     EvalTask,
-    _split_answer,
     check_gates,
-    chrf,
-    chrf_statistics,
-    exact_match,
     gate_checks,
     record_gates,
-    sentence_chrf,
     tasks_from_manifest,
 )
+from phi_pipeline.evaluate.metrics import exact_match, label_report, score
+from phi_pipeline.evaluate.run import _split_answer
 from phi_pipeline.spec import DataSpec, EvalSpec, GateSpec
 
 # ------------------------------------------------------------------------------------------ metrics
 
 
-def _f2(p: Fraction, r: Fraction) -> float:
-    return float(100 * 5 * p * r / (4 * p + r))
+def test_library_metrics_equal_the_libraries_own_figures_on_the_same_strings():
+    import sacrebleu
+    from rouge_score.rouge_scorer import RougeScorer
+    from sklearn.metrics import accuracy_score, f1_score
 
-
-def test_chrf_equals_hand_computed_value_when_hypothesis_is_a_prefix():
-    # "ab" vs "abc": 1-grams 2 hyp / 3 ref / 2 match; 2-grams 1 / 2 / 1; no 3-grams in the hypothesis,
-    # so only orders 1-2 count: P = (1 + 1) / 2, R = (2/3 + 1/2) / 2 = 7/12; F2 = 5PR / (4P + R) = 7/11
-    assert chrf_statistics("ab", "abc")[:9] == [2, 3, 2, 1, 2, 1, 0, 1, 0]
-    assert sentence_chrf("ab", "abc") == pytest.approx(_f2(Fraction(1), Fraction(7, 12)))
-    assert sentence_chrf("ab", "abc") == pytest.approx(700 / 11)
-
-
-def test_chrf_equals_hand_computed_value_when_last_character_differs():
-    # "abc" vs "abd": orders 1-3: matches 2/3, 1/2, 0/1 on both sides: P = R = (2/3 + 1/2 + 0) / 3 = 7/18
-    assert sentence_chrf("abc", "abd") == pytest.approx(_f2(Fraction(7, 18), Fraction(7, 18)))
-    assert sentence_chrf("abc", "abd") == pytest.approx(700 / 18)
-
-
-def test_corpus_chrf_sums_statistics_before_scoring():
-    # summed: 1-grams 5/6/4, 2-grams 3/4/2, 3-grams 1/2/0 -> P = (4/5 + 2/3 + 0)/3, R = (4/6 + 2/4 + 0)/3
-    p = (Fraction(4, 5) + Fraction(2, 3)) / 3
-    r = (Fraction(4, 6) + Fraction(2, 4)) / 3
-    assert chrf(["ab", "abc"], ["abc", "abd"]) == pytest.approx(_f2(p, r))
-    assert chrf(["ab", "abc"], ["abc", "abd"]) != pytest.approx(
-        (sentence_chrf("ab", "abc") + sentence_chrf("abc", "abd")) / 2
+    hyps = ["the cat sat on the mat", "a quick brown fox", "hello world", ""]
+    refs = ["the cat sat on a mat", "the quick brown fox jumps", "hello world", "nothing"]
+    figures = score(["chrf", "bleu", "rougeL"], hyps, refs)
+    assert figures["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+    assert figures["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    scorer = RougeScorer(["rougeL"])
+    assert figures["rougeL"] == pytest.approx(sum(scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)) / 4)
+    labels_hyp, labels_ref = ["pos", "neg", "neg", "maybe"], ["pos", "pos", "neg", "neg"]
+    assert score(["accuracy"], labels_hyp, labels_ref)["accuracy"] == accuracy_score(labels_ref, labels_hyp) == 0.5
+    assert score(["f1"], labels_hyp, labels_ref)["f1"] == pytest.approx(
+        f1_score(labels_ref, labels_hyp, labels=["neg", "pos"], average="macro")
     )
 
 
-def test_chrf_ignores_whitespace_and_scores_identity_100():
-    assert sentence_chrf("his wide drink", "his  wide\ndrink") == pytest.approx(100.0)
-    assert sentence_chrf("a b c d e f g", "abcdefg") == pytest.approx(100.0)
+def test_label_report_confusion_rows_are_references_and_other_answers_get_their_column():
+    report = label_report(["pos", "neg", "neg", "maybe"], ["pos", "pos", "neg", "neg"])
+    assert report["columns"] == ["neg", "pos", "(other)"]
+    assert report["confusion"] == [[1, 0, 1], [1, 1, 0]]
 
 
-def test_chrf_is_zero_when_nothing_matches_or_hypothesis_empty():
-    assert sentence_chrf("xyz", "abc") == 0.0
-    assert sentence_chrf("", "abc") == 0.0
-    assert chrf([], []) == 0.0
+def test_metric_list_drives_gates_with_its_first_unless_a_gate_names_one():
+    from phi_pipeline.spec import AdapterSpec
+
+    base = {"name": "a", "data": {"train": "t", "eval": "e", "messages_field": "m"}, "lora": {}, "training": {}}
+    first = AdapterSpec(**base, eval={"metric": ["rougeL", "bleu"]}, gates={})
+    named = AdapterSpec(**base, eval={"metric": ["rougeL", "bleu"]}, gates={"metric": "bleu"})
+    assert (first.gate_metric, named.gate_metric) == ("rougeL", "bleu")
+    assert EvalSpec(metric="chrf").metric == ["chrf"]
+    with pytest.raises(ValueError, match="gates.metric 'chrf' is not one of eval.metric"):
+        AdapterSpec(**base, eval={"metric": "bleu"}, gates={"metric": "chrf"})
 
 
 def test_exact_match_strips_whitespace_and_is_case_sensitive():
@@ -192,7 +186,7 @@ def test_manifest_tasks_take_format_eval_and_gates_and_data_override():
     }
     tasks = tasks_from_manifest(manifest)
     assert [t.adapter for t in tasks] == ["ant", "tone"]
-    assert tasks[0].eval.metric == "chrf" and tasks[0].gates.min_gain_over_base == 3.0
+    assert tasks[0].eval.metric == ["chrf"] and tasks[0].gates.min_gain_over_base == 3.0
     (only,) = tasks_from_manifest(manifest, adapter="tone", data_file="other.jsonl")
     assert only.eval_file == Path("other.jsonl") and only.data.messages_field == "messages"
     assert only.expected_sha256 is None  # another file: nothing to compare with the manifest

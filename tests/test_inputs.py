@@ -36,7 +36,7 @@ def workspace(tmp_path, monkeypatch):
     data.mkdir()
     for name, row in (("chat", CHAT_ROW), ("plain", PLAIN_ROW)):
         for split in ("", "_eval"):
-            (data / f"{name}{split}.jsonl").write_text(json.dumps(row) + "\n")
+            (data / f"{name}{split}.jsonl").write_text((json.dumps(row) + "\n") * 2)
     (tmp_path / "spec.yaml").write_text(SPEC.format(base="base"))
     return tmp_path
 
@@ -66,7 +66,7 @@ def test_empty_eval_split_is_refused(workspace, capsys):
 def test_invalid_json_names_file_and_line(workspace, capsys):
     write_lines(workspace / "data/plain.jsonl", json.dumps(PLAIN_ROW), '{"q": "three", "a": 3', json.dumps(PLAIN_ROW))
     code, err = run_cli(capsys)
-    assert code == 2 and "data/plain.jsonl:2: invalid JSON" in err
+    assert code == 2 and "data/plain.jsonl: invalid JSON on line 2 (Expecting ',' delimiter at column 22)" in err
 
 
 def test_missing_template_field_names_field_and_lines(workspace, capsys):
@@ -74,7 +74,7 @@ def test_missing_template_field_names_field_and_lines(workspace, capsys):
     write_lines(workspace / "data/plain.jsonl", *rows)
     code, err = run_cli(capsys)
     assert code == 2
-    assert "field 'a' used by text_template is missing on lines 1, 2, 3, 4, 5 and 2 more" in err
+    assert "field 'a' used by text_template is missing on lines 1, 2, 3, 4, 5 ... and 2 more" in err
 
 
 def test_chat_row_with_bad_role_is_refused(workspace, capsys):
@@ -86,7 +86,7 @@ def test_chat_row_with_bad_role_is_refused(workspace, capsys):
 
 def test_chat_row_not_ending_with_answer_is_refused(workspace, capsys):
     bad = {"messages": [{"role": "user", "content": "hi"}]}
-    write_lines(workspace / "data/chat.jsonl", json.dumps(bad))
+    write_lines(workspace / "data/chat.jsonl", json.dumps(bad), json.dumps(CHAT_ROW))
     code, err = run_cli(capsys)
     assert code == 2 and "end with the assistant's answer on line 1" in err
 
@@ -135,3 +135,74 @@ def test_spec_error_exits_2_and_writes_nothing(workspace, capsys):
     code, err = run_cli(capsys)
     assert code == 2 and "adapters.0.name" in err
     assert not (workspace / "olive_configs").exists() and not (workspace / ".phi-pipeline").exists()
+
+
+# ------------------------------------------------------------------------------------------ data sources
+
+
+def _spec_with_plain_data(workspace: Path, data: str) -> None:
+    """The workspace spec with the plain adapter's data sources replaced by `data` (YAML flow keys)."""
+    spec = SPEC.format(base="base").split("  - name: plain")[0]
+    template = ' text_template: "Q: {q}\\nA: {a}", response_field: a}\n'
+    (workspace / "spec.yaml").write_text(spec + "  - name: plain\n    data: {" + data + "," + template)
+
+
+def test_json_array_file_is_read_and_a_bad_element_is_named_by_index(workspace, capsys):
+    rows = [PLAIN_ROW, {"q": "x"}, PLAIN_ROW]
+    (workspace / "data/plain.json").write_text(json.dumps(rows, indent=2))
+    _spec_with_plain_data(workspace, "train: data/plain.json, eval: data/plain_eval.jsonl")
+    code, err = run_cli(capsys)
+    assert code == 2
+    assert "1 problem" in err and "data/plain.json: field 'a' used by text_template is missing on index 1" in err
+
+
+def test_nested_json_array_is_read_from_field(workspace, capsys):
+    from phi_pipeline.data import load_examples
+    from phi_pipeline.spec import DataSpec
+
+    (workspace / "data/nested.json").write_text(json.dumps({"version": 2, "data": [PLAIN_ROW, {"q": "one", "a": "1"}]}))
+    data = DataSpec(train="data/nested.json", eval="data/nested.json", field="data", text_template="Q: {q}\nA: {a}", response_field="a")
+    assert [(e.line, e.prompt, e.reference) for e in load_examples(data)] == [(0, "Q: two\nA:", "2"), (1, "Q: one\nA:", "1")]
+    wrong = data.model_copy(update={"field": "rows"})
+    with pytest.raises(ValueError, match="data.field 'rows' names no key of the top-level JSON object \\(its keys: version, data\\)"):
+        load_examples(wrong)
+
+
+def test_json_array_of_484_bad_rows_is_reported_once_capped(workspace, capsys):
+    (workspace / "data/plain.jsonl").write_text(json.dumps([{"q": "x"}] * 484))
+    code, err = run_cli(capsys)
+    assert code == 2 and "1 problem" in err
+    assert "data/plain.jsonl: field 'a' used by text_template is missing on indices 0, 1, 2, 3, 4 ... and 479 more" in err
+
+
+def test_invalid_json_lines_are_one_capped_problem(workspace, capsys):
+    write_lines(workspace / "data/plain.jsonl", *(["{bad"] * 30))
+    code, err = run_cli(capsys)
+    assert code == 2 and "1 problem" in err
+    assert "invalid JSON on lines 1, 2, 3, 4, 5 ... and 25 more (line 1: Expecting property name" in err
+
+
+def test_invalid_utf8_names_the_line_not_the_byte_position(workspace, capsys):
+    (workspace / "data/plain.jsonl").write_bytes(
+        (json.dumps(PLAIN_ROW) + "\n").encode() * 2 + b'{"q": "caf\xe9", "a": "1"}\n'
+    )
+    code, err = run_cli(capsys)
+    assert code == 2
+    assert "data/plain.jsonl: line 3 is not valid UTF-8 (byte 0xe9 at column 11); save the file as UTF-8" in err
+    assert "position" not in err
+
+
+def test_validation_fraction_needs_two_training_rows(workspace, capsys):
+    write_lines(workspace / "data/plain.jsonl", json.dumps(PLAIN_ROW))
+    code, err = run_cli(capsys)
+    assert code == 2 and "1 training row(s) cannot give up 0.1 of them for validation" in err
+
+
+def test_hub_dataset_not_in_offline_cache_is_refused_naming_the_split(workspace, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(workspace / "empty-datasets-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(workspace / "empty-hf-cache"))
+    _spec_with_plain_data(workspace, "hub: someorg/qa, train_split: 'train[:64]', eval_split: test")
+    code, err = run_cli(capsys)
+    assert code == 2
+    assert "adapters.1.data (plain).train: hub dataset 'someorg/qa' split 'train[:64]': cannot load it" in err
+    assert "not in the local Hugging Face datasets cache" in err

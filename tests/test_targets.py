@@ -159,7 +159,8 @@ def test_shipped_phi3_spec_uses_qlora_on_cuda_only(monkeypatch):
 def test_npu_chains_calibrate_on_the_adapters_own_train_split(project):
     qnn = workflow_configs(plan("qnn"))[export_file("plain")]
     (calibration,) = qnn["data_configs"]
-    assert calibration["load_dataset_config"]["data_files"] == ["data/plain.jsonl"]
+    # the rows the adapter trains on: its train file less the validation rows held out of it
+    assert calibration["load_dataset_config"] == plan("qnn").adapter("plain").train_data
     assert calibration["pre_process_data_config"]["text_template"] == "Q: {q}\nA: {a}"
     assert qnn["passes"]["gptq"]["data_config"] == qnn["passes"]["static_quant"]["data_config"] == calibration["name"]
     # the context-binary pass runs in the qnn venv, where Olive registers the plugin EP

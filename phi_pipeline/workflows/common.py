@@ -49,9 +49,10 @@ def hf_model(name_or_path: str, *, trust_remote_code: bool, adapter_path: Path |
 
 
 def data_config(
-    name: str, adapter: AdapterPlan, split_file: str, *, batch_size: int, max_samples: int | None = None
+    name: str, adapter: AdapterPlan, load: dict[str, Any], *, batch_size: int, max_samples: int | None = None
 ) -> dict[str, Any]:
-    """One split of an adapter's data as Olive's HuggingfaceContainer: JSON Lines in, one example per sequence."""
+    """One split of an adapter's data as Olive's HuggingfaceContainer (`load`: its load_dataset_config, from
+    the plan), one example per sequence."""
     data = adapter.spec.data
     pre: dict[str, Any] = {
         "max_seq_len": adapter.spec.training.max_seq_len,
@@ -69,7 +70,7 @@ def data_config(
     return {
         "name": name,
         "type": "HuggingfaceContainer",
-        "load_dataset_config": {"data_name": "json", "data_files": [split_file], "split": "train"},
+        "load_dataset_config": dict(load),
         "pre_process_data_config": pre,
         "dataloader_config": {"batch_size": batch_size},
     }

@@ -18,7 +18,7 @@ TEMPLATE: dict[str, Any] = {
     "input_model": None,
     "systems": {"local_system": None},
     "data_configs": [],
-    "passes": {"finetune": {"type": None, "train_data_config": "train_data", "eval_data_config": "eval_data"}},
+    "passes": {"finetune": {"type": None, "train_data_config": "train_data"}},
     "host": "local_system",
     "target": "local_system",
 }
@@ -26,6 +26,7 @@ TEMPLATE: dict[str, Any] = {
 
 def training_args(plan: AdapterPlan, plan_paths: PipelinePaths) -> dict[str, Any]:
     t = plan.spec.training
+    validates = plan.validation_data is not None
     args: dict[str, Any] = {
         "learning_rate": t.learning_rate,
         "per_device_train_batch_size": t.batch_size,
@@ -38,22 +39,36 @@ def training_args(plan: AdapterPlan, plan_paths: PipelinePaths) -> dict[str, Any
         "seed": t.seed,
         "data_seed": t.seed,
         "logging_steps": t.logging_steps,
-        "eval_strategy": "steps",
-        "eval_steps": t.logging_steps,
-        # One save, at the last step: it writes trainer_state.json (the loss history for the report).
+        "eval_strategy": "steps" if validates else "no",
+        "eval_steps": t.eval_every,
+        # Checkpoints with optimizer state: a killed run resumes from the last one (Olive's LoRA pass resumes
+        # from output_dir when overwrite_output_dir is false; the run clears it when the training key changes).
         "save_strategy": "steps",
-        "save_steps": 1_000_000,
-        "save_total_limit": 1,
-        "save_only_model": True,
-        "overwrite_output_dir": True,
+        "save_steps": t.save_every,
+        "save_total_limit": 2,  # the last and, with load_best_model_at_end, the best
+        "overwrite_output_dir": False,
         "output_dir": (plan_paths.finetune_dir(plan.name) / "trainer").as_posix(),
         "report_to": ["tensorboard"],
     }
+    if validates:
+        # the best checkpoint (and early stopping's yardstick) is the lowest validation loss
+        args.update({"metric_for_best_model": "eval_loss", "greater_is_better": False})
+        args["load_best_model_at_end"] = t.load_best_model_at_end
     if t.max_steps is not None:
         args["max_steps"] = t.max_steps
     else:
         args["num_train_epochs"] = t.epochs if t.epochs is not None else 1.0
     return args
+
+
+def trainer_hooks(adapter: AdapterPlan, plan_paths: PipelinePaths) -> dict[str, Any]:
+    """What olive_compat adds to the Trainer Olive builds (it takes no callbacks): early stopping and the
+    progress file the run tails. Part of the training's cache key, like the workflow."""
+    t = adapter.spec.training
+    hooks: dict[str, Any] = {"progress_file": plan_paths.progress_file(adapter.name).as_posix()}
+    if t.early_stopping_patience is not None:
+        hooks["early_stopping"] = {"patience": t.early_stopping_patience, "threshold": t.early_stopping_threshold}
+    return hooks
 
 
 def finetune_config(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
@@ -63,9 +78,13 @@ def finetune_config(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
     config["input_model"] = hf_model(plan.base_model, trust_remote_code=plan.spec.base_model.trust_remote_code)
     config["systems"]["local_system"] = training_system(adapter.training_device)
     config["data_configs"] = [
-        data_config("train_data", adapter, adapter.spec.data.train, batch_size=training.batch_size),
-        data_config("eval_data", adapter, adapter.spec.data.eval, batch_size=training.batch_size),
+        data_config("train_data", adapter, adapter.train_data, batch_size=training.batch_size),
     ]
+    if adapter.validation_data is not None:
+        config["data_configs"].append(
+            data_config("validation_data", adapter, adapter.validation_data, batch_size=training.batch_size)
+        )
+        config["passes"]["finetune"]["eval_data_config"] = "validation_data"
     finetune = config["passes"]["finetune"]
     finetune.update(
         {
@@ -77,6 +96,8 @@ def finetune_config(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
             "training_args": training_args(adapter, plan.paths),
         }
     )
+    if lora.modules_to_save:
+        finetune["modules_to_save"] = list(lora.modules_to_save)
     if lora.method == "lora":
         finetune["target_modules"] = list(adapter.target_modules)
     else:

@@ -128,7 +128,7 @@ def qnn_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
         },
         "data_configs": [
             data_config(
-                CALIBRATION_DATA, adapter, adapter.spec.data.train, batch_size=1, max_samples=CALIBRATION_SAMPLES
+                CALIBRATION_DATA, adapter, adapter.train_data, batch_size=1, max_samples=CALIBRATION_SAMPLES
             )
         ],
         "passes": passes,
