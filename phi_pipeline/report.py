@@ -393,6 +393,9 @@ def plot_search(outcome: Mapping[str, Any], path: Path) -> None:
     failed = [t["number"] for t in outcome["trials"] if t["objective"] is None]
     if failed and ys:
         left.plot(failed, [max(ys)] * len(failed), "x", color="red", label="failed")
+    from matplotlib.ticker import MaxNLocator
+
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlabel("trial")
     left.set_ylabel(objective)
     left.set_title(f"Search of '{outcome['adapter']}'")
@@ -403,7 +406,10 @@ def plot_search(outcome: Mapping[str, Any], path: Path) -> None:
     if axis:
         right.plot([t["params"][axis] for t in done], ys, "o")
         if axis == "training.learning_rate":
+            from matplotlib.ticker import NullFormatter
+
             right.set_xscale("log")
+            right.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a narrow log range overlap
         right.set_xlabel(axis)
         right.set_ylabel(objective)
         right.set_title(f"{objective} against {axis.split('.', 1)[1]}")
