@@ -420,6 +420,11 @@ class SearchSpec(_Model):
     )
     trials: int = Field(12, ge=1, le=1000, description="Trials to run (grid: ignored, every combination is tried).")
     seed: int = Field(0, ge=0, description="Sampler seed: the same seed proposes the same trials.")
+    baseline: bool = Field(
+        True,
+        description="Trial 0 trains the adapter's own values of the searched settings (where the space holds them), "
+        "so the search can only match or beat the recipe it starts from.",
+    )
     objective: Literal["loss", "metric"] = Field(
         "loss",
         description="What ranks trials, on the validation split: loss (best validation loss, lower is better) or "

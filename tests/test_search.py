@@ -210,3 +210,16 @@ def test_search_report_marks_the_best_trial_and_draws_the_chart(tmp_path):
     assert "failed: CUDA out of memory" in text
     plot_search(outcome, tmp_path / "search.png")
     assert (tmp_path / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_search_baseline_trial_is_the_adapters_own_recipe_when_the_space_holds_it(tmp_path):
+    from phi_pipeline.search.space import own_values
+
+    adapter = parse_spec(SPEC).adapters[0]  # lr 2e-4 (default), r 8: both inside the space
+    baseline = own_values(adapter, adapter.search)
+    assert baseline == {"training.learning_rate": 2e-4, "lora.r": 8}
+    calls = []
+    run_study("a", search(), tmp_path / "s.db", "study", _trainer(calls), lambda _: None, baseline=baseline)
+    assert calls[0][1] == baseline and len(calls) == 6
+    outside = parse_spec(SPEC.replace("training: {max_steps: 10}", "training: {max_steps: 10, learning_rate: 0.5}"))
+    assert own_values(outside.adapters[0], outside.adapters[0].search) is None

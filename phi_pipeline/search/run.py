@@ -17,7 +17,7 @@ from phi_pipeline.cache import content_key
 from phi_pipeline.configs import render
 from phi_pipeline.plan import AdapterPlan, Plan
 from phi_pipeline.search.objective import validation_loss, validation_metric
-from phi_pipeline.search.space import apply
+from phi_pipeline.search.space import apply, own_values
 from phi_pipeline.search.study import SearchOutcome, TrialFailed, run_study
 from phi_pipeline.trained import TrainedAdapter
 from phi_pipeline.workflows.finetune import finetune_config
@@ -71,8 +71,9 @@ def search_adapter(
             return validation_loss(trained), _train_seconds(trained)
         return validation_metric(plan, adapter, trained), _train_seconds(trained)
 
+    baseline = own_values(adapter.spec, search) if search.baseline else None
     outcome = run_study(
-        adapter.name, search, plan.paths.search_study(study_key), study_key, score, say, trials=trials
+        adapter.name, search, plan.paths.search_study(study_key), study_key, score, say, trials=trials, baseline=baseline
     )
     # the best trial was trained in this run or an earlier one: either way its adapter is in the cache
     best = scored.get(outcome.best.number) or trained_trial(outcome.best.params, outcome.best.number)

@@ -49,6 +49,21 @@ def suggest(trial, search: SearchSpec) -> dict[str, Any]:
     return params
 
 
+def own_values(spec: AdapterSpec, search: SearchSpec) -> dict[str, Any] | None:
+    """The adapter's own values of the searched settings, when the space holds every one of them."""
+    values = {}
+    for path, dim in search.space.items():
+        block, _, key = path.partition(".")
+        value = getattr(getattr(spec, block), key)
+        inside = value in dim.choices if isinstance(dim, SearchChoices) else (
+            value is not None and dim.low <= value <= dim.high
+        )
+        if not inside:
+            return None
+        values[path] = value
+    return values
+
+
 def apply(spec: AdapterSpec, params: dict[str, Any], name: str) -> AdapterSpec:
     """The adapter's spec with a trial's settings (and a trial name); pydantic's ValueError when the
     combination is invalid (e.g. a searched max_steps next to epochs)."""

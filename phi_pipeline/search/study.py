@@ -70,8 +70,10 @@ def run_study(
     train: TrainTrial,
     say: Callable[[str], None],
     trials: int | None = None,
+    baseline: dict[str, Any] | None = None,
 ) -> SearchOutcome:
-    """Run the search until `trials` (default: the spec's; grid: every combination) have finished."""
+    """Run the search until `trials` (default: the spec's; grid: every combination) have finished; a new
+    study's first trial is `baseline` (the adapter's own settings) when given."""
     import optuna
     from optuna.trial import TrialState
 
@@ -81,6 +83,8 @@ def run_study(
     study = optuna.create_study(
         storage=f"sqlite:///{storage}", study_name=study_name, direction=direction, load_if_exists=True
     )
+    if baseline is not None and not study.trials:
+        study.enqueue_trial(baseline)
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         # left RUNNING by a killed run: failed without a reason (so not counted), its settings asked again
         study.tell(stale.number, state=TrialState.FAIL)
