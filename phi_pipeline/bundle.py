@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phi_pipeline.cache import file_sha256, tree_files
+from phi_pipeline.search.study import OBJECTIVE_NAMES
 from phi_pipeline.versions import package_versions
 
 if TYPE_CHECKING:
@@ -137,6 +138,8 @@ def _adapter_entry(t: "TrainedAdapter", location: dict[str, str], bos: str | Non
         "prompt_format": _prompt_format(t, bos),
         "cache_key": t.key,
         "training_history": training_history(t.folder),
+        # the search that chose lora/training above: every trial, the best one, its objective
+        "search": t.search,
     }
 
 
@@ -248,6 +251,14 @@ def model_card(manifest: dict[str, Any]) -> str:
         f"alpha={a['lora']['alpha']} | `{a['dataset'].get('train') or a['dataset'].get('hub')}` |"
         for a in manifest["adapters"]
     )
+    searched = "".join(
+        f"\n- `{a['name']}`: settings found by a {s['strategy']} search of {len(s['trials'])} trials ranked by "
+        f"{OBJECTIVE_NAMES[s['objective']]} on its validation split; best trial {s['best_trial']}: "
+        + ", ".join(f"`{k}` = {v:.4g}" if isinstance(v, float) else f"`{k}` = {v}" for k, v in s["best_params"].items())
+        for a in manifest["adapters"]
+        if (s := a.get("search"))
+    )
+    rows += ("\n" + searched) if searched else ""
     first = names[0]
     prompt = _example_prompt(manifest["adapters"][0]["prompt_format"])
     if merged:

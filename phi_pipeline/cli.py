@@ -31,6 +31,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from phi_pipeline.pipeline import search
+    from phi_pipeline.report import format_search
+
+    for trained in search(args.spec, args.target[0], adapter=args.adapter, trials=args.trials, echo=args.verbose):
+        print(format_search(trained.search))
+    return 0
+
+
 def _targets(value: str) -> list[str]:
     """--target cpu or --target cpu,cuda: adapters are trained once and exported per target."""
     names = [t.strip() for t in value.split(",") if t.strip()]
@@ -145,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also assemble the targets' bundles into one ORT model package (olive generate-model-package)",
     )
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("search", help="run the adapters' hyperparameter searches and print every trial (no export)")
+    spec_and_target(p)
+    p.add_argument("--adapter", help="search this adapter only (default: every adapter with a search block)")
+    p.add_argument("--trials", type=int, help="finish this many trials (default: the spec's search.trials)")
+    p.add_argument("-v", "--verbose", action="store_true", help="stream Olive's log to the console")
+    p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("configs", help="write the Olive workflow configs to olive_configs/ and stop (a dry run)")
     spec_and_target(p, spec_required=False)

@@ -119,7 +119,8 @@ def write_configs(plan: Plan, root: Path = Path(".")) -> dict[str, Path]:
     texts = {name: render(config) for name, config in configs.items()}
     texts[README_FILE] = readme(plan, list(configs))
     for old in folder.iterdir():
-        if old.name not in texts:
+        # search/ holds the trials' workflows, written by the search as it asks for them
+        if old.name not in texts and old.is_file():
             old.unlink()
     written = {}
     for name, text in texts.items():

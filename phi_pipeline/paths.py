@@ -37,6 +37,10 @@ class PipelinePaths:
         """A training or validation split cut from an adapter's training file (data.validation_fraction)."""
         return self.work_dir / "runs" / self.pipeline / "data" / adapter / f"{split}.jsonl"
 
+    def search_study(self, key: str) -> Path:
+        """An adapter's hyperparameter search (Optuna's SQLite storage), named by what defines the search."""
+        return self.work_dir / "search" / f"{key}.sqlite3"
+
     def trained_adapter_dir(self, adapter: str) -> Path:
         """The trained PEFT adapter a merged export reads; the run copies it here from its cache first
         (a cache hit leaves finetune_dir empty, or holding another target's adapter)."""

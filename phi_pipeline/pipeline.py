@@ -20,7 +20,7 @@ from phi_pipeline.cache import Cache, DigestMemo, content_key, file_sha256, tree
 from phi_pipeline.configs import EXPORT_FILE, finetune_file, write_configs
 from phi_pipeline.data import check_data, read_file_rows, validation_indices
 from phi_pipeline.errors import PipelineError, UsageError
-from phi_pipeline.plan import Plan, is_local_path, make_plan
+from phi_pipeline.plan import AdapterPlan, Plan, is_local_path, make_plan
 from phi_pipeline.olive_compat import HOOKS_ENV
 from phi_pipeline.progress import Stages, TrainingProgress
 from phi_pipeline.publish import publish_dir
@@ -264,38 +264,77 @@ def _prepare_finetune_dir(out: Path, key: str) -> str | None:
     return None
 
 
-def train_adapters(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool) -> list[TrainedAdapter]:
+def _finetune(
+    plan: Plan,
+    adapter: AdapterPlan,
+    config_file: str,
+    workflow: dict[str, Any],
+    context: tuple[Stages, Cache, str, bool],
+    splits: tuple[dict[str, str], dict[str, Any] | None],
+) -> tuple[TrainedAdapter, bool]:
+    """Train one adapter plan from its workflow (written at configs_dir / config_file), or take it from the
+    cache (then the flag is true); an interrupted fine-tune with the same key resumes from its last checkpoint."""
+    from phi_pipeline.workflows.finetune import trainer_hooks
+
+    stages, cache, base, echo = context
+    shas, validation = splits
+    hooks = trainer_hooks(adapter, plan.paths)
+    key = training_key(plan, workflow, hooks, base)
+    entry = cache.get("adapters", key)
+    hit = entry is not None
+    if entry is None:
+        out = plan.paths.finetune_dir(adapter.name)
+        resumed = _prepare_finetune_dir(out, key)
+        if resumed:
+            stages.say(f"{adapter.name}: resuming the interrupted fine-tune from {resumed}")
+        with TrainingProgress(stages, adapter.name, plan.paths.progress_file(adapter.name)):
+            _run_workflow(
+                plan,
+                config_file,
+                [out / "adapter" / name for name in ADAPTER_FILES],
+                echo,
+                seed=adapter.spec.training.seed,
+                env={HOOKS_ENV: json.dumps(hooks)},
+            )
+        entry = cache.put("adapters", key, collect_finetune_result(out), {"adapter": adapter.name, "datasets": shas})
+    return TrainedAdapter(adapter, entry, key, shas, validation), hit
+
+
+def train_adapters(
+    plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool, *, only: str | None = None, trials: int | None = None
+) -> list[TrainedAdapter]:
+    """Every adapter of the plan (or `only` that one): its own recipe, or its search's best trial."""
     from phi_pipeline.configs import workflow_configs
+    from phi_pipeline.search.run import search_adapter, study_key
     from phi_pipeline.workflows.finetune import trainer_hooks
 
     configs = workflow_configs(plan)
     splits = prepare_splits(plan)
+    context = (stages, cache, base, echo)
     trained = []
     for adapter in plan.adapters:
-        shas, validation = splits[adapter.name]
-        hooks = trainer_hooks(adapter, plan.paths)
-        key = training_key(plan, configs[finetune_file(adapter.name)], hooks, base)
+        if only is not None and adapter.name != only:
+            continue
+        config_file = finetune_file(adapter.name)
+        search = adapter.spec.search
         stage = f"finetune:{adapter.name}"
-        with stages.stage(stage, f"fine-tuning adapter {adapter.name!r} ({adapter.spec.lora.method})"):
-            entry = cache.get("adapters", key)
-            if entry is None:
-                out = plan.paths.finetune_dir(adapter.name)
-                resumed = _prepare_finetune_dir(out, key)
-                if resumed:
-                    stages.say(f"{adapter.name}: resuming the interrupted fine-tune from {resumed}")
-                with TrainingProgress(stages, adapter.name, plan.paths.progress_file(adapter.name)):
-                    _run_workflow(
-                        plan,
-                        finetune_file(adapter.name),
-                        [out / "adapter" / name for name in ADAPTER_FILES],
-                        echo,
-                        seed=adapter.spec.training.seed,
-                        env={HOOKS_ENV: json.dumps(hooks)},
-                    )
-                entry = cache.put("adapters", key, collect_finetune_result(out), {"adapter": adapter.name, "datasets": shas})
-            else:
-                stages.mark_cached(stage)
-        trained.append(TrainedAdapter(adapter, entry, key, shas, validation))
+        if search is not None and search.enabled:
+            default_key = training_key(plan, configs[config_file], trainer_hooks(adapter, plan.paths), base)
+            with stages.stage(stage, f"searching the recipe of adapter {adapter.name!r} ({search.strategy})"):
+                result, _ = search_adapter(
+                    plan,
+                    adapter,
+                    study_key=study_key(adapter, default_key),
+                    train=lambda p, f, w: _finetune(plan, p, f, w, context, splits[adapter.name])[0],
+                    say=stages.say,
+                    trials=trials,
+                )
+        else:
+            with stages.stage(stage, f"fine-tuning adapter {adapter.name!r} ({adapter.spec.lora.method})"):
+                result, hit = _finetune(plan, adapter, config_file, configs[config_file], context, splits[adapter.name])
+                if hit:
+                    stages.mark_cached(stage)
+        trained.append(result)
     return trained
 
 
@@ -388,6 +427,37 @@ def _evaluate_and_gate(plan: Plan, staged: Path, trained: list[TrainedAdapter], 
             "base_model": {"digest": digest},
         },
     )
+
+
+def search(
+    spec_path: str | Path, target: str, *, adapter: str | None = None, trials: int | None = None, echo: bool = False
+) -> list[TrainedAdapter]:
+    """`phi-pipeline search`: the adapters' searches alone (each best trial trained and cached, nothing exported)."""
+    plan = load_plan(spec_path, target)
+    searched = [a.name for a in plan.adapters if a.spec.search is not None and a.spec.search.enabled]
+    problems = []
+    if adapter is not None and adapter not in searched:
+        known = [a.name for a in plan.adapters]
+        problems.append(
+            f"--adapter {adapter}: " + (f"no such adapter (known: {', '.join(known)})" if adapter not in known
+                                        else "this adapter has no search block")
+        )
+    elif not searched:
+        problems.append("no adapter has a search block: add search: {space: ...} at the top level or to an adapter")
+    if trials is not None and trials < 1:
+        problems.append("--trials: give a number of trials >= 1")
+    if problems:
+        raise UsageError(plan.source, problems)
+    check_inputs(plan)
+    stages = Stages()
+    write_configs(plan)
+    ensure_base(plan, stages)
+    cache = Cache(plan.paths.cache_dir)
+    memo = DigestMemo(plan.paths.cache_dir / "digests.json")
+    base = base_digest(plan, memo)
+    memo.save()
+    names = [adapter] if adapter else searched
+    return [t for name in names for t in train_adapters(plan, stages, cache, base, echo, only=name, trials=trials)]
 
 
 def run(

@@ -236,6 +236,11 @@ def _adapter_plan(
             )
     device = target.training_device if a.training.device == "auto" else a.training.device
     train, validation = _training_data(a.name, a.data, paths)
+    if a.search is not None and a.search.enabled and validation is None:
+        problems.append(
+            f"adapters.{i}.search ({a.name}): trials are scored on a validation split, and this adapter has none; "
+            "set data.validation (a file) or data.validation_fraction above 0 (never the eval split: the gates use it)"
+        )
     return AdapterPlan(a, tuple(modules), device, train, validation)
 
 

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from phi_pipeline.search.study import OBJECTIVE_NAMES
+
 EVAL_JSON = "eval.json"
 REPORT_MD = "report.md"
 CHARTS_DIR = "report"
@@ -45,7 +47,15 @@ def write_report(
             plot_training(name, history, folder / loss_chart(name))
             charts[name] = loss_chart(name)
             written.append(folder / loss_chart(name))
-    (folder / REPORT_MD).write_text(render_markdown(results, charts=charts, tensorboard=tensorboard or {}))
+    search_charts: dict[str, str] = {}
+    for name, outcome in (results.get("search") or {}).items():
+        if any(t["objective"] is not None for t in outcome["trials"]):
+            plot_search(outcome, folder / search_chart(name))
+            search_charts[name] = search_chart(name)
+            written.append(folder / search_chart(name))
+    (folder / REPORT_MD).write_text(
+        render_markdown(results, charts=charts, tensorboard=tensorboard or {}, search_charts=search_charts)
+    )
     written.append(folder / REPORT_MD)
     return written
 
@@ -147,7 +157,11 @@ def _gate_rows(results: Mapping[str, Any], adapter: str) -> list[list[str]]:
 
 
 def render_markdown(
-    results: Mapping[str, Any], *, charts: Mapping[str, str], tensorboard: Mapping[str, Path | None]
+    results: Mapping[str, Any],
+    *,
+    charts: Mapping[str, str],
+    tensorboard: Mapping[str, Path | None],
+    search_charts: Mapping[str, str] | None = None,
 ) -> str:
     b = results.get("bundle", {})
     gates = results.get("gates", {})
@@ -201,6 +215,9 @@ def render_markdown(
         tb = tensorboard.get(name)
         if tb:
             out += [f"Training logs (TensorBoard, kept beside the cache entry, not shipped): `tensorboard --logdir {tb}`", ""]
+        outcome = (results.get("search") or {}).get(name)
+        if outcome:
+            out += search_markdown(outcome, (search_charts or {}).get(name))
     defs = results.get("definitions", {})
     if defs:
         out += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in defs.items()] + [""]
@@ -319,3 +336,102 @@ def plot_metrics(results: Mapping[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
+
+
+def search_chart(adapter: str) -> str:
+    return f"{CHARTS_DIR}/search-{adapter}.png"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def search_markdown(outcome: Mapping[str, Any], chart: str | None) -> list[str]:
+    """Markdown lines: what was searched, the trial table (best in bold) and the chart."""
+    trials = outcome["trials"]
+    paths = list(trials[0]["params"]) if trials else []
+    objective = OBJECTIVE_NAMES[outcome["objective"]]
+    better = "lower" if outcome["direction"] == "minimize" else "higher"
+    out = [
+        f"### Search: {len(trials)} trials, strategy {outcome['strategy']}, ranked by {objective} ({better} is better)",
+        "",
+        f"Best: trial {outcome['best_trial']} ({objective} {_value(outcome['best_objective'])}); its adapter is the "
+        "one published, with " + ", ".join(f"`{k}` = {_value(v)}" for k, v in outcome["best_params"].items()) + ".",
+        "",
+    ]
+    rows = []
+    for t in trials:
+        best = t["number"] == outcome["best_trial"]
+        mark = (lambda s: f"**{s}**") if best else (lambda s: s)
+        state = t["state"] + (f": {t['reason']}" if t.get("reason") else "")
+        rows.append(
+            [mark(str(t["number"]) + (" (best)" if best else ""))]
+            + [mark(_value(t["params"].get(p))) for p in paths]
+            + [mark(_value(t["objective"])), _value(t.get("train_seconds")), state]
+        )
+    out += [_md_table(["trial", *paths, objective, "training s", "state"], rows), ""]
+    if chart:
+        out += [f"![search of {outcome['adapter']}]({chart})", ""]
+    return out
+
+
+def plot_search(outcome: Mapping[str, Any], path: Path) -> None:
+    """Left: the objective of each trial in order, with the best so far. Right: objective against the
+    learning rate when it was searched (else against the first searched setting)."""
+    plt = _pyplot()
+    done = [t for t in outcome["trials"] if t["objective"] is not None]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 4.0), dpi=100)
+    objective = OBJECTIVE_NAMES[outcome["objective"]]
+    pick = min if outcome["direction"] == "minimize" else max
+    xs = [t["number"] for t in done]
+    ys = [t["objective"] for t in done]
+    left.plot(xs, ys, "o", label="trial")
+    running = [pick(ys[: i + 1]) for i in range(len(ys))]
+    left.step(xs, running, where="post", label="best so far")
+    failed = [t["number"] for t in outcome["trials"] if t["objective"] is None]
+    if failed and ys:
+        left.plot(failed, [max(ys)] * len(failed), "x", color="red", label="failed")
+    from matplotlib.ticker import MaxNLocator
+
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.set_xlabel("trial")
+    left.set_ylabel(objective)
+    left.set_title(f"Search of '{outcome['adapter']}'")
+    left.grid(True, alpha=0.3)
+    left.legend(fontsize=8)
+    params = list(outcome["trials"][0]["params"]) if outcome["trials"] else []
+    axis = "training.learning_rate" if "training.learning_rate" in params else (params[0] if params else None)
+    if axis:
+        right.plot([t["params"][axis] for t in done], ys, "o")
+        if axis == "training.learning_rate":
+            from matplotlib.ticker import NullFormatter
+
+            right.set_xscale("log")
+            right.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a narrow log range overlap
+        right.set_xlabel(axis)
+        right.set_ylabel(objective)
+        right.set_title(f"{objective} against {axis.split('.', 1)[1]}")
+        right.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def format_search(outcome: Mapping[str, Any]) -> str:
+    """A search's trials as a plain-text table for the console, the best marked with '*'."""
+    paths = list(outcome["trials"][0]["params"]) if outcome["trials"] else []
+    header = ["trial", *(p.split(".", 1)[1] for p in paths), OBJECTIVE_NAMES[outcome["objective"]], "train s", "state"]
+    rows = [
+        [f"{t['number']}{'*' if t['number'] == outcome['best_trial'] else ''}"]
+        + [_value(t["params"].get(p)) for p in paths]
+        + [_value(t["objective"]), _value(t.get("train_seconds")), t["state"] + (f": {t['reason']}" if t.get("reason") else "")]
+        for t in outcome["trials"]
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = [f"search {outcome['adapter']} ({outcome['strategy']}): best trial {outcome['best_trial']} (*)"]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *rows]]
+    lines.insert(2, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import re
 import string
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from phi_pipeline.errors import UsageError
 from phi_pipeline.targets import TARGETS, Layout, Precision
@@ -355,6 +365,108 @@ class GateSpec(_Model):
     )
 
 
+# Fields a search may not vary: they fix the bundle's graph or where training runs, not the recipe.
+_UNSEARCHABLE = {"lora.method", "lora.target_modules", "training.device"}
+
+
+class SearchRange(_Model):
+    low: float = Field(description="Smallest value tried (inclusive).")
+    high: float = Field(description="Largest value tried (inclusive).")
+    log: bool = Field(False, description="Sample uniformly in log space (learning rates), not linearly.")
+    step: Optional[float] = Field(None, gt=0, description="Grid spacing of the values tried (default: any value).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchRange:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log: true needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("set step or log: true, not both")
+        return self
+
+
+class SearchChoices(_Model):
+    choices: list[Union[bool, int, float, str]] = Field(
+        min_length=1, description="The values tried, e.g. [4, 8, 16]; a grid search tries each of them."
+    )
+
+
+def _searched_field(path: str) -> Any:
+    """The pydantic field a search path names (e.g. training.learning_rate), or a ValueError saying why not."""
+    block, _, name = path.partition(".")
+    models = {"lora": LoraSpec, "training": TrainingSpec}
+    if block not in models or name not in models[block].model_fields:
+        known = ", ".join(f"{b}.{f}" for b, m in models.items() for f in m.model_fields if f"{b}.{f}" not in _UNSEARCHABLE)
+        raise ValueError(f"{path!r} is not a lora or training setting; searchable: {known}")
+    if path in _UNSEARCHABLE:
+        raise ValueError(f"{path!r} cannot be searched: it decides the bundle's graph or the training device")
+    return models[block].model_fields[name]
+
+
+def _field_types(field: Any) -> set[type]:
+    """The scalar types a field accepts (Optional stripped)."""
+    annotation = field.annotation
+    args = typing.get_args(annotation) if typing.get_origin(annotation) is Union else (annotation,)
+    return {a for a in args if a is not type(None)}
+
+
+class SearchSpec(_Model):
+    enabled: bool = Field(True, description="false: train this adapter's own recipe, ignoring an inherited search.")
+    strategy: Literal["random", "grid", "tpe"] = Field(
+        "tpe",
+        description="How trials are proposed (Optuna samplers): random, grid (every combination of the choices), "
+        "tpe (Tree-structured Parzen Estimator: learns from finished trials).",
+    )
+    trials: int = Field(12, ge=1, le=1000, description="Trials to run (grid: ignored, every combination is tried).")
+    seed: int = Field(0, ge=0, description="Sampler seed: the same seed proposes the same trials.")
+    baseline: bool = Field(
+        True,
+        description="Trial 0 trains the adapter's own values of the searched settings (where the space holds them), "
+        "so the search can only match or beat the recipe it starts from.",
+    )
+    objective: Literal["loss", "metric"] = Field(
+        "loss",
+        description="What ranks trials, on the validation split: loss (best validation loss, lower is better) or "
+        "metric (the adapter's eval metric from greedy PyTorch+PEFT generations, higher is better).",
+    )
+    space: dict[str, Union[SearchRange, SearchChoices]] = Field(
+        default_factory=dict,
+        description="Dotted paths into the adapter's lora/training settings, each a range {low, high, log, step} "
+        "or {choices: [...]}, e.g. training.learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}.",
+    )
+
+    @model_validator(mode="after")
+    def _valid_space(self) -> SearchSpec:
+        if self.enabled and not self.space:
+            raise ValueError("space is empty: name at least one lora/training setting to search")
+        problems = []
+        for path, dim in self.space.items():
+            try:
+                field = _searched_field(path)
+            except ValueError as exc:
+                problems.append(str(exc))
+                continue
+            types = _field_types(field)
+            if isinstance(dim, SearchRange):
+                if not types & {int, float} or bool in types:
+                    problems.append(f"{path}: a range needs a numeric setting; use {{choices: [...]}} for this one")
+                elif float not in types and not all(float(v).is_integer() for v in (dim.low, dim.high, dim.step or 1)):
+                    problems.append(f"{path}: an integer setting needs whole low, high and step")
+                elif self.strategy == "grid":
+                    problems.append(f"{path}: strategy grid tries listed values only; give {{choices: [...]}}")
+                continue
+            adapter = TypeAdapter(Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation)
+            for choice in dim.choices:
+                try:
+                    adapter.validate_python(choice, strict=not isinstance(choice, int) or bool in types)
+                except ValidationError as exc:
+                    problems.append(f"{path}: choice {choice!r} is not a valid value ({exc.errors()[0]['msg']})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class AdapterSpec(_Model):
     name: str = Field(description="Adapter name: its file is adapters/<name>.onnx_adapter in the bundle.")
     data: DataSpec = Field(description="Where this adapter's examples are and how a row becomes text.")
@@ -362,6 +474,9 @@ class AdapterSpec(_Model):
     training: TrainingSpec = Field(description="Training settings (the top-level training block, overridden here).")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="How this adapter is evaluated before publishing.")
     gates: GateSpec = Field(description="Publish gates (the top-level gates block, overridden here).")
+    search: Optional[SearchSpec] = Field(
+        None, description="Hyperparameter search for this adapter's recipe (the top-level search block, overridden here)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -448,6 +563,9 @@ class PipelineSpec(_Model):
     gates: GateSpec = Field(default_factory=GateSpec, description="Default publish gates for every adapter.")
     adapters: list[AdapterSpec] = Field(min_length=1, description="One or more adapters, each from its own data.")
     export: ExportSpec = Field(default_factory=ExportSpec, description="ONNX export settings.")
+    search: Optional[SearchSpec] = Field(
+        None, description="Default hyperparameter search for every adapter (none: each trains its own recipe)."
+    )
     output_dir: str = Field("dist", description="Bundles are published to <output_dir>/<name>/<target>/.")
     work_dir: str = Field(".phi-pipeline", description="Olive runs, staging and the content-addressed cache.")
     targets: dict[TargetName, TargetOverrides] = Field(
@@ -498,8 +616,9 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-# Top-level blocks that each adapter inherits and may override key by key.
-_INHERITED_BLOCKS = ("lora", "training", "gates")
+# Top-level blocks that each adapter inherits and may override key by key (a search's space is one key:
+# an adapter's own space replaces the inherited one whole).
+_INHERITED_BLOCKS = ("lora", "training", "gates", "search")
 
 
 def _merge_adapter_defaults(raw: Any) -> Any:
@@ -511,6 +630,8 @@ def _merge_adapter_defaults(raw: Any) -> Any:
         if isinstance(adapter, dict):
             adapter = dict(adapter)
             for block in _INHERITED_BLOCKS:
+                if block == "search" and block not in raw and block not in adapter:
+                    continue  # no search anywhere: the adapter trains its own recipe
                 top, own = raw.get(block) or {}, adapter.get(block) or {}
                 if isinstance(top, dict) and isinstance(own, dict):
                     adapter[block] = {**top, **own}
@@ -520,11 +641,13 @@ def _merge_adapter_defaults(raw: Any) -> Any:
 
 def _inherited(raw: dict, loc: tuple[Any, ...]) -> bool:
     """Whether an error inside adapters[i].lora/training concerns a key copied from the top-level block."""
-    if len(loc) < 4 or loc[0] != "adapters" or loc[2] not in _INHERITED_BLOCKS:
+    if len(loc) < 3 or loc[0] != "adapters" or loc[2] not in _INHERITED_BLOCKS:
         return False
     adapters = raw.get("adapters")
     own = adapters[loc[1]].get(loc[2]) if isinstance(adapters[loc[1]], dict) else None
-    return not (isinstance(own, dict) and loc[3] in own)
+    # a whole-block check (a search's space) concerns the inherited space unless the adapter gives its own
+    key = loc[3] if len(loc) > 3 else "space"
+    return isinstance(raw.get(loc[2]), dict) and not (isinstance(own, dict) and key in own)
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:

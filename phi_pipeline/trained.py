@@ -19,3 +19,5 @@ class TrainedAdapter:
     """sha256 of each local split file the adapter was trained and evaluated on (hub splits: their name)."""
     validation: dict[str, Any] | None = None
     """Which rows the trainer validated on: a file, a hub split, or the training rows held out."""
+    search: dict[str, Any] | None = None
+    """The hyperparameter search that picked this adapter (search.study.SearchOutcome.to_dict()), if any."""

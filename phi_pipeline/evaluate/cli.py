@@ -41,6 +41,9 @@ def evaluate_staged(plan: "Plan", staged: Path, trained: Sequence[Any], *, enfor
         require_pytorch=True,
     )
     record_gates(results, None, enforced=enforced)
+    searched = {t.plan.name: t.search for t in trained if t.search}
+    if searched:
+        results["search"] = searched
     write_report(
         staged,
         results,
