@@ -244,7 +244,15 @@ def export_merged(
 def _evaluate_and_gate(plan: Plan, staged: Path, trained: list[TrainedAdapter], stages: Stages, no_gate: bool) -> None:
     """Evaluate the staged bundle and record the figures; a failed gate raises unless `no_gate`."""
     from phi_pipeline.evaluate import evaluate_staged, manifest_summary
+    from phi_pipeline.target_runtime import keep_unevaluated, missing_eval_device, skipped_gates
 
+    missing = missing_eval_device(plan.target)
+    if missing:  # e.g. a CUDA bundle built on a host without a GPU: its runtime cannot even load it here
+        if not no_gate:
+            raise keep_unevaluated(plan, staged, missing, plan.source)
+        stages.say(f"not evaluated (--no-gate): {missing}")
+        bundle.finalize_manifest(staged, {"gates": skipped_gates(plan.target, missing), "stage_seconds": dict(stages.seconds)})
+        return
     with stages.stage("evaluate", "evaluating the base model and each adapter (ONNX bundle vs PyTorch+PEFT)"):
         results = evaluate_staged(plan, staged, trained, enforced=not no_gate)
     failures = results["gates"]["failures"]

@@ -15,6 +15,10 @@ Precision = Literal["int4", "int8", "fp16", "bf16", "fp32"]
 Layout = Literal["multi-adapter", "merged"]
 ExportRoute = Literal["model_builder", "qnn", "openvino"]
 TrainingDevice = Literal["cpu", "cuda"]
+# What runs a bundle for its evaluation gates (phi_pipeline/target_runtime.py): onnxruntime-genai with the
+# target's provider (or the CPU provider where it is absent), OpenVINO on its CPU device, or onnxruntime-qnn's
+# HTP backend simulated on an x86-64 host.
+EvalRuntime = Literal["onnxruntime-genai", "openvino", "qnn-htp-simulator"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,11 @@ class Target:
     pass_environment: str | None = None
     """pyproject dependency group of a separate virtual environment (`.venv-<group>`) that Olive runs this
     target's export passes in, when they cannot share the main environment's pins."""
+    eval_runtime: EvalRuntime = "onnxruntime-genai"
+    """What runs the bundle for the evaluation gates on a build machine."""
+    eval_device_required: Literal["cuda"] | None = None
+    """A device without which the eval runtime cannot load the bundle: the run then keeps the staged bundle
+    and stops with the command to evaluate it there (or publishes ungated with --no-gate)."""
     model_builder_options: dict[str, object] = field(default_factory=dict)
     """Extra Model Builder options always used for this target."""
     note: str = ""
@@ -88,6 +97,8 @@ TARGETS: dict[str, Target] = {
             install_extras=("cuda", "qlora"),
             multi_lora=True,
             training_device="cuda",
+            # The CUDA build of onnxruntime-genai cannot load a model without the CUDA libraries and a GPU.
+            eval_device_required="cuda",
         ),
         Target(
             name="webgpu",
