@@ -208,7 +208,12 @@ def missing_installs(plan: Plan) -> list[str]:
     if "qnn" in plan.target.install_extras and importlib.util.find_spec("onnxruntime_qnn") is None:
         problems.append(
             f"target {plan.target.name!r} needs onnxruntime-qnn, which is not installed: "
-            f"make venv TARGET={plan.target.name} (builds {plan.target.venv} with the cpu and qnn extras)"
+            f"make venv TARGET={plan.target.name} (adds the qnn extra to {plan.target.venv})"
+        )
+    if "openvino" in plan.target.install_extras and importlib.util.find_spec("nncf") is None:
+        problems.append(
+            f"target {plan.target.name!r} needs the openvino extra (nncf, which Olive imports to validate the "
+            f"OpenVINO conversion, and the OpenVINO runtime for evaluation): make venv TARGET={plan.target.name}"
         )
     pass_venv = plan.target.pass_venv
     if pass_venv and not (Path(pass_venv) / "bin" / "python").exists():

@@ -162,3 +162,162 @@ def load(bundle: Path, variant: str) -> TargetModel:
             str(bundle), [f"target {target.name!r} evaluates through onnxruntime-genai (generate.BundleModel), not here"]
         )
     return loader(_variant_folder(bundle, manifest, variant))
+
+
+def _genai_config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "genai_config.json").read_text())
+
+
+def _eos_ids(folder: Path) -> set[int]:
+    eos = _genai_config(folder)["model"]["eos_token_id"]
+    return {int(t) for t in (eos if isinstance(eos, list) else [eos])}
+
+
+def _context_file(folder: Path) -> Path:
+    """The OpenVINO IR an encapsulated model wraps: the EPContext node's `ep_cache_context` (OVEP's
+    embed_mode 0 names the .xml next to the .onnx); the same file OVEP would compile for the NPU."""
+    import onnx
+
+    model_file = folder / _genai_config(folder)["model"]["decoder"]["filename"]
+    graph = onnx.load(model_file, load_external_data=False).graph
+    for node in graph.node:
+        if node.op_type == "EPContext":
+            attrs = {a.name: a for a in node.attribute}
+            return folder / attrs["ep_cache_context"].s.decode()
+    raise PipelineError(f"{model_file}: no EPContext node; not an OpenVINO-encapsulated model")
+
+
+class OpenVINOModel:
+    """An OpenVINO-encapsulated bundle variant on OpenVINO's CPU device.
+
+    optimum-intel exports a stateful decoder (the KV cache lives in the infer request's state), so a
+    sequence is fed once and each greedy step feeds one token; logits come back for every fed position.
+    """
+
+    DEVICE = "CPU"
+
+    def __init__(self, folder: Path):
+        import openvino as ov
+
+        self.folder = folder
+        self.eos = _eos_ids(folder)
+        self.version = ov.get_version().split("-")[0]
+        # f32 inference: the CPU plugin's default bf16/f16 hint on some CPUs would blur parity with PyTorch
+        compiled = ov.Core().compile_model(str(_context_file(folder)), self.DEVICE, {"INFERENCE_PRECISION_HINT": "f32"})
+        self.inputs = {name for port in compiled.inputs for name in port.get_names()}
+        self.request = compiled.create_infer_request()
+
+    def _feed(self, ids: Sequence[int], start: int) -> np.ndarray:
+        n = len(ids)
+        feed: dict[str, np.ndarray] = {
+            "input_ids": np.asarray([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, start + n), dtype=np.int64),
+        }
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
+        if "beam_idx" in self.inputs:
+            feed["beam_idx"] = np.zeros(1, dtype=np.int32)
+        self.request.infer(feed)
+        return np.array(self.request.get_tensor("logits").data[0], dtype=np.float32)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        self.request.reset_state()
+        return self._feed(list(ids), 0)
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        self.request.reset_state()
+        logits = self._feed(list(prompt_ids), 0)
+        new: list[int] = []
+        while len(new) < max_new_tokens:
+            token = int(np.argmax(logits[-1]))
+            new.append(token)
+            if token in self.eos:
+                break
+            logits = self._feed([token], len(prompt_ids) + len(new) - 1)
+        return new
+
+    def describe(self) -> RuntimeDescription:
+        return RuntimeDescription(
+            runtime=f"openvino {self.version}",
+            provider=f"OpenVINO {self.DEVICE} device (the encapsulated IR {_context_file(self.folder).name})",
+            device="cpu (the bundle targets the Intel NPU)",
+            cpu_fallback=False,
+        )
+
+
+_LOADERS = {"openvino": OpenVINOModel}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+class _Tokenizer:
+    """The bundle's tokenizer.json through Hugging Face `tokenizers`, with onnxruntime-genai's Tokenizer
+    calls (encode without special tokens, decode, pad and EOS ids): a runtime without a genai model has none."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        model = _genai_config(folder)["model"]
+        self.eos_token_ids = sorted(_eos_ids(folder))
+        self.pad_token_id = int(model.get("pad_token_id", self.eos_token_ids[0]))
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(t) for t in ids], skip_special_tokens=True)
+
+
+class _MergedVariant:
+    """What the evaluation reads from a bundle model (generate.BundleModel's tokenizer and prompt_for)
+    for one merged variant on a target runtime."""
+
+    def __init__(self, bundle: Path, variant: str):
+        manifest = _manifest(bundle)
+        folder = _variant_folder(bundle, manifest, variant)
+        self.tokenizer = _Tokenizer(folder)
+        self.format = next(a["prompt_format"] for a in manifest["adapters"] if a["name"] == variant)
+
+    def prompt_for(self, example_prompt: str | list[dict[str, str]], adapter: str | None) -> str:
+        if isinstance(example_prompt, list):
+            raise UsageError("eval", ["chat-formatted eval data on an NPU runtime needs the chat template: not supported yet"])
+        bos = self.format.get("bos")
+        return f"{bos} {example_prompt}" if bos else example_prompt
+
+
+class TargetSide:
+    """evaluate.OnnxSide's interface over a TargetModel: one merged variant, its adapter built in."""
+
+    def __init__(self, bundle: Path, variant: str):
+        self.bm = _MergedVariant(Path(bundle), variant)
+        self.model = load(Path(bundle), variant)
+        self.eos = set(self.bm.tokenizer.eos_token_ids)
+        self.merged = variant
+
+    def _check(self, adapter: str | None) -> None:
+        if adapter != self.merged:
+            raise ValueError(f"this model is adapter {self.merged!r} merged into the base; it cannot run {adapter!r}")
+
+    def generate(self, prompt: Sequence[int], adapter: str | None, max_new_tokens: int) -> list[int]:
+        self._check(adapter)
+        return self.model.generate(list(prompt), max_new_tokens)
+
+    def logits(self, ids: Sequence[int], adapter: str | None) -> np.ndarray:
+        self._check(adapter)
+        logits = self.model.logits(list(ids))
+        if logits is None:
+            raise PipelineError(f"{self.model.describe().runtime} gives no logits: perplexity cannot be measured")
+        return logits
+
+    def describe(self) -> RuntimeDescription:
+        return self.model.describe()
+
+
+def eval_side(bundle: Path, variant: str | None) -> TargetSide | None:
+    """The evaluation's model side for `bundle` when its target evaluates outside onnxruntime-genai, else None."""
+    target = get_target(_manifest(Path(bundle))["target"])
+    if target.eval_runtime == "onnxruntime-genai" or variant is None:
+        return None
+    return TargetSide(Path(bundle), variant)

@@ -18,6 +18,8 @@ TrainingDevice = Literal["cpu", "cuda"]
 # What runs a bundle for its evaluation gates (phi_pipeline/target_runtime.py): onnxruntime-genai with the
 # target's provider (or the CPU provider where it is absent), OpenVINO on its CPU device, or onnxruntime-qnn's
 # HTP backend simulated on an x86-64 host.
+# Extras that install a build of onnxruntime(-genai) other than the CPU one: the same Python modules.
+OTHER_ORT_BUILDS = {"cuda"}
 EvalRuntime = Literal["onnxruntime-genai", "openvino", "qnn-htp-simulator"]
 
 
@@ -63,9 +65,10 @@ class Target:
 
     @property
     def venv(self) -> str:
-        """The virtual environment that builds this target: one per distinct set of extras, because
-        the CPU and CUDA builds of onnxruntime(-genai) install the same Python modules."""
-        return ".venv" if self.install_extras == ("cpu",) else f".venv-{self.name}"
+        """The virtual environment that builds this target: `.venv` for every target whose extras add to
+        the CPU build (plugin execution providers, OpenVINO), so they share one venv and one training;
+        `.venv-<name>` where an extra installs another build of the same modules (onnxruntime-gpu)."""
+        return f".venv-{self.name}" if set(self.install_extras) & OTHER_ORT_BUILDS else ".venv"
 
     @property
     def pass_venv(self) -> str | None:
@@ -137,6 +140,7 @@ TARGETS: dict[str, Target] = {
             # Static graphs compiled to context binaries: an adapter cannot be swapped in at run time.
             multi_lora=False,
             training_device="cpu",
+            eval_runtime="qnn-htp-simulator",
             note="onnxruntime-qnn is a plugin execution provider: register its library "
             "(onnxruntime_qnn.get_library_path()) before loading the model.",
         ),
@@ -148,9 +152,12 @@ TARGETS: dict[str, Target] = {
             # NNCF weight compression to symmetric int4 (the recipe's) or int8, both NPU formats.
             precisions=("int4", "int8"),
             runtime_packages=("onnxruntime-genai", "onnxruntime-ep-openvino"),
-            install_extras=("cpu",),
+            # openvino: nncf, which Olive imports to validate the conversion pass in its own process (the pass
+            # itself runs in the pass environment), and the OpenVINO runtime that evaluates the bundle.
+            install_extras=("cpu", "openvino"),
             multi_lora=False,
             training_device="cpu",
+            eval_runtime="openvino",
             # optimum-intel caps transformers below the main environment's pin.
             pass_environment="openvino",
             note="onnxruntime-ep-openvino is a plugin execution provider (on Windows, onnxruntime-genai-winml "

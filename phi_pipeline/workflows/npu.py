@@ -3,7 +3,8 @@
 NPUs run static graphs, so every NPU bundle is in the merged layout: workflows/merged.py puts
 Olive's MergeAdapterWeights first and appends one of the chains below. Each returns the parts of a
 workflow it sets: systems, data_configs, passes, host, target. These configs are generated and
-validated anywhere; running them needs the environments below (not this repository's CI).
+validated anywhere and run on an x86-64 Linux host with the environments below (README "Targets" says what
+was executed).
 
 qnn (Qualcomm Snapdragon NPU, QNNExecutionProvider)
     Follows olive-recipes `microsoft-Phi-3-mini-4k-instruct/QNN/config.json` (the same chain as its
@@ -17,10 +18,12 @@ qnn (Qualcomm Snapdragon NPU, QNNExecutionProvider)
       of gptqmodel), and calibration runs on the CPU execution provider (the recipe uses CUDA);
     - onnxruntime-qnn >= 2.x is a plugin execution provider next to the CPU onnxruntime, so one
       environment does everything: the QNN system is a PythonEnvironment on that same virtual environment
-      (`make venv TARGET=qnn` builds `.venv-qnn` with the cpu and qnn extras), which is how Olive registers
-      the plugin before compiling context binaries.
-    Needs: `.venv-qnn`; the context-binary step needs a host where onnxruntime-qnn's HTP backend can compile
-    (a Snapdragon X machine, or an x86-64 host with the QNN HTP libraries); the GPTQ and calibration steps
+      (`make venv TARGET=qnn` adds the qnn extra to `.venv`), which is how Olive registers the plugin
+      before compiling context binaries;
+    - Model Builder keeps Q, K and V as separate MatMuls (`fuse_qkv: false`): its packed path for Phi-3's
+      fused qkv_proj needs GPTQ zero points, which symmetric GPTQ does not write.
+    Needs: the qnn extra; the context-binary step needs onnxruntime-qnn's HTP backend, which its manylinux
+    x86_64 wheel ships (libQnnHtp.so, libHtpPrepare.so), so it runs here too; the GPTQ and calibration steps
     want a large machine for a 3.8B model.
 
 openvino (Intel NPU, OpenVINOExecutionProvider)
@@ -70,6 +73,14 @@ OPENVINO_WEIGHTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _qnn_builder_pass(plan: Plan) -> dict[str, Any]:
+    builder = {**model_builder_pass(plan), "int4_op_types_to_quantize": ["MatMul", "Gather"]}
+    # Symmetric GPTQ leaves no zero points, and Model Builder's packed Q/K/V path (for Phi-3's fused
+    # qkv_proj) concatenates them (TypeError in make_packed_matmul_int4): keep Q, K and V separate MatMuls.
+    builder["extra_options"] = {**builder.get("extra_options", {}), "fuse_qkv": False}
+    return builder
+
+
 def qnn_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
     passes: dict[str, Any] = {
         "rotate": {"type": "QuaRot"},
@@ -84,7 +95,7 @@ def qnn_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
         },
         "split_info": {"type": "CaptureSplitInfo", "num_splits": 4, "unique_embeds_lm_head_splits": True},
         # Model Builder keeps GPTQ's int4 weights and quantizes the embedding table (Gather) to int4 too.
-        "builder": {**model_builder_pass(plan), "int4_op_types_to_quantize": ["MatMul", "Gather"]},
+        "builder": _qnn_builder_pass(plan),
         "to_qdq": {
             "type": "MatMulNBitsToQDQ",
             "use_signed_int": True,
