@@ -18,6 +18,7 @@ if [ ! -f "$pass_venv/.installed" ]; then
     "$pass_venv/bin/python" -m pip install -q --upgrade pip
     "$pass_venv/bin/python" -m pip install -q "$(grep -m1 -o '"torch==[0-9.]*"' pyproject.toml | tr -d '"')"
     "$pass_venv/bin/python" -m pip install -q --group openvino
+    "$pass_venv/bin/python" -m pip uninstall -q -y torchvision  # why: the Makefile's PASS_UNINSTALL
     touch "$pass_venv/.installed"
 fi
 rm -rf .venv-openvino

@@ -114,7 +114,9 @@ def base_digest(plan: Plan, memo: DigestMemo) -> str:
     return f"hub:{plan.base_model}"
 
 
-def _run_workflow(plan: Plan, config_file: str, outputs: list[Path], echo: bool, seed: int | None = None) -> None:
+def _run_workflow(
+    plan: Plan, config_file: str, outputs: list[Path], echo: bool, seed: int | None = None, python: str | None = None
+) -> None:
     """Run one of the plan's Olive workflows; a local base keeps Olive offline and inside work_dir."""
     local = plan.base_is_local
     run_olive(
@@ -125,6 +127,7 @@ def _run_workflow(plan: Plan, config_file: str, outputs: list[Path], echo: bool,
         offline=local,
         hf_cache=plan.paths.hf_cache_dir if local else None,
         seed=seed,
+        python=python,
     )
 
 
@@ -233,7 +236,7 @@ def export_merged(
                 shutil.copytree(t.folder / "adapter", adapter_dir)
                 out = plan.paths.merged_export_dir(name)
                 shutil.rmtree(out, ignore_errors=True)
-                _run_workflow(plan, export_file(name), [out / "genai_config.json"], echo)
+                _run_workflow(plan, export_file(name), [out / "genai_config.json"], echo, python=plan.target.export_python)
                 entry = cache.put("exports", key, out, {"pipeline": plan.spec.name, "adapter": name})
             else:
                 stages.mark_cached(stage)

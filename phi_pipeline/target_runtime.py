@@ -245,7 +245,56 @@ class OpenVINOModel:
         )
 
 
-_LOADERS = {"openvino": OpenVINOModel}
+class QnnHtpModel:
+    """A QNN bundle variant (context binaries) on onnxruntime-genai with the onnxruntime-qnn plugin EP.
+
+    The bundle's genai_config names the HTP backend (libQnnHtp.so); on an x86-64 host the wheel's
+    libQnnHtp.so runs the HTP graphs in simulation, at a small fraction of the NPU's speed.
+    """
+
+    _registered = False
+
+    def __init__(self, folder: Path):
+        import onnxruntime_genai as og
+        import onnxruntime_qnn
+
+        if not QnnHtpModel._registered:  # once per process: genai refuses a second registration
+            og.register_execution_provider_library(onnxruntime_qnn.get_ep_name(), onnxruntime_qnn.get_library_path())
+            QnnHtpModel._registered = True
+        self.og = og
+        self.version = onnxruntime_qnn.__version__
+        self.eos = _eos_ids(folder)
+        self.model = og.Model(og.Config(str(folder)))
+
+    def _generator(self, max_length: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=max_length)
+        return self.og.Generator(self.model, params)
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        generator = self._generator(len(prompt_ids) + max_new_tokens)
+        generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
+        new: list[int] = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            new.append(int(generator.get_next_tokens()[0]))
+        return new
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray | None:
+        # The static prefill graph returns the last position's logits only: no per-position logits to score.
+        return None
+
+    def describe(self) -> RuntimeDescription:
+        return RuntimeDescription(
+            runtime=f"onnxruntime-genai {self.og.__version__} + onnxruntime-qnn {self.version}",
+            provider="QNNExecutionProvider, HTP backend (libQnnHtp.so)",
+            device="npu (Hexagon HTP simulated on x86-64)",
+            cpu_fallback=False,
+            simulated=True,
+        )
+
+
+_LOADERS = {"openvino": OpenVINOModel, "qnn-htp-simulator": QnnHtpModel}
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

@@ -44,8 +44,8 @@ class Target:
     training_device: TrainingDevice
     """Where adapters train when the spec says `training.device: auto` and this target is built."""
     pass_environment: str | None = None
-    """pyproject dependency group of a separate virtual environment (`.venv-<group>`) that Olive runs this
-    target's export passes in, when they cannot share the main environment's pins."""
+    """pyproject dependency group of a separate virtual environment (`.venv-<group>`) that this target's
+    export workflows run in, whole (Olive's engine included), when they cannot share the main environment's pins."""
     eval_runtime: EvalRuntime = "onnxruntime-genai"
     """What runs the bundle for the evaluation gates on a build machine."""
     eval_device_required: Literal["cuda"] | None = None
@@ -73,6 +73,11 @@ class Target:
     @property
     def pass_venv(self) -> str | None:
         return f".venv-{self.pass_environment}" if self.pass_environment else None
+
+    @property
+    def export_python(self) -> str | None:
+        """The interpreter the export workflows run with, when not this process's."""
+        return f"{self.pass_venv}/bin/python" if self.pass_venv else None
 
 
 TARGETS: dict[str, Target] = {
@@ -152,8 +157,7 @@ TARGETS: dict[str, Target] = {
             # NNCF weight compression to symmetric int4 (the recipe's) or int8, both NPU formats.
             precisions=("int4", "int8"),
             runtime_packages=("onnxruntime-genai", "onnxruntime-ep-openvino"),
-            # openvino: nncf, which Olive imports to validate the conversion pass in its own process (the pass
-            # itself runs in the pass environment), and the OpenVINO runtime that evaluates the bundle.
+            # openvino: the OpenVINO runtime that evaluates the bundle.
             install_extras=("cpu", "openvino"),
             multi_lora=False,
             training_device="cpu",

@@ -34,8 +34,10 @@ openvino (Intel NPU, OpenVINOExecutionProvider)
     recipe's own settings minus the wikitext-2 dataset, which they do not use at ratio 1 without AWQ), because
     the pass takes only optimum-intel's named hub datasets, not a data config.
     Needs: `.venv-openvino`, built by `make venv TARGET=openvino` from pyproject's `openvino` dependency
-    group; optimum-intel caps transformers below the main environment's pin, so Olive runs these three
-    passes in that environment (a PythonEnvironment host per pass) after merging in the main one.
+    group; optimum-intel caps transformers below the main environment's pin, so the whole workflow (merge
+    included) runs under that environment's Python (Target.export_python). Not a PythonEnvironment host per
+    pass: Olive 0.13 validates OpenVINOOptimumConversion by importing nncf in the engine's process, and its
+    pass runner rebuilds the accelerator with a plain string that the pass's default config cannot read.
 """
 
 from __future__ import annotations
@@ -150,8 +152,6 @@ def qnn_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
 
 
 def openvino_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
-    env = "openvino_env"
-    assert plan.target.pass_venv is not None, "the openvino target names its pass environment"
     budget = OPENVINO_MAX_PROMPT_LEN + OPENVINO_MIN_RESPONSE_LEN
     context_length = min(budget, plan.max_positions) if plan.max_positions else budget
     prompt_len = context_length * OPENVINO_MAX_PROMPT_LEN // budget
@@ -162,15 +162,13 @@ def openvino_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
     passes: dict[str, Any] = {
         "convert": {
             "type": "OpenVINOOptimumConversion",
-            "host": env,
             # The merged model is a local folder: optimum cannot look its task up on the hub.
             "extra_args": {"device": "npu", "task": "text-generation-with-past"},
             "ov_quant_config": quant,
         },
-        "io_update": {"type": "OpenVINOIoUpdate", "host": env, "static": False, "reuse_cache": True},
+        "io_update": {"type": "OpenVINOIoUpdate", "static": False, "reuse_cache": True},
         "encapsulation": {
             "type": "OpenVINOEncapsulation",
-            "host": env,
             "target_device": "npu",
             "keep_ov_dynamic_dims": True,
             "reuse_cache": True,
@@ -196,10 +194,7 @@ def openvino_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
         },
     }
     return {
-        "systems": {
-            "local_system": target_system(plan.target),
-            env: python_environment(plan.target.pass_venv, plan.target),
-        },
+        "systems": {"local_system": target_system(plan.target)},
         "passes": passes,
         "host": "local_system",
         "target": "local_system",
