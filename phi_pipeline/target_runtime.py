@@ -16,6 +16,7 @@ Intel NPU runs) and the QNN HTP backend's x86-64 simulator. No torch import; run
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import shlex
 import shutil
@@ -325,15 +326,22 @@ class _MergedVariant:
 
     def __init__(self, bundle: Path, variant: str):
         manifest = _manifest(bundle)
-        folder = _variant_folder(bundle, manifest, variant)
-        self.tokenizer = _Tokenizer(folder)
+        self.folder = _variant_folder(bundle, manifest, variant)
+        self.tokenizer = _Tokenizer(self.folder)
         self.format = next(a["prompt_format"] for a in manifest["adapters"] if a["name"] == variant)
 
     def prompt_for(self, example_prompt: str | list[dict[str, str]], adapter: str | None) -> str:
         if isinstance(example_prompt, list):
-            raise UsageError("eval", ["chat-formatted eval data on an NPU runtime needs the chat template: not supported yet"])
+            # the folder's chat template, rendered by transformers as onnxruntime-genai's apply_chat_template does
+            return self._chat.apply_chat_template(example_prompt, tokenize=False, add_generation_prompt=True)
         bos = self.format.get("bos")
         return f"{bos} {example_prompt}" if bos else example_prompt
+
+    @functools.cached_property
+    def _chat(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.folder)
 
 
 class TargetSide:
