@@ -45,6 +45,8 @@ class Plan:
     """The model's context window (max_position_embeddings), when a local config.json tells it."""
     adapters: tuple[AdapterPlan, ...]
     paths: PipelinePaths
+    head_size: int | None = None
+    """Attention head size (head_dim, or hidden_size / num_attention_heads), when a local config.json tells it."""
 
     @property
     def base_model(self) -> str:
@@ -70,6 +72,14 @@ def is_local_path(name_or_path: str) -> bool:
     """A base model reference that names a folder rather than a hub id (org/name)."""
     p = Path(name_or_path)
     return p.exists() or p.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1
+
+
+def _head_size(hf_config: dict) -> int | None:
+    if hf_config.get("head_dim"):
+        return int(hf_config["head_dim"])
+    if hf_config.get("hidden_size") and hf_config.get("num_attention_heads"):
+        return int(hf_config["hidden_size"]) // int(hf_config["num_attention_heads"])
+    return None
 
 
 def read_hf_config(folder: Path) -> dict:
@@ -145,6 +155,7 @@ def make_plan(spec: PipelineSpec, target_name: str, *, source: str = "<spec>", p
         model_type=model_type,
         num_layers=num_layers,
         max_positions=hf_config.get("max_position_embeddings"),
+        head_size=_head_size(hf_config),
         adapters=tuple(adapters),
         paths=PipelinePaths(Path(spec.work_dir), Path(spec.output_dir), spec.name, target.name),
     )

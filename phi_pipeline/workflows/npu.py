@@ -83,6 +83,22 @@ def _qnn_builder_pass(plan: Plan) -> dict[str, Any]:
     return builder
 
 
+def _kv_cache_dim_pass(plan: Plan) -> dict[str, Any]:
+    """Model Builder 0.18 writes the KV cache's last dimension as the symbolic `kv_cache_dim` (one export for
+    plain and quantized caches); Olive 0.13's calibration reader sizes its empty cache from that dimension
+    and fails on a name, so it is fixed to the head size. Unknown without a local config.json: then absent."""
+    if plan.head_size is None:
+        return {}
+    return {
+        "kv_dim": {
+            "type": "DynamicToFixedShape",
+            "dim_param": ["kv_cache_dim"],
+            "dim_value": [plan.head_size],
+            "save_as_external_data": True,
+        }
+    }
+
+
 def qnn_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
     passes: dict[str, Any] = {
         "rotate": {"type": "QuaRot"},
@@ -106,6 +122,7 @@ def qnn_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
             "nodes_to_exclude": ["/lm_head/MatMul_Q4"],
             "save_as_external_data": True,
         },
+        **_kv_cache_dim_pass(plan),
         "surgeries": {
             "type": "GraphSurgeries",
             "surgeries": [
