@@ -53,8 +53,7 @@ CALIBRATION_DATA = "calibration_data"
 # The recipe's sample count for GPTQ; a train split smaller than this is used whole.
 CALIBRATION_SAMPLES = 128
 
-# Snapdragon X Elite (the recipes' soc_model "60"), HTP in burst mode, weights shared across the
-# context and iterator graphs.
+# Snapdragon X Elite (the recipes' soc_model "60"), HTP in burst mode.
 QNN_PROVIDER_OPTIONS = {
     "htp_performance_mode": "burst",
     "htp_graph_finalization_optimization_mode": "3",
@@ -147,7 +146,11 @@ def qnn_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
         "context_binary": {
             "type": "EPContextBinaryGenerator",
             "provider_options": dict(QNN_PROVIDER_OPTIONS),
-            "weight_sharing": True,
+            # Not shared between a split's context and iterator graphs (the recipe shares them): with the
+            # onnxruntime-qnn 2.7 plugin the shared binary is written under the iterator's name while the
+            # context graph still points at its own, so ComposeOnnxModels finds no file. Costs a second copy
+            # of each split's weights on the device.
+            "weight_sharing": False,
         },
         "compose": {"type": "ComposeOnnxModels"},
     }
