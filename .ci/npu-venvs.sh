@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI: the venvs the NPU targets' slow tests run in, keyed by the content of pyproject.toml.
-#   .venv          + extras openvino, qnn (nncf/OpenVINO runtime, onnxruntime-qnn: plugins on the CPU build)
-#   .venv-openvino   pyproject group `openvino` (optimum-intel, transformers 5.5): about 1.5 GB
+#   .venv          + extras openvino, qnn (the OpenVINO runtime, onnxruntime-qnn: additions to the CPU build)
+#   .venv-openvino   pyproject group `openvino` (optimum-intel, transformers 5.5): about 1.9 GB
 # The pass venv is built once per pyproject.toml content under $PHI_VENV_CACHE (CI caches that folder,
 # keyed the same way) and linked into the checkout; venvs are not relocatable, so it is built in place there.
 # Without this script the NPU slow tests skip, naming the venv they need.

@@ -18,8 +18,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import platform
 import shlex
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
@@ -97,7 +99,22 @@ def cuda_device_problem() -> str | None:
     return None
 
 
-_DEVICE_CHECKS = {"cuda": cuda_device_problem}
+def snapdragon_problem() -> str | None:
+    """None on an ARM64 host (a Snapdragon machine), else why the QNN bundle's gates cannot run here.
+
+    On x86-64 onnxruntime-qnn's HTP backend loads the context binaries in simulation, but the first prompt
+    fails in the composed model's GroupQueryAttention nodes, which run on the CPU EP beside them (onnxruntime
+    1.31.1 refuses StaticLLM's static cache), and onnxruntime-genai's heap is corrupted on the way out.
+    """
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return None
+    return (
+        f"this is a {platform.machine()} host: the HTP simulator loads the context binaries, but the composed "
+        "model's CPU-side GroupQueryAttention refuses its static KV cache under onnxruntime 1.31.1"
+    )
+
+
+_DEVICE_CHECKS = {"cuda": cuda_device_problem, "snapdragon": snapdragon_problem}
 
 
 def missing_eval_device(target: Target) -> str | None:
@@ -265,7 +282,25 @@ class QnnHtpModel:
         self.og = og
         self.version = onnxruntime_qnn.__version__
         self.eos = _eos_ids(folder)
-        self.model = og.Model(og.Config(str(folder)))
+        genai = _genai_config(folder)
+        self.vocab = int(genai["model"]["vocab_size"])
+        # The bundle leaves the backend to the device's default (QnnHtp.dll on Snapdragon Windows); on x86-64
+        # the plugin has none, so each QNN session is pointed at the wheel's HTP library, its simulator here.
+        # genai's config overlay does not reach pipeline components: a view of the folder (links to its files)
+        # gets the edited genai_config.json instead.
+        backend = str(Path(onnxruntime_qnn.__file__).parent / "libQnnHtp.so")
+        for stage in genai["model"]["decoder"].get("pipeline", []):
+            for component in stage.values():
+                for provider in component.get("session_options", {}).get("provider_options", []):
+                    if "qnn" in provider:
+                        provider["qnn"]["backend_path"] = backend
+        self._view = tempfile.TemporaryDirectory(prefix="phi-qnn-")
+        view = Path(self._view.name)
+        for f in folder.iterdir():
+            if f.name != "genai_config.json":
+                (view / f.name).symlink_to(f.resolve())
+        (view / "genai_config.json").write_text(json.dumps(genai))
+        self.model = og.Model(og.Config(str(view)))
 
     def _generator(self, max_length: int):
         params = self.og.GeneratorParams(self.model)
@@ -282,8 +317,14 @@ class QnnHtpModel:
         return new
 
     def logits(self, ids: Sequence[int]) -> np.ndarray | None:
-        # The static prefill graph returns the last position's logits only: no per-position logits to score.
-        return None
+        # The static graphs return the last fed position's logits only, so the sequence is fed one token at a
+        # time (the iterator graph): one simulated HTP call per position.
+        generator = self._generator(len(ids) + 1)
+        rows = []
+        for token in ids:
+            generator.append_tokens(np.asarray([token], dtype=np.int32))
+            rows.append(np.asarray(generator.get_output("logits"), dtype=np.float32).reshape(-1, self.vocab)[-1])
+        return np.stack(rows)
 
     def describe(self) -> RuntimeDescription:
         return RuntimeDescription(
@@ -357,13 +398,23 @@ class TargetSide:
         if adapter != self.merged:
             raise ValueError(f"this model is adapter {self.merged!r} merged into the base; it cannot run {adapter!r}")
 
+    def _failed(self, exc: Exception) -> PipelineError:
+        d = self.model.describe()
+        return PipelineError(f"evaluation of variant {self.merged!r} on {d.runtime} ({d.provider}, {d.device}) failed: {exc}")
+
     def generate(self, prompt: Sequence[int], adapter: str | None, max_new_tokens: int) -> list[int]:
         self._check(adapter)
-        return self.model.generate(list(prompt), max_new_tokens)
+        try:
+            return self.model.generate(list(prompt), max_new_tokens)
+        except RuntimeError as exc:  # the runtime's own error, e.g. a kernel refusing the graph's shapes
+            raise self._failed(exc) from None
 
     def logits(self, ids: Sequence[int], adapter: str | None) -> np.ndarray:
         self._check(adapter)
-        logits = self.model.logits(list(ids))
+        try:
+            logits = self.model.logits(list(ids))
+        except RuntimeError as exc:
+            raise self._failed(exc) from None
         if logits is None:
             raise PipelineError(f"{self.model.describe().runtime} gives no logits: perplexity cannot be measured")
         return logits
