@@ -221,10 +221,10 @@ def missing_installs(plan: Plan) -> list[str]:
             f"target {plan.target.name!r} needs onnxruntime-qnn, which is not installed: "
             f"make venv TARGET={plan.target.name} (adds the qnn extra to {plan.target.venv})"
         )
-    if "openvino" in plan.target.install_extras and importlib.util.find_spec("nncf") is None:
+    if "openvino" in plan.target.install_extras and importlib.util.find_spec("openvino") is None:
         problems.append(
-            f"target {plan.target.name!r} needs the openvino extra (nncf, which Olive imports to validate the "
-            f"OpenVINO conversion, and the OpenVINO runtime for evaluation): make venv TARGET={plan.target.name}"
+            f"target {plan.target.name!r} needs the openvino extra (the OpenVINO runtime its evaluation runs on): "
+            f"make venv TARGET={plan.target.name}"
         )
     pass_venv = plan.target.pass_venv
     if pass_venv and not (Path(pass_venv) / "bin" / "python").exists():

@@ -63,6 +63,18 @@ class RuntimeDescription:
         return asdict(self)
 
 
+def genai_description(execution_provider: str, cpu_fallback: bool) -> RuntimeDescription:
+    """What ran an onnxruntime-genai bundle (generate.BundleModel): its provider, or the CPU one in its place."""
+    import onnxruntime_genai as og
+
+    return RuntimeDescription(
+        runtime=f"onnxruntime-genai {og.__version__}",
+        provider="CPUExecutionProvider" if cpu_fallback else execution_provider,
+        device="cpu" if cpu_fallback or execution_provider == "CPUExecutionProvider" else "gpu",
+        cpu_fallback=cpu_fallback,
+    )
+
+
 class TargetModel(Protocol):
     """One bundle variant loaded on a target runtime: what the evaluation needs from it."""
 

@@ -107,3 +107,13 @@ def test_cuda_gates_are_recorded_as_skipped_when_no_gpu_and_no_gate(cuda_plan, t
     assert manifest["gates"]["skipped"].endswith("its gates need a cuda device")
     assert "not evaluated (--no-gate)" in out.getvalue()
     assert bundle.verify(staged) == []
+
+
+def test_genai_description_names_the_cpu_provider_when_it_stood_in():
+    from phi_pipeline.target_runtime import genai_description
+
+    fallback = genai_description("WebGpuExecutionProvider", cpu_fallback=True)
+    assert fallback.cpu_fallback is True and fallback.provider == "CPUExecutionProvider" and fallback.device == "cpu"
+    own = genai_description("CUDAExecutionProvider", cpu_fallback=False).to_json()
+    assert own["provider"] == "CUDAExecutionProvider" and own["device"] == "gpu" and own["simulated"] is False
+    assert own["runtime"].startswith("onnxruntime-genai 0.18")
