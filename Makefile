@@ -40,11 +40,15 @@ venv: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 ifneq ($(PASS_VENV),)
 # Only the dependency group, not phi-pipeline: Olive runs passes there by subprocess.
+# optimum-intel pulls in torchvision, whose PyPI Linux wheel is built for CUDA torch: beside the CPU torch
+# its ops fail to load and transformers then refuses to import. Nothing the export passes run uses it.
+PASS_UNINSTALL := torchvision
 $(PASS_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(PASS_VENV)
 	$(PASS_VENV)/bin/python -m pip install -q --upgrade pip
 	$(PASS_VENV)/bin/python -m pip install -q "$(TORCH_PIN)"
 	$(PASS_VENV)/bin/python -m pip install -q --group $(PASS_GROUP)
+	$(PASS_VENV)/bin/python -m pip uninstall -q -y $(PASS_UNINSTALL)
 	touch $@
 
 venv: $(PASS_VENV)/.installed

@@ -23,11 +23,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for target in args.target
     ]
     if args.package:
-        from phi_pipeline.package import build_package
+        from phi_pipeline.package import build_package, packable
 
         from phi_pipeline.spec import load_spec
 
-        print(build_package(bundles, Path(load_spec(args.spec).work_dir) / "logs"))
+        packed, merged = packable(bundles)
+        for b in merged:
+            print(f"not in the package: {b} (merged layout: one model per adapter; published on its own)", file=sys.stderr)
+        if packed:
+            print(build_package(packed, Path(load_spec(args.spec).work_dir) / "logs"))
     return 0
 
 

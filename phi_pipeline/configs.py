@@ -63,7 +63,10 @@ def readme(plan: Plan, names: list[str]) -> str:
         "",
     ]
     for name in names:
-        lines.append(f"    {target.venv}/bin/python -m phi_pipeline.olive_compat run --config {folder}/{name}")
+        if target.export_python and name.startswith("export"):
+            lines.append(f"    {target.export_python} -m olive run --config {folder}/{name}")
+        else:
+            lines.append(f"    {target.venv}/bin/python -m phi_pipeline.olive_compat run --config {folder}/{name}")
     lines += [
         "",
         f"The fine-tunes train on {' and '.join(devices)} and do not depend on the target: every target of this",
@@ -95,8 +98,8 @@ def readme(plan: Plan, names: list[str]) -> str:
     if target.pass_venv:
         lines += [
             "",
-            f"The {target.export_route} passes run in `{target.pass_venv}` (pyproject dependency group "
-            f"`{target.pass_environment}`; `make venv TARGET={target.name}` builds it).",
+            f"The export workflows run whole in `{target.pass_venv}` (pyproject dependency group "
+            f"`{target.pass_environment}`; `make venv TARGET={target.name}` builds it), with Olive's own CLI.",
         ]
     return "\n".join([*lines, ""])
 

@@ -8,8 +8,6 @@ from pathlib import Path
 from phi_pipeline.errors import UsageError
 from phi_pipeline.runtime import BundleModel, PromptFormatError
 
-__all__ = ["BundleModel", "generate_cli"]  # evaluate.py still imports BundleModel from here
-
 
 def generate_cli(
     bundle: str, prompt: str, *, adapter: str | None, max_new_tokens: int, raw: bool, threads: int | None = None

@@ -20,6 +20,13 @@ from phi_pipeline.runner import run_olive_command
 PACKAGE_SUFFIX = ".ortpackage"  # Olive appends it to the output name
 
 
+def packable(bundles: list[Path]) -> tuple[list[Path], list[Path]]:
+    """The bundles an ORT model package can hold (one GenAI model folder each), and the merged ones it cannot:
+    a merged bundle is one model per adapter (variants/<adapter>/), not one variant of the package."""
+    merged = [b for b in bundles if json.loads((b / MANIFEST).read_text()).get("layout") == "merged"]
+    return [b for b in bundles if b not in merged], merged
+
+
 def build_package(bundles: list[Path], log_dir: Path) -> Path:
     """Package published bundles (dist/<pipeline>/<target>) into dist/<pipeline>/<pipeline>.ortpackage."""
     pipeline_dir = bundles[0].parent

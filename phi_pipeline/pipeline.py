@@ -117,6 +117,7 @@ def _run_workflow(
     echo: bool,
     seed: int | None = None,
     env: dict[str, str] | None = None,
+    python: str | None = None,
 ) -> None:
     """Run one of the plan's Olive workflows; a local base keeps Olive offline and inside work_dir."""
     local = plan.base_is_local
@@ -129,6 +130,7 @@ def _run_workflow(
         hf_cache=plan.paths.hf_cache_dir if local else None,
         seed=seed,
         env=env,
+        python=python,
     )
 
 
@@ -392,7 +394,7 @@ def export_merged(
                 shutil.copytree(t.folder / "adapter", adapter_dir)
                 out = plan.paths.merged_export_dir(name)
                 shutil.rmtree(out, ignore_errors=True)
-                _run_workflow(plan, export_file(name), [out / "genai_config.json"], echo)
+                _run_workflow(plan, export_file(name), [out / "genai_config.json"], echo, python=plan.target.export_python)
                 entry = cache.put("exports", key, out, {"pipeline": plan.spec.name, "adapter": name})
             else:
                 stages.mark_cached(stage)
@@ -403,7 +405,15 @@ def export_merged(
 def _evaluate_and_gate(plan: Plan, staged: Path, trained: list[TrainedAdapter], stages: Stages, no_gate: bool) -> None:
     """Evaluate the staged bundle and record the figures; a failed gate raises unless `no_gate`."""
     from phi_pipeline.evaluate import evaluate_staged, manifest_summary
+    from phi_pipeline.target_runtime import keep_unevaluated, missing_eval_device, skipped_gates
 
+    missing = missing_eval_device(plan.target)
+    if missing:  # e.g. a CUDA bundle built on a host without a GPU: its runtime cannot even load it here
+        if not no_gate:
+            raise keep_unevaluated(plan, staged, missing, plan.source)
+        stages.say(f"not evaluated (--no-gate): {missing}")
+        bundle.finalize_manifest(staged, {"gates": skipped_gates(plan.target, missing), "stage_seconds": dict(stages.seconds)})
+        return
     with stages.stage("evaluate", "evaluating the base model and each adapter (ONNX bundle vs PyTorch+PEFT)"):
         results = evaluate_staged(plan, staged, trained, enforced=not no_gate)
     failures = results["gates"]["failures"]

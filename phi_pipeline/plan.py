@@ -55,6 +55,8 @@ class Plan:
     """The model's context window (max_position_embeddings), when a local config.json tells it."""
     adapters: tuple[AdapterPlan, ...]
     paths: PipelinePaths
+    head_size: int | None = None
+    """Attention head size (head_dim, or hidden_size / num_attention_heads), when a local config.json tells it."""
 
     @property
     def base_model(self) -> str:
@@ -80,6 +82,14 @@ def is_local_path(name_or_path: str) -> bool:
     """A base model reference that names a folder rather than a hub id (org/name)."""
     p = Path(name_or_path)
     return p.exists() or p.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1
+
+
+def _head_size(hf_config: dict) -> int | None:
+    if hf_config.get("head_dim"):
+        return int(hf_config["head_dim"])
+    if hf_config.get("hidden_size") and hf_config.get("num_attention_heads"):
+        return int(hf_config["hidden_size"]) // int(hf_config["num_attention_heads"])
+    return None
 
 
 def read_hf_config(folder: Path) -> dict:
@@ -162,6 +172,7 @@ def make_plan(spec: PipelineSpec, target_name: str, *, source: str = "<spec>", p
         model_type=model_type,
         num_layers=num_layers,
         max_positions=hf_config.get("max_position_embeddings"),
+        head_size=_head_size(hf_config),
         adapters=tuple(adapters),
         paths=paths,
     )
@@ -260,7 +271,12 @@ def missing_installs(plan: Plan) -> list[str]:
     if "qnn" in plan.target.install_extras and importlib.util.find_spec("onnxruntime_qnn") is None:
         problems.append(
             f"target {plan.target.name!r} needs onnxruntime-qnn, which is not installed: "
-            f"make venv TARGET={plan.target.name} (builds {plan.target.venv} with the cpu and qnn extras)"
+            f"make venv TARGET={plan.target.name} (adds the qnn extra to {plan.target.venv})"
+        )
+    if "openvino" in plan.target.install_extras and importlib.util.find_spec("openvino") is None:
+        problems.append(
+            f"target {plan.target.name!r} needs the openvino extra (the OpenVINO runtime its evaluation runs on): "
+            f"make venv TARGET={plan.target.name}"
         )
     pass_venv = plan.target.pass_venv
     if pass_venv and not (Path(pass_venv) / "bin" / "python").exists():

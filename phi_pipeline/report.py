@@ -196,6 +196,15 @@ def render_markdown(
             "",
         ]
         out += _other_metrics(r) + _confusion(r)
+        rt = r.get("runtime")
+        if rt:
+            out += [
+                f"Bundle figures from {rt['runtime']}, {rt['provider']} on {rt['device']}"
+                + (" (**CPU fallback**: the target's own execution provider did not run here)" if rt["cpu_fallback"] else "")
+                + (" (the accelerator simulated on this host)" if rt.get("simulated") else "")
+                + ".",
+                "",
+            ]
         gate_rows = _gate_rows(results, name)
         if gate_rows:
             out += [_md_table(["gate", "bound", "value", "result", "detail"], gate_rows), ""]

@@ -56,9 +56,11 @@ def run_olive(
     hf_cache: Path | None = None,
     seed: int | None = None,
     env: dict[str, str] | None = None,
+    python: str | None = None,
 ) -> float:
     """Run one workflow; return its wall time in seconds. `seed` seeds Olive's process (olive_compat);
-    `env` adds variables to its environment."""
+    `env` adds variables to its environment; `python`: another environment's interpreter (a target's pass
+    environment) to run Olive with."""
     return run_olive_command(
         ["run", "--config", str(config_path)],
         log_path,
@@ -68,6 +70,7 @@ def run_olive(
         hf_cache=hf_cache,
         seed=seed,
         env=env,
+        python=python,
     )
 
 
@@ -81,10 +84,16 @@ def run_olive_command(
     hf_cache: Path | None = None,
     seed: int | None = None,
     env: dict[str, str] | None = None,
+    python: str | None = None,
 ) -> float:
-    """Any `olive` command, through the compatibility wrapper; return its wall time in seconds."""
+    """Any `olive` command, through the compatibility wrapper; return its wall time in seconds.
+
+    With `python` (another environment, which has Olive but not phi-pipeline) Olive's own CLI runs
+    there: the wrapper's shim is for onnxruntime-genai's Model Builder, which such workflows do not run."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "phi_pipeline.olive_compat", *olive_args]
+    if python is not None and not Path(python).exists():
+        raise PipelineError(f"{python} not found: this target's export runs in that environment (make venv TARGET=...)")
+    cmd = [python, "-m", "olive", *olive_args] if python else [sys.executable, "-m", "phi_pipeline.olive_compat", *olive_args]
     what = " ".join(olive_args)
     tail: collections.deque[str] = collections.deque(maxlen=25)
     start = time.perf_counter()

@@ -15,6 +15,12 @@ Precision = Literal["int4", "int8", "fp16", "bf16", "fp32"]
 Layout = Literal["multi-adapter", "merged"]
 ExportRoute = Literal["model_builder", "qnn", "openvino"]
 TrainingDevice = Literal["cpu", "cuda"]
+# What runs a bundle for its evaluation gates (phi_pipeline/target_runtime.py): onnxruntime-genai with the
+# target's provider (or the CPU provider where it is absent), OpenVINO on its CPU device, or onnxruntime-qnn's
+# HTP backend simulated on an x86-64 host.
+# Extras that install a build of onnxruntime(-genai) other than the CPU one: the same Python modules.
+OTHER_ORT_BUILDS = {"cuda"}
+EvalRuntime = Literal["onnxruntime-genai", "openvino", "qnn-htp-simulator"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +44,13 @@ class Target:
     training_device: TrainingDevice
     """Where adapters train when the spec says `training.device: auto` and this target is built."""
     pass_environment: str | None = None
-    """pyproject dependency group of a separate virtual environment (`.venv-<group>`) that Olive runs this
-    target's export passes in, when they cannot share the main environment's pins."""
+    """pyproject dependency group of a separate virtual environment (`.venv-<group>`) that this target's
+    export workflows run in, whole (Olive's engine included), when they cannot share the main environment's pins."""
+    eval_runtime: EvalRuntime = "onnxruntime-genai"
+    """What runs the bundle for the evaluation gates on a build machine."""
+    eval_device_required: Literal["cuda", "snapdragon"] | None = None
+    """A device without which the eval runtime cannot load the bundle: the run then keeps the staged bundle
+    and stops with the command to evaluate it there (or publishes ungated with --no-gate)."""
     model_builder_options: dict[str, object] = field(default_factory=dict)
     """Extra Model Builder options always used for this target."""
     decoder_session_options: dict[str, object] = field(default_factory=dict)
@@ -56,13 +67,19 @@ class Target:
 
     @property
     def venv(self) -> str:
-        """The virtual environment that builds this target: one per distinct set of extras, because
-        the CPU and CUDA builds of onnxruntime(-genai) install the same Python modules."""
-        return ".venv" if self.install_extras == ("cpu",) else f".venv-{self.name}"
+        """The virtual environment that builds this target: `.venv` for every target whose extras add to
+        the CPU build (plugin execution providers, OpenVINO), so they share one venv and one training;
+        `.venv-<name>` where an extra installs another build of the same modules (onnxruntime-gpu)."""
+        return f".venv-{self.name}" if set(self.install_extras) & OTHER_ORT_BUILDS else ".venv"
 
     @property
     def pass_venv(self) -> str | None:
         return f".venv-{self.pass_environment}" if self.pass_environment else None
+
+    @property
+    def export_python(self) -> str | None:
+        """The interpreter the export workflows run with, when not this process's."""
+        return f"{self.pass_venv}/bin/python" if self.pass_venv else None
 
 
 TARGETS: dict[str, Target] = {
@@ -93,6 +110,8 @@ TARGETS: dict[str, Target] = {
             install_extras=("cuda", "qlora"),
             multi_lora=True,
             training_device="cuda",
+            # The CUDA build of onnxruntime-genai cannot load a model without the CUDA libraries and a GPU.
+            eval_device_required="cuda",
         ),
         Target(
             name="webgpu",
@@ -131,6 +150,10 @@ TARGETS: dict[str, Target] = {
             # Static graphs compiled to context binaries: an adapter cannot be swapped in at run time.
             multi_lora=False,
             training_device="cpu",
+            eval_runtime="qnn-htp-simulator",
+            # The HTP simulator loads the context binaries on x86-64, but the composed model's CPU-side
+            # GroupQueryAttention fails there (README "What was executed on this machine").
+            eval_device_required="snapdragon",
             note="onnxruntime-qnn is a plugin execution provider: register its library "
             "(onnxruntime_qnn.get_library_path()) before loading the model.",
         ),
@@ -142,9 +165,11 @@ TARGETS: dict[str, Target] = {
             # NNCF weight compression to symmetric int4 (the recipe's) or int8, both NPU formats.
             precisions=("int4", "int8"),
             runtime_packages=("onnxruntime-genai", "onnxruntime-ep-openvino"),
-            install_extras=("cpu",),
+            # openvino: the OpenVINO runtime that evaluates the bundle.
+            install_extras=("cpu", "openvino"),
             multi_lora=False,
             training_device="cpu",
+            eval_runtime="openvino",
             # optimum-intel caps transformers below the main environment's pin.
             pass_environment="openvino",
             note="onnxruntime-ep-openvino is a plugin execution provider (on Windows, onnxruntime-genai-winml "

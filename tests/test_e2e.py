@@ -133,8 +133,8 @@ def test_cpu_model_card_says_how_to_choose_the_threads(tiny_bundle):
 # Threads of a process holding the bundle loaded as `generate --threads N` loads it (N = 0: not given).
 THREADS_WHILE_LOADED = r"""
 import os, sys
-from phi_pipeline.generate import BundleModel
-model = BundleModel(sys.argv[1], intra_op_threads=int(sys.argv[2]) or None)
+from phi_pipeline.runtime import BundleModel
+model = BundleModel(sys.argv[1], threads=int(sys.argv[2]) or None)
 model.generate(model.user_prompt("hello", None), None, 2)
 print(len(os.listdir("/proc/self/task")))
 """

@@ -10,7 +10,7 @@ import yaml
 
 from phi_pipeline.bundle import verify
 from phi_pipeline.cli import main
-from phi_pipeline.generate import BundleModel
+from phi_pipeline.runtime import BundleModel
 
 pytestmark = pytest.mark.slow
 

@@ -164,14 +164,15 @@ def test_npu_chains_calibrate_on_the_adapters_own_train_split(project):
     assert calibration["pre_process_data_config"]["text_template"] == "Q: {q}\nA: {a}"
     assert qnn["passes"]["gptq"]["data_config"] == qnn["passes"]["static_quant"]["data_config"] == calibration["name"]
     # the context-binary pass runs in the qnn venv, where Olive registers the plugin EP
-    assert qnn["systems"][qnn["target"]]["python_environment_path"] == ".venv-qnn/bin"
+    assert qnn["systems"][qnn["target"]]["python_environment_path"] == ".venv/bin"  # a plugin on the CPU build
 
 
-def test_openvino_passes_run_in_their_own_environment_without_hub_data(project):
+def test_openvino_export_runs_whole_in_its_own_environment_without_hub_data(project):
     ov = workflow_configs(plan("openvino"))[export_file("chat")]
-    env = {name for name, p in ov["passes"].items() if p.get("host")}
-    assert env == {"convert", "io_update", "encapsulation"}
-    assert ov["systems"]["openvino_env"]["python_environment_path"] == ".venv-openvino/bin"
+    # no per-pass PythonEnvironment host: the whole workflow runs under .venv-openvino's Olive
+    assert not any(p.get("host") for p in ov["passes"].values()) and set(ov["systems"]) == {"local_system"}
+    assert TARGETS["openvino"].export_python == ".venv-openvino/bin/python"
+    assert TARGETS["cpu"].export_python is None
     assert "dataset" not in ov["passes"]["convert"]["ov_quant_config"]
 
 

@@ -1,6 +1,4 @@
-"""The bundle's side: greedy generation and teacher-forced logits with onnxruntime-genai (no torch).
-
-Self-contained on purpose: it will move onto phi_pipeline/runtime.py with the serving code."""
+"""The bundle's side: greedy generation and teacher-forced logits through phi_pipeline/runtime.py (no torch)."""
 
 from __future__ import annotations
 
@@ -8,8 +6,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from phi_pipeline.target_runtime import RuntimeDescription, genai_description
+
 if TYPE_CHECKING:
-    from phi_pipeline.generate import BundleModel
+    from phi_pipeline.runtime import BundleModel
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -27,37 +27,20 @@ def token_nll(logits: np.ndarray, targets: Sequence[int]) -> float:
 
 
 class OnnxSide:
-    """Greedy generation and teacher-forced logits with onnxruntime-genai (no torch)."""
+    """The evaluation's model interface (as target_runtime.TargetSide offers it for NPU runtimes) over a
+    bundle loaded by the runtime: one model, its adapters switched per generator."""
 
     def __init__(self, model: "BundleModel"):
         self.bm = model
-        self.og = model.og
-        self.eos = {int(t) for t in model.tokenizer.eos_token_ids}
-        # a merged bundle's model has one adapter built into its weights (and no base model to run)
-        self.merged = getattr(model, "merged_variant", None)
-
-    def _generator(self, adapter: str | None, max_length: int):
-        if adapter != self.merged and self.merged is not None:
-            raise ValueError(f"this model is adapter {self.merged!r} merged into the base; it cannot run {adapter!r}")
-        params = self.og.GeneratorParams(self.bm.model)
-        params.set_search_options(do_sample=False, max_length=max_length)
-        generator = self.og.Generator(self.bm.model, params)
-        if adapter is not None and self.merged is None:
-            generator.set_active_adapter(self.bm.adapters, adapter)
-        return generator
+        self.eos = set(model.eos_token_ids)
 
     def generate(self, prompt: Sequence[int], adapter: str | None, max_new_tokens: int) -> list[int]:
         """New token ids, the end-of-sequence token included when one was produced."""
-        generator = self._generator(adapter, len(prompt) + max_new_tokens)
-        generator.append_tokens(np.asarray(prompt, dtype=np.int32))
-        new: list[int] = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            new.append(int(generator.get_next_tokens()[0]))
-        return new
+        return self.bm.generate_ids(prompt, adapter, max_new_tokens)
 
     def logits(self, ids: Sequence[int], adapter: str | None) -> np.ndarray:
         """(len(ids), vocab) logits of one teacher-forced pass over `ids`."""
-        generator = self._generator(adapter, len(ids) + 1)
-        generator.append_tokens(np.asarray(ids, dtype=np.int32))
-        return np.asarray(generator.get_output("logits"))[0].astype(np.float32)
+        return self.bm.logits(ids, adapter)
+
+    def describe(self) -> RuntimeDescription:
+        return genai_description(self.bm.manifest.get("execution_provider", "CPUExecutionProvider"), self.bm.cpu_fallback)

@@ -81,7 +81,8 @@ def evaluate_bundle(
     `require_pytorch`). A merged bundle (one model per adapter, no base model shipped) is evaluated
     model by model; its base figures come from PyTorch only.
     """
-    from phi_pipeline.generate import BundleModel
+    from phi_pipeline.runtime import BundleModel
+    from phi_pipeline.target_runtime import eval_side
 
     start = time.perf_counter()
     manifest = json.loads((Path(bundle) / MANIFEST).read_text())
@@ -112,8 +113,11 @@ def evaluate_bundle(
     bar = _progress(sum(len(ex) for _, ex in prepared) * len(VARIANTS), progress)
     try:
         for task, examples in prepared:
-            onnx = shared or OnnxSide(BundleModel(Path(bundle), variant=task.adapter))
+            # NPU bundles run on their own runtime (phi_pipeline/target_runtime.py), the others on onnxruntime-genai
+            onnx = shared or eval_side(Path(bundle), task.adapter) or OnnxSide(BundleModel(Path(bundle), variant=task.adapter))
             results["adapters"][task.adapter] = _evaluate_task(task, examples, onnx, torch_side, bar, batch_size)
+            # which runtime and provider produced the bundle's figures: a CPU fallback is never the target's own
+            results["adapters"][task.adapter]["runtime"] = onnx.describe().to_json()
     finally:
         bar.close()
     results["seconds"] = round(time.perf_counter() - start, 2)

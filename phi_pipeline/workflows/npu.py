@@ -3,7 +3,8 @@
 NPUs run static graphs, so every NPU bundle is in the merged layout: workflows/merged.py puts
 Olive's MergeAdapterWeights first and appends one of the chains below. Each returns the parts of a
 workflow it sets: systems, data_configs, passes, host, target. These configs are generated and
-validated anywhere; running them needs the environments below (not this repository's CI).
+validated anywhere and run on an x86-64 Linux host with the environments below (README "Targets" says what
+was executed).
 
 qnn (Qualcomm Snapdragon NPU, QNNExecutionProvider)
     Follows olive-recipes `microsoft-Phi-3-mini-4k-instruct/QNN/config.json` (the same chain as its
@@ -17,10 +18,12 @@ qnn (Qualcomm Snapdragon NPU, QNNExecutionProvider)
       of gptqmodel), and calibration runs on the CPU execution provider (the recipe uses CUDA);
     - onnxruntime-qnn >= 2.x is a plugin execution provider next to the CPU onnxruntime, so one
       environment does everything: the QNN system is a PythonEnvironment on that same virtual environment
-      (`make venv TARGET=qnn` builds `.venv-qnn` with the cpu and qnn extras), which is how Olive registers
-      the plugin before compiling context binaries.
-    Needs: `.venv-qnn`; the context-binary step needs a host where onnxruntime-qnn's HTP backend can compile
-    (a Snapdragon X machine, or an x86-64 host with the QNN HTP libraries); the GPTQ and calibration steps
+      (`make venv TARGET=qnn` adds the qnn extra to `.venv`), which is how Olive registers the plugin
+      before compiling context binaries;
+    - Model Builder keeps Q, K and V as separate MatMuls (`fuse_qkv: false`): its packed path for Phi-3's
+      fused qkv_proj needs GPTQ zero points, which symmetric GPTQ does not write.
+    Needs: the qnn extra; the context-binary step needs onnxruntime-qnn's HTP backend, which its manylinux
+    x86_64 wheel ships (libQnnHtp.so, libHtpPrepare.so), so it runs here too; the GPTQ and calibration steps
     want a large machine for a 3.8B model.
 
 openvino (Intel NPU, OpenVINOExecutionProvider)
@@ -31,8 +34,10 @@ openvino (Intel NPU, OpenVINOExecutionProvider)
     recipe's own settings minus the wikitext-2 dataset, which they do not use at ratio 1 without AWQ), because
     the pass takes only optimum-intel's named hub datasets, not a data config.
     Needs: `.venv-openvino`, built by `make venv TARGET=openvino` from pyproject's `openvino` dependency
-    group; optimum-intel caps transformers below the main environment's pin, so Olive runs these three
-    passes in that environment (a PythonEnvironment host per pass) after merging in the main one.
+    group; optimum-intel caps transformers below the main environment's pin, so the whole workflow (merge
+    included) runs under that environment's Python (Target.export_python). Not a PythonEnvironment host per
+    pass: Olive 0.13 validates OpenVINOOptimumConversion by importing nncf in the engine's process, and its
+    pass runner rebuilds the accelerator with a plain string that the pass's default config cannot read.
 """
 
 from __future__ import annotations
@@ -48,8 +53,7 @@ CALIBRATION_DATA = "calibration_data"
 # The recipe's sample count for GPTQ; a train split smaller than this is used whole.
 CALIBRATION_SAMPLES = 128
 
-# Snapdragon X Elite (the recipes' soc_model "60"), HTP in burst mode, weights shared across the
-# context and iterator graphs.
+# Snapdragon X Elite (the recipes' soc_model "60"), HTP in burst mode.
 QNN_PROVIDER_OPTIONS = {
     "htp_performance_mode": "burst",
     "htp_graph_finalization_optimization_mode": "3",
@@ -70,6 +74,30 @@ OPENVINO_WEIGHTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _qnn_builder_pass(plan: Plan) -> dict[str, Any]:
+    builder = {**model_builder_pass(plan), "int4_op_types_to_quantize": ["MatMul", "Gather"]}
+    # Symmetric GPTQ leaves no zero points, and Model Builder's packed Q/K/V path (for Phi-3's fused
+    # qkv_proj) concatenates them (TypeError in make_packed_matmul_int4): keep Q, K and V separate MatMuls.
+    builder["extra_options"] = {**builder.get("extra_options", {}), "fuse_qkv": False}
+    return builder
+
+
+def _kv_cache_dim_pass(plan: Plan) -> dict[str, Any]:
+    """Model Builder 0.18 writes the KV cache's last dimension as the symbolic `kv_cache_dim` (one export for
+    plain and quantized caches); Olive 0.13's calibration reader sizes its empty cache from that dimension
+    and fails on a name, so it is fixed to the head size. Unknown without a local config.json: then absent."""
+    if plan.head_size is None:
+        return {}
+    return {
+        "kv_dim": {
+            "type": "DynamicToFixedShape",
+            "dim_param": ["kv_cache_dim"],
+            "dim_value": [plan.head_size],
+            "save_as_external_data": True,
+        }
+    }
+
+
 def qnn_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
     passes: dict[str, Any] = {
         "rotate": {"type": "QuaRot"},
@@ -84,7 +112,7 @@ def qnn_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
         },
         "split_info": {"type": "CaptureSplitInfo", "num_splits": 4, "unique_embeds_lm_head_splits": True},
         # Model Builder keeps GPTQ's int4 weights and quantizes the embedding table (Gather) to int4 too.
-        "builder": {**model_builder_pass(plan), "int4_op_types_to_quantize": ["MatMul", "Gather"]},
+        "builder": _qnn_builder_pass(plan),
         "to_qdq": {
             "type": "MatMulNBitsToQDQ",
             "use_signed_int": True,
@@ -93,6 +121,7 @@ def qnn_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
             "nodes_to_exclude": ["/lm_head/MatMul_Q4"],
             "save_as_external_data": True,
         },
+        **_kv_cache_dim_pass(plan),
         "surgeries": {
             "type": "GraphSurgeries",
             "surgeries": [
@@ -117,7 +146,11 @@ def qnn_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
         "context_binary": {
             "type": "EPContextBinaryGenerator",
             "provider_options": dict(QNN_PROVIDER_OPTIONS),
-            "weight_sharing": True,
+            # Not shared between a split's context and iterator graphs (the recipe shares them): with the
+            # onnxruntime-qnn 2.7 plugin the shared binary is written under the iterator's name while the
+            # context graph still points at its own, so ComposeOnnxModels finds no file. Costs a second copy
+            # of each split's weights on the device.
+            "weight_sharing": False,
         },
         "compose": {"type": "ComposeOnnxModels"},
     }
@@ -139,8 +172,6 @@ def qnn_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
 
 
 def openvino_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
-    env = "openvino_env"
-    assert plan.target.pass_venv is not None, "the openvino target names its pass environment"
     budget = OPENVINO_MAX_PROMPT_LEN + OPENVINO_MIN_RESPONSE_LEN
     context_length = min(budget, plan.max_positions) if plan.max_positions else budget
     prompt_len = context_length * OPENVINO_MAX_PROMPT_LEN // budget
@@ -151,15 +182,13 @@ def openvino_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
     passes: dict[str, Any] = {
         "convert": {
             "type": "OpenVINOOptimumConversion",
-            "host": env,
             # The merged model is a local folder: optimum cannot look its task up on the hub.
             "extra_args": {"device": "npu", "task": "text-generation-with-past"},
             "ov_quant_config": quant,
         },
-        "io_update": {"type": "OpenVINOIoUpdate", "host": env, "static": False, "reuse_cache": True},
+        "io_update": {"type": "OpenVINOIoUpdate", "static": False, "reuse_cache": True},
         "encapsulation": {
             "type": "OpenVINOEncapsulation",
-            "host": env,
             "target_device": "npu",
             "keep_ov_dynamic_dims": True,
             "reuse_cache": True,
@@ -185,10 +214,7 @@ def openvino_route(plan: Plan, adapter: AdapterPlan) -> dict[str, Any]:
         },
     }
     return {
-        "systems": {
-            "local_system": target_system(plan.target),
-            env: python_environment(plan.target.pass_venv, plan.target),
-        },
+        "systems": {"local_system": target_system(plan.target)},
         "passes": passes,
         "host": "local_system",
         "target": "local_system",
