@@ -301,14 +301,23 @@ def sign(folder: Path, private_key: Path) -> Path:
 def verify(folder: Path, public_key: Path | None = None) -> list[str]:
     """Every way the bundle differs from its manifest, or an adapter misfits the graph, or (with
     `public_key`) the bundle fails its signature; [] if none."""
+    problems = _manifest_problems(folder)
+    if public_key is not None:
+        from phi_pipeline.signing import verify_folder
+
+        problems += [p for p in verify_folder(folder, folder / SIGNATURE, public_key) if p not in problems]
+    return problems
+
+
+def _manifest_problems(folder: Path) -> list[str]:
     from phi_pipeline.adapters import check_adapter_fits
 
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
-        return [f"{folder / MANIFEST}: missing; not a phi-pipeline bundle"]
+        return [f"{MANIFEST}: missing; not a phi-pipeline bundle"]
     except ValueError as exc:
-        return [f"{folder / MANIFEST}: not valid JSON ({exc})"]
+        return [f"{MANIFEST}: not valid JSON ({exc})"]
     problems = []
     listed: dict[str, str] = manifest.get("files", {})
     present = {p.relative_to(folder).as_posix() for p in tree_files(folder)} - {MANIFEST, SIGNATURE}
@@ -325,8 +334,4 @@ def verify(folder: Path, public_key: Path | None = None) -> list[str]:
             path = folder / a.get("file", "")
             if "file" in a and path.exists():
                 problems += [f"{a['file']}: {p}" for p in check_adapter_fits(model, path)]
-    if public_key is not None:
-        from phi_pipeline.signing import verify_folder
-
-        problems += [p for p in verify_folder(folder, folder / SIGNATURE, public_key) if p not in problems]
     return problems
