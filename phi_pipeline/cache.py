@@ -220,12 +220,19 @@ class Cache:
         self.used.add(f"{kind}/{key}")
         return entry
 
+    def _kinds(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name != ROOTS)
+
     def entries(self) -> list[Entry]:
-        """Every complete entry, by kind and key."""
-        out = []
-        for kind in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name != ROOTS) if self.root.is_dir() else []:
-            out += [Entry(kind.name, e.name, e) for e in sorted(kind.iterdir()) if e.is_dir() and not e.name.startswith(".")]
-        return out
+        """Every complete entry, by kind and key (dot-names are temporary or being discarded)."""
+        return [
+            Entry(kind.name, e.name, e)
+            for kind in self._kinds()
+            for e in sorted(kind.iterdir())
+            if e.is_dir() and not e.name.startswith(".")
+        ]
 
     def record_use(self, pipeline: str, target: str, published: bool) -> None:
         """Remember the entries this run used (and, once published, those the bundle was built from)."""
@@ -250,8 +257,7 @@ class Cache:
         bundle), damaged entries and leftovers of killed runs. Returns (name, bytes) of what went."""
         keep: set[str] = set()
         removed = []
-        roots_dir = self.root / ROOTS
-        for path in sorted(roots_dir.glob("*.json")) if roots_dir.is_dir() else []:
+        for path in sorted((self.root / ROOTS).glob("*.json")):
             try:
                 roots = json.loads(path.read_text())
             except (OSError, ValueError):
@@ -265,7 +271,7 @@ class Cache:
                 size = tree_size(e.path)
                 self.discard(e.kind, e.key)
                 removed.append((e.name, size))
-        for kind in (p for p in self.root.iterdir() if p.is_dir() and p.name != ROOTS) if self.root.is_dir() else []:
+        for kind in self._kinds():
             for leftover in kind.glob(".*"):
                 if leftover.is_dir() and _left_by_dead_run(leftover.name):
                     size = tree_size(leftover)
