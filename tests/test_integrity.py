@@ -367,3 +367,15 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
                 pass
     assert len(said) == 1 and said[0].startswith("took over the lock of the test run left by a run that is no longer running")
     assert f"(pid {holder.pid}, started " in said[0]
+
+
+def test_prune_refuses_while_a_run_holds_its_lock(tmp_path, capsys):
+    cache, _ = make_entry(tmp_path)
+    holder = hold_lock(tmp_path / "locks/check.cpu.lock", 30)  # <work_dir>/locks beside <work_dir>/cache
+    try:
+        assert main(["cache", "prune", "--cache-dir", str(cache.root), "--spec", str(Path(__file__).parents[1] / "pipelines/tiny-phi3.yaml")]) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"check.cpu is already running (pid {holder.pid}" in capsys.readouterr().err
+    assert [e.name for e in cache.entries()] == ["adapters/k1"]
