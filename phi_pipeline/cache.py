@@ -328,5 +328,6 @@ def prune_cli(root: Path, specs: list[Path]) -> int:
         removed = Cache(root).prune(pipelines)
     for name, size in removed:
         print(f"removed {name} ({human(size)})")
-    print(f"{root}: removed {len(removed)} entries, {human(sum(s for _, s in removed))}; kept what {', '.join(sorted(pipelines)) or 'no pipeline'} use")
+    freed = human(sum(size for _, size in removed))
+    print(f"{root}: removed {len(removed)} entries, {freed}; kept what {', '.join(sorted(pipelines)) or 'no pipeline'} use")
     return 0

@@ -231,7 +231,11 @@ def keys(tmp_path) -> dict[str, Path]:
 
 
 def write_manifest(bundle: Path) -> None:
-    files = {p.relative_to(bundle).as_posix(): file_sha256(p) for p in sorted(bundle.rglob("*")) if p.is_file() and p.name not in ("manifest.json", "model.sig")}
+    files = {
+        p.relative_to(bundle).as_posix(): file_sha256(p)
+        for p in sorted(bundle.rglob("*"))
+        if p.is_file() and p.name not in ("manifest.json", "model.sig")
+    }
     (bundle / "manifest.json").write_text(json.dumps({"format": "phi-pipeline-bundle/1", "files": files}, indent=2))
 
 
@@ -373,7 +377,8 @@ def test_prune_refuses_while_a_run_holds_its_lock(tmp_path, capsys):
     cache, _ = make_entry(tmp_path)
     holder = hold_lock(tmp_path / "locks/check.cpu.lock", 30)  # <work_dir>/locks beside <work_dir>/cache
     try:
-        assert main(["cache", "prune", "--cache-dir", str(cache.root), "--spec", str(Path(__file__).parents[1] / "pipelines/tiny-phi3.yaml")]) == 1
+        spec = str(Path(__file__).parents[1] / "pipelines/tiny-phi3.yaml")
+        assert main(["cache", "prune", "--cache-dir", str(cache.root), "--spec", spec]) == 1
     finally:
         holder.kill()
         holder.wait()
