@@ -4,12 +4,12 @@ The lock is a kernel flock on the file: the kernel drops it when its process die
 dies, so a killed run's lock is free at once and the next run takes it over (and says so). The
 file holds the holder's pid and start time, for the message of a run that waits. Written on
 fcntl rather than with the filelock package: filelock truncates the file each time it tries to
-lock it, so a waiting run could not read who holds it.
+lock it, so a waiting run could not read who holds it. fcntl is imported where a lock is taken:
+runs are POSIX-only, but bundle.py and cache.py (pid_alive) are also imported where bundles are used.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -60,6 +60,8 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -85,6 +87,8 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
+        import fcntl
+
         assert self._fd is not None
         os.ftruncate(self._fd, 0)  # released in order: nothing for the next run to take over
         fcntl.flock(self._fd, fcntl.LOCK_UN)
