@@ -75,7 +75,7 @@ def read_until(proc: subprocess.Popen, text: str) -> list[str]:
     pytest.fail(f"the run ended before printing {text!r}:\n{''.join(seen)}")
 
 
-def test_damaged_cache_entries_are_found_rebuilt_and_republish_the_same_bundle(in_fast, capsys):
+def test_damaged_cache_entries_are_found_rebuilt_and_republish_the_same_bundle(in_fast, capfd):
     assert main(["run", SPEC]) == 0  # a bundle of the current spec, from the cache
     before = model_files(BUNDLE)
     manifest = json.loads((BUNDLE / "manifest.json").read_text())
@@ -84,15 +84,15 @@ def test_damaged_cache_entries_are_found_rebuilt_and_republish_the_same_bundle(i
     export = next(e for e in roots["last_run"] if e.startswith("exports/"))
     flip_byte(CACHE / "adapters" / tone / "adapter/adapter_model.safetensors")
     flip_byte(CACHE / export / "model.onnx.data")  # large: the memo sees its new mtime
-    capsys.readouterr()
+    capfd.readouterr()  # the run's stage lines go to the stderr stream Stages was made with: capfd, not capsys
 
     assert main(["cache", "verify"]) == 1
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert f"adapters/{tone}: damaged" in err and "adapter/adapter_model.safetensors: sha256 differs" in err
     assert f"{export}: damaged" in err and "model.onnx.data: sha256 differs" in err
 
     assert main(["run", SPEC]) == 0
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert f"warning: cache entry adapters/{tone}" in err and f"warning: cache entry {export}" in err
     cached = set(json.loads((BUNDLE / "manifest.json").read_text())["cached_stages"])
     assert "finetune:antonyms" in cached and not {"finetune:tone", "export"} & cached
@@ -139,7 +139,7 @@ def test_two_concurrent_runs_train_each_adapter_once(in_fast):
     assert reused.search(out_second)
 
 
-def test_full_disk_while_staging_leaves_dist_and_cache_as_they_were(in_fast, monkeypatch, capsys):
+def test_full_disk_while_staging_leaves_dist_and_cache_as_they_were(in_fast, monkeypatch, capfd):
     assert main(["run", SPEC]) == 0  # everything cached: the next run only stages
     before, entries = snapshot(BUNDLE), cache_entries()
     staging = (in_fast / "dist/.staging").resolve()
@@ -151,9 +151,9 @@ def test_full_disk_while_staging_leaves_dist_and_cache_as_they_were(in_fast, mon
         return real_copyfile(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(shutil, "copyfile", full_disk)
-    capsys.readouterr()
+    capfd.readouterr()
     assert main(["run", SPEC]) == 1
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "out of disk space while writing the staged bundle in dist/.staging: it needs about" in err
     assert snapshot(BUNDLE) == before and cache_entries() == entries
     assert not any((in_fast / "dist/.staging").iterdir())
