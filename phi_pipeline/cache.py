@@ -329,5 +329,5 @@ def prune_cli(root: Path, specs: list[Path]) -> int:
     for name, size in removed:
         print(f"removed {name} ({human(size)})")
     freed = human(sum(size for _, size in removed))
-    print(f"{root}: removed {len(removed)} entries, {freed}; kept what {', '.join(sorted(pipelines)) or 'no pipeline'} use")
+    print(f"{root}: removed {len(removed)} entries, {freed}; kept those used by {', '.join(sorted(pipelines)) or 'no pipeline'}")
     return 0

@@ -83,7 +83,7 @@ def test_damaged_cache_entries_are_found_rebuilt_and_republish_the_same_bundle(i
     roots = json.loads((CACHE / "roots/fast.cpu.json").read_text())
     export = next(e for e in roots["last_run"] if e.startswith("exports/"))
     flip_byte(CACHE / "adapters" / tone / "adapter/adapter_model.safetensors")
-    flip_byte(CACHE / export / "model.onnx.data")  # large: the memo sees its new mtime
+    flip_byte(CACHE / export / "model.onnx.data")
     capfd.readouterr()
 
     assert main(["cache", "verify"]) == 1
