@@ -5,6 +5,7 @@ Layout of dist/<pipeline>/<target>/ (the one place that defines it):
     adapters/<name>.onnx_adapter                                      one per adapter (multi-adapter layout)
     variants/<name>/ (model.onnx, genai_config.json, tokenizer ...)   one model per adapter (merged layout)
     manifest.json                                                     what, from what, with what, sha256 of every file
+    model.sig                                                         optional: OpenSSF model-signing signature of every other file
     README.md                                                         model card: how to load it
     eval.json, report.md, report/*.png                                evaluation figures, publish gates, charts
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phi_pipeline.cache import file_sha256, tree_files
+from phi_pipeline.runlock import pid_alive
 from phi_pipeline.search.study import OBJECTIVE_NAMES
 from phi_pipeline.versions import package_versions
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
 FORMAT = "phi-pipeline-bundle/1"
 MANIFEST = "manifest.json"
+SIGNATURE = "model.sig"  # model-signing's default name; signs everything but itself (signing.py)
 CARD = "README.md"
 ADAPTERS_DIR = "adapters"
 VARIANTS_DIR = "variants"
@@ -70,29 +73,24 @@ def _bos_token(folder: Path) -> str | None:
     return bos.get("content") if isinstance(bos, dict) else bos
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_abandoned_staging(root: Path) -> None:
     """Delete staging folders of runs that were killed (their pid, the name's suffix, is gone)."""
     for folder in root.iterdir():
         pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def staging_dir(plan: "Plan") -> Path:
+    """This process's staging folder for the plan (its pid tells a killed run's leftovers)."""
+    return plan.paths.staging_root / f"{plan.spec.name}-{plan.target.name}-{os.getpid()}"
 
 
 def _new_staging(plan: "Plan") -> Path:
     root = plan.paths.staging_root
     root.mkdir(parents=True, exist_ok=True)
     remove_abandoned_staging(root)
-    staged = root / f"{plan.spec.name}-{plan.target.name}-{os.getpid()}"
+    staged = staging_dir(plan)
     shutil.rmtree(staged, ignore_errors=True)
     return staged
 
@@ -326,19 +324,36 @@ that each adapter fits the model's LoRA inputs.
 """
 
 
-def verify(folder: Path) -> list[str]:
-    """Every way the bundle differs from its manifest, or an adapter misfits the graph; [] if none."""
+def sign(folder: Path, private_key: Path) -> Path:
+    """Sign a bundle (every file but the signature, manifest.json included); returns the signature."""
+    from phi_pipeline.signing import sign_folder
+
+    return sign_folder(folder, folder / SIGNATURE, private_key)
+
+
+def verify(folder: Path, public_key: Path | None = None) -> list[str]:
+    """Every way the bundle differs from its manifest, or an adapter misfits the graph, or (with
+    `public_key`) the bundle fails its signature; [] if none."""
+    problems = _manifest_problems(folder)
+    if public_key is not None:
+        from phi_pipeline.signing import verify_folder
+
+        problems += [p for p in verify_folder(folder, folder / SIGNATURE, public_key) if p not in problems]
+    return problems
+
+
+def _manifest_problems(folder: Path) -> list[str]:
     from phi_pipeline.adapters import check_adapter_fits
 
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
-        return [f"{folder / MANIFEST}: missing; not a phi-pipeline bundle"]
+        return [f"{MANIFEST}: missing; not a phi-pipeline bundle"]
     except ValueError as exc:
-        return [f"{folder / MANIFEST}: not valid JSON ({exc})"]
+        return [f"{MANIFEST}: not valid JSON ({exc})"]
     problems = []
     listed: dict[str, str] = manifest.get("files", {})
-    present = {p.relative_to(folder).as_posix() for p in tree_files(folder)} - {MANIFEST}
+    present = {p.relative_to(folder).as_posix() for p in tree_files(folder)} - {MANIFEST, SIGNATURE}
     for rel in sorted(set(listed) - present):
         problems.append(f"{rel}: listed in the manifest but missing")
     for rel in sorted(present - set(listed)):

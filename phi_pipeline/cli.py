@@ -1,15 +1,17 @@
 """`phi-pipeline`: argument parsing only; each subcommand calls one function of the package.
 
-Exit codes: 0 success, 1 a stage failed, 2 bad input (spec, data, arguments).
+Exit codes: 0 success, 1 a stage failed (or, with --no-wait, another run holds the lock),
+2 bad input (spec, data, arguments), 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from phi_pipeline.errors import PipelineError, UsageError
+from phi_pipeline.errors import PipelineError, Terminated, UsageError
 from phi_pipeline.targets import TARGETS
 
 SHIPPED_SPECS = Path("pipelines")
@@ -19,7 +21,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from phi_pipeline.pipeline import run
 
     bundles = [
-        run(args.spec, target, precision=args.precision, echo=args.verbose, no_gate=args.no_gate)
+        run(
+            args.spec,
+            target,
+            precision=args.precision,
+            echo=args.verbose,
+            no_gate=args.no_gate,
+            sign_key=Path(args.sign_key) if args.sign_key else None,
+            no_wait=args.no_wait,
+        )
         for target in args.target
     ]
     if args.package:
@@ -95,16 +105,48 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from phi_pipeline.bundle import verify
+    from phi_pipeline.bundle import SIGNATURE, verify
 
-    problems = verify(Path(args.bundle))
+    folder = Path(args.bundle)
+    problems = verify(folder, Path(args.public_key) if args.public_key else None)
     if problems:
         print(f"{args.bundle}: verification failed", file=sys.stderr)
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return 1
-    print(f"{args.bundle}: every file matches manifest.json and every adapter fits the model's inputs")
+    if args.public_key:
+        signed = f", and {SIGNATURE} proves every file was signed with the key of {args.public_key}"
+    elif (folder / SIGNATURE).is_file():
+        signed = f" ({SIGNATURE} not checked: give --public-key)"
+    else:
+        signed = ""
+    print(f"{args.bundle}: every file matches manifest.json and every adapter fits the model's inputs{signed}")
     return 0
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from phi_pipeline.bundle import MANIFEST, sign
+    from phi_pipeline.signing import check_private_key
+
+    folder = Path(args.bundle)
+    problems = check_private_key(Path(args.key))
+    if not (folder / MANIFEST).is_file():
+        problems.append(f"{folder}: no {MANIFEST}; not a phi-pipeline bundle")
+    if problems:
+        raise UsageError("phi-pipeline sign", problems)
+    print(sign(folder, Path(args.key)))
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from phi_pipeline.cache import info_cli, prune_cli, verify_cli
+
+    root = Path(args.cache_dir)
+    if args.action == "info":
+        return info_cli(root)
+    if args.action == "verify":
+        return verify_cli(root)
+    return prune_cli(root, [Path(s) for s in args.spec] if args.spec else sorted(SHIPPED_SPECS.glob("*.yaml")))
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -157,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also assemble the targets' bundles into one ORT model package (olive generate-model-package)",
     )
+    p.add_argument("--sign-key", help="sign each bundle before publishing it, with this EC private key (PEM; model-signing)")
+    p.add_argument(
+        "--no-wait", action="store_true", help="exit 1 at once if another run of the same pipeline and target holds the lock"
+    )
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("search", help="run the adapters' hyperparameter searches and print every trial (no export)")
@@ -199,7 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="re-hash a bundle against its manifest and check adapters fit the model")
     p.add_argument("bundle")
+    p.add_argument("--public-key", help="also check the bundle's signature (model.sig) with this EC public key (PEM)")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("sign", help="sign a bundle with an EC private key (OpenSSF model-signing); writes model.sig into it")
+    p.add_argument("bundle")
+    p.add_argument("--key", required=True, help="EC private key (PEM, P-256/P-384/P-521, unencrypted)")
+    p.set_defaults(func=_cmd_sign)
+
+    p = sub.add_parser("cache", help="the content-addressed cache: info (entries, sizes), verify (re-hash), prune")
+    p.add_argument("action", choices=("info", "verify", "prune"))
+    p.add_argument("--cache-dir", default=".phi-pipeline/cache", help="default: .phi-pipeline/cache")
+    p.add_argument(
+        "--spec",
+        action="append",
+        help="prune: keep what this spec's pipeline uses (repeatable; default: every spec in pipelines/)",
+    )
+    p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser("bench", help="benchmark a bundle and a larger model: speed, memory, size, adapter and pipeline costs")
     from phi_pipeline.bench.__main__ import add_arguments
@@ -229,8 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: every cleanup path runs
     try:
         return args.func(args)
     except UsageError as exc:
@@ -239,9 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("terminated (SIGTERM); Olive was stopped and the published bundle was left as it was", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted; the published bundle was left as it was", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -22,3 +22,7 @@ class UsageError(Exception):
 
 class PipelineError(Exception):
     """A stage failed (Olive error, missing output, failed check): exit code 1."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (children stopped, staging cleaned, dist/ untouched): exit code 143."""

@@ -12,6 +12,11 @@ from pathlib import Path
 OLIVE_CONFIGS = Path("olive_configs")
 
 
+def locks_dir(work_dir: Path) -> Path:
+    """The run locks of every pipeline in a work dir (runlock.py); `cache prune` waits for none of them."""
+    return work_dir / "locks"
+
+
 @dataclass(frozen=True)
 class PipelinePaths:
     work_dir: Path
@@ -73,6 +78,16 @@ class PipelinePaths:
     def cache_dir(self) -> Path:
         """phi-pipeline's own content-addressed cache (adapters, exports)."""
         return self.work_dir / "cache"
+
+    @property
+    def run_lock(self) -> Path:
+        """Held by the one run of this pipeline and target at a time (runlock.py)."""
+        return locks_dir(self.work_dir) / f"{self.pipeline}.{self.target}.lock"
+
+    @property
+    def finetune_lock(self) -> Path:
+        """Held while fine-tuning: every target of a pipeline shares finetune_dir and its cache entries."""
+        return locks_dir(self.work_dir) / f"{self.pipeline}.finetune.lock"
 
     @property
     def logs_dir(self) -> Path:

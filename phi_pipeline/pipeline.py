@@ -7,6 +7,7 @@ retrains exactly its adapter, and an interrupted run resumes from what finished.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -19,11 +20,13 @@ from phi_pipeline import bundle
 from phi_pipeline.cache import Cache, DigestMemo, content_key, file_sha256, tree_sha256
 from phi_pipeline.configs import EXPORT_FILE, finetune_file, write_configs
 from phi_pipeline.data import check_data, read_file_rows, validation_indices
+from phi_pipeline.diskspace import space_for, tree_size
 from phi_pipeline.errors import PipelineError, UsageError
 from phi_pipeline.plan import AdapterPlan, Plan, is_local_path, make_plan
 from phi_pipeline.olive_compat import HOOKS_ENV
 from phi_pipeline.progress import Stages, TrainingProgress
 from phi_pipeline.publish import publish_dir
+from phi_pipeline.runlock import RunLock
 from phi_pipeline.runner import run_olive
 from phi_pipeline.spec import load_spec
 from phi_pipeline.trained import TrainedAdapter
@@ -40,9 +43,13 @@ def load_plan(spec_path: str | Path, target: str, precision: str | None = None) 
     return make_plan(spec, target, source=Path(spec_path).as_posix(), precision=precision)
 
 
-def check_inputs(plan: Plan) -> None:
+def check_inputs(plan: Plan, sign_key: Path | None = None) -> None:
     """Everything that can be checked before training, reported together (UsageError, exit 2)."""
     problems: list[str] = []
+    if sign_key is not None:
+        from phi_pipeline.signing import check_private_key
+
+        problems += [f"--sign-key: {p}" for p in check_private_key(sign_key)]
     for i, adapter in enumerate(plan.adapters):
         problems += check_data(adapter.spec.data, f"adapters.{i}.data ({adapter.name})", adapter.spec.training.seed)
     base = plan.spec.base_model
@@ -54,6 +61,7 @@ def check_inputs(plan: Plan) -> None:
                     f"base_model.name_or_path: {folder} has no *.safetensors weights; pickled checkpoints "
                     "(.bin/.pt) are never loaded: convert them with save_pretrained(safe_serialization=True)"
                 )
+            problems += [f"base_model.name_or_path: {p}" for p in check_safetensors(folder)]
         elif os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hf_cache(base.name_or_path):
             problems.append(
                 f"base_model.name_or_path: {base.name_or_path!r} is a hub id, but HF_HUB_OFFLINE=1 and it is not in "
@@ -62,6 +70,29 @@ def check_inputs(plan: Plan) -> None:
             )
     if problems:
         raise UsageError(plan.source, problems)
+
+
+def check_safetensors(folder: Path) -> list[str]:
+    """Truncated or corrupt weights (an interrupted download), found from each file's header and
+    size alone: safetensors' safe_open parses the header and checks that the tensors exactly cover
+    the file, without reading the weights."""
+    from safetensors import SafetensorError, safe_open
+
+    problems = []
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            problems.append(f"{f}: not a complete safetensors file ({exc}); download or save it again")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            return [*problems, f"{index}: unreadable shard index ({exc})"]
+        problems += [f"{index}: names {s}, which is missing" for s in sorted(shards) if not (folder / s).is_file()]
+    return problems
 
 
 def _in_hf_cache(repo_id: str) -> bool:
@@ -110,6 +141,11 @@ def base_digest(plan: Plan, memo: DigestMemo) -> str:
     return f"hub:{plan.base_model}"
 
 
+def olive_space_needed(plan: Plan) -> int | None:
+    """About what one Olive workflow writes: at most the base's size (a fine-tune's output holds a copy)."""
+    return tree_size(Path(plan.base_model)) if plan.base_is_local else None
+
+
 def _run_workflow(
     plan: Plan,
     config_file: str,
@@ -131,6 +167,7 @@ def _run_workflow(
         seed=seed,
         env=env,
         python=python,
+        space_needed=olive_space_needed(plan),
     )
 
 
@@ -462,50 +499,89 @@ def search(
     stages = Stages()
     write_configs(plan)
     ensure_base(plan, stages)
-    cache = Cache(plan.paths.cache_dir)
     memo = DigestMemo(plan.paths.cache_dir / "digests.json")
+    cache = Cache(plan.paths.cache_dir, memo, warn=stages.say)
     base = base_digest(plan, memo)
     memo.save()
     names = [adapter] if adapter else searched
-    return [t for name in names for t in train_adapters(plan, stages, cache, base, echo, only=name, trials=trials)]
+    with RunLock(plan.paths.finetune_lock, f"the fine-tunes of pipeline {plan.spec.name!r}", wait=True, say=stages.say):
+        return [t for name in names for t in train_adapters(plan, stages, cache, base, echo, only=name, trials=trials)]
 
 
 def run(
-    spec_path: str | Path, target: str, *, precision: str | None = None, echo: bool = False, no_gate: bool = False
+    spec_path: str | Path,
+    target: str,
+    *,
+    precision: str | None = None,
+    echo: bool = False,
+    no_gate: bool = False,
+    sign_key: Path | None = None,
+    no_wait: bool = False,
 ) -> Path:
     """The whole pipeline; returns the published bundle folder.
 
     The staged bundle is evaluated before it is published; a failed publish gate raises
-    PipelineError and leaves the published bundle as it was, unless `no_gate`.
+    PipelineError and leaves the published bundle as it was, unless `no_gate`. One run per pipeline
+    and target at a time: another one waits for it (or, with `no_wait`, raises LockHeld). With
+    `sign_key` the bundle is signed (model-signing) before it is published.
     """
     plan = load_plan(spec_path, target, precision)
-    check_inputs(plan)
+    check_inputs(plan, sign_key)
     stages = Stages()
-    stages.say(f"pipeline {plan.spec.name!r}, target {plan.target.name}, precision {plan.precision}")
-    write_configs(plan)
-    ensure_base(plan, stages)
-    cache = Cache(plan.paths.cache_dir)
-    memo = DigestMemo(plan.paths.cache_dir / "digests.json")
-    base = base_digest(plan, memo)
-    memo.save()
-    trained = train_adapters(plan, stages, cache, base, echo)
-    if plan.layout == "merged":
-        variants = export_merged(plan, stages, cache, base, trained, echo)
-        assemble = functools.partial(bundle.stage_merged, plan, variants, trained, stages)
-    else:
-        export = export_base(plan, stages, cache, base, echo)
-        assemble = functools.partial(bundle.stage, plan, export, trained, stages)
-    with stages.stage("bundle", "assembling and verifying the bundle"):
-        staged = assemble()
-        problems = bundle.verify(staged)
-        if problems:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise PipelineError("the staged bundle failed verification:\n" + "\n".join(f"  - {p}" for p in problems))
-    try:
-        _evaluate_and_gate(plan, staged, trained, stages, no_gate)
-        with stages.stage("publish", f"publishing {plan.paths.bundle_dir}"):
-            publish_dir(staged, plan.paths.bundle_dir)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)  # gone already when published
+    name = plan.spec.name
+    with RunLock(plan.paths.run_lock, f"pipeline {name!r} for target {target}", wait=not no_wait, say=stages.say):
+        stages.say(f"pipeline {name!r}, target {plan.target.name}, precision {plan.precision}")
+        memo = DigestMemo(plan.paths.cache_dir / "digests.json")
+        cache = Cache(plan.paths.cache_dir, memo, warn=stages.say)
+        published = False
+        try:
+            _run_locked(plan, stages, cache, memo, echo=echo, no_gate=no_gate, sign_key=sign_key, no_wait=no_wait)
+            published = True
+        finally:
+            with contextlib.suppress(OSError):  # bookkeeping for `cache prune`; never hides the run's own error
+                cache.record_use(name, plan.target.name, published)
     stages.say(f"published {plan.paths.bundle_dir}")
     return plan.paths.bundle_dir
+
+
+def _run_locked(
+    plan: Plan, stages: Stages, cache: Cache, memo: DigestMemo, *, echo: bool, no_gate: bool, sign_key: Path | None, no_wait: bool
+) -> None:
+    write_configs(plan)
+    ensure_base(plan, stages)
+    base = base_digest(plan, memo)
+    memo.save()
+    work = plan.paths.work_dir
+    olive_space = olive_space_needed(plan)
+    # every target of a pipeline fine-tunes into the same folder and cache entries
+    with RunLock(plan.paths.finetune_lock, f"the fine-tunes of pipeline {plan.spec.name!r}", wait=not no_wait, say=stages.say):
+        with space_for(work, olive_space, "the fine-tune results"):
+            trained = train_adapters(plan, stages, cache, base, echo)
+    with space_for(work, olive_space, "the export"):
+        if plan.layout == "merged":
+            variants = export_merged(plan, stages, cache, base, trained, echo)
+            assemble = functools.partial(bundle.stage_merged, plan, variants, trained, stages)
+            exported = list(variants.values())
+        else:
+            export = export_base(plan, stages, cache, base, echo)
+            assemble = functools.partial(bundle.stage, plan, export, trained, stages)
+            exported = [export]
+    staged = bundle.staging_dir(plan)
+    needed = sum(tree_size(p) for p in exported) + sum(tree_size(t.folder / "adapter") for t in trained)
+    try:
+        with space_for(plan.paths.staging_root, needed, "the staged bundle"):
+            with stages.stage("bundle", "assembling and verifying the bundle"):
+                assemble()
+                problems = bundle.verify(staged)
+                if problems:
+                    raise PipelineError(
+                        "the staged bundle failed verification:\n" + "\n".join(f"  - {p}" for p in problems)
+                    )
+            _evaluate_and_gate(plan, staged, trained, stages, no_gate)
+            if sign_key is not None:
+                with stages.stage("sign", f"signing the bundle with {sign_key} (model-signing)"):
+                    bundle.sign(staged, sign_key)
+            with stages.stage("publish", f"publishing {plan.paths.bundle_dir}"):
+                publish_dir(staged, plan.paths.bundle_dir)
+    finally:  # also on an interrupt or a full disk: no staging is left behind
+        shutil.rmtree(staged, ignore_errors=True)  # gone already when published

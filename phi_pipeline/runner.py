@@ -4,7 +4,8 @@ Each run goes through `python -m phi_pipeline.olive_compat run --config ...` so 
 onnxruntime-genai shim is applied inside Olive's process. Olive's log is streamed to a log file
 (and, with `echo`, to the console); a non-zero exit or a missing output is a PipelineError
 that quotes the end of the log. Olive exits 0 when a workflow produces no model, so the caller
-always names the files the run must leave behind.
+always names the files the run must leave behind. An interrupt (Ctrl-C, SIGTERM) stops the Olive
+process before it propagates, and a full disk in Olive's log becomes a DiskFullError.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from phi_pipeline.diskspace import disk_full, is_enospc_text
 from phi_pipeline.errors import PipelineError
 from phi_pipeline.olive_compat import SEED_ENV
 
@@ -57,10 +59,12 @@ def run_olive(
     seed: int | None = None,
     env: dict[str, str] | None = None,
     python: str | None = None,
+    space_needed: int | None = None,
 ) -> float:
     """Run one workflow; return its wall time in seconds. `seed` seeds Olive's process (olive_compat);
     `env` adds variables to its environment; `python`: another environment's interpreter (a target's pass
-    environment) to run Olive with."""
+    environment) to run Olive with; `space_needed`, an estimate of what it writes, is quoted if the disk
+    fills up."""
     return run_olive_command(
         ["run", "--config", str(config_path)],
         log_path,
@@ -71,6 +75,7 @@ def run_olive(
         seed=seed,
         env=env,
         python=python,
+        space_needed=space_needed,
     )
 
 
@@ -85,11 +90,13 @@ def run_olive_command(
     seed: int | None = None,
     env: dict[str, str] | None = None,
     python: str | None = None,
+    space_needed: int | None = None,
 ) -> float:
     """Any `olive` command, through the compatibility wrapper; return its wall time in seconds.
 
     With `python` (another environment, which has Olive but not phi-pipeline) Olive's own CLI runs
     there: the wrapper's shim is for onnxruntime-genai's Model Builder, which such workflows do not run."""
+    outputs = list(expected_outputs)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if python is not None and not Path(python).exists():
         raise PipelineError(f"{python} not found: this target's export runs in that environment (make venv TARGET=...)")
@@ -109,23 +116,41 @@ def run_olive_command(
             bufsize=1,
         )
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            tail.append(line.rstrip("\n"))
-            if echo:
-                sys.stderr.write(line)
-        rc = proc.wait()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                tail.append(line.rstrip("\n"))
+                if echo:
+                    sys.stderr.write(line)
+            rc = proc.wait()
+        except BaseException:
+            stop(proc)
+            raise
     elapsed = time.perf_counter() - start
     last_lines = "\n".join(f"    {line}" for line in tail)
+    if rc != 0 and any(is_enospc_text(line) for line in tail):
+        folder = Path(os.path.commonpath([str(Path(p).absolute()) for p in outputs])) if outputs else log_path.parent
+        raise disk_full(folder, space_needed, f"the outputs of olive {what} (its log: {log_path})")
     if rc != 0:
         raise PipelineError(
             f"olive {what} failed (exit code {rc}).\n  Last lines of the log:\n{last_lines}\n"
             f"  Full log: {log_path}"
         )
-    missing = [str(p) for p in expected_outputs if not p.exists()]
+    missing = [str(p) for p in outputs if not p.exists()]
     if missing:
         raise PipelineError(
             f"olive {what} exited 0 but produced no model: missing {', '.join(missing)}.\n"
             f"  Last lines of the log:\n{last_lines}\n  Full log: {log_path}"
         )
     return elapsed
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop an Olive process: SIGTERM, then SIGKILL if it has not exited within grace_s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

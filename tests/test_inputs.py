@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from phi_pipeline.cli import main
 
@@ -31,7 +33,7 @@ def workspace(tmp_path, monkeypatch):
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text(json.dumps({"model_type": "phi3", "num_hidden_layers": 2}))
-    (base / "model.safetensors").write_bytes(b"")
+    save_file({"w": np.zeros(4, np.float32)}, str(base / "model.safetensors"))
     data = tmp_path / "data"
     data.mkdir()
     for name, row in (("chat", CHAT_ROW), ("plain", PLAIN_ROW)):
