@@ -78,8 +78,8 @@ class GenaiModel:
         provider: str | None = None,
         session_options: dict[str, Any] | None = None,
     ):
-        """threads: the decoder's intra_op_num_threads (None: onnxruntime-genai's default, one on
-        CPU); provider: None keeps genai_config.json's, "cpu" clears it (CPU kernels), any other
+        """threads: the decoder's intra_op_num_threads (None: genai_config.json's, which for phi-pipeline's
+        CPU bundles is every core; onnxruntime-genai's own default is one thread); provider: None keeps genai_config.json's, "cpu" clears it (CPU kernels), any other
         name replaces it (e.g. "cuda")."""
         import onnxruntime_genai as og
 
@@ -150,6 +150,17 @@ class GenaiModel:
         generation = self.start(ids, adapter, 1)
         generation.feed()
         return np.asarray(generation.generator.get_output("logits"))[0].astype(np.float32)
+
+
+def decoder_threads(model_dir: Path, threads: int | None) -> str:
+    """The decoder's intra-op threads in words: `threads` when given, else what genai_config.json says."""
+    if threads:
+        return str(threads)
+    genai = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
+    configured = genai["decoder"].get("session_options", {}).get("intra_op_num_threads")
+    if configured is None:
+        return "1 (onnxruntime-genai's default)"
+    return "every core" if configured == 0 else str(configured)
 
 
 class Generation:

@@ -33,6 +33,8 @@ class OnnxSide:
     def __init__(self, model: "BundleModel"):
         self.bm = model
         self.eos = set(model.eos_token_ids)
+        # a merged bundle's model has one adapter built into its weights (and no base model to run)
+        self.merged = model.merged_variant
 
     def generate(self, prompt: Sequence[int], adapter: str | None, max_new_tokens: int) -> list[int]:
         """New token ids, the end-of-sequence token included when one was produced."""

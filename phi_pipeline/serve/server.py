@@ -18,6 +18,7 @@ import uvicorn
 
 from phi_pipeline.bundle import MANIFEST
 from phi_pipeline.errors import UsageError
+from phi_pipeline.runtime import decoder_threads
 from phi_pipeline.serve.app import API_KEY_ENV, ServeSettings, create_app
 from phi_pipeline.serve.engine import Engine
 
@@ -92,7 +93,7 @@ def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key
     shown = f"[{host}]" if ":" in host else host
     print(f"phi-pipeline serve: http://{shown}:{port} (OpenAI API at /v1, chat page at /)", file=sys.stderr)
     print(f"  models: {', '.join(ids)} (base: {ids[0]})", file=sys.stderr)
-    print(f"  decoder threads: {threads or 'onnxruntime-genai default (1 on CPU)'}; max active {max_active}, "
+    print(f"  decoder threads: {decoder_threads(path, threads)}; max active {max_active}, "
           f"queue {max_queue}; API key {'required' if api_key else 'off'}", file=sys.stderr)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"  warning: --host {host} takes requests from other machines and no --api-key is set", file=sys.stderr)
