@@ -17,10 +17,13 @@ if TYPE_CHECKING:
 
 
 def peft_dirs_from_cache(manifest: Mapping[str, Any], cache_dir: Path) -> dict[str, Path]:
-    """PEFT folders of a bundle's adapters in the content cache (cache_key recorded by the manifest)."""
-    return {
-        a["name"]: cache_dir / "adapters" / a["cache_key"] / "adapter" for a in manifest.get("adapters", []) if a.get("cache_key")
-    }
+    """PEFT folders of a bundle's adapters in the content cache (cache_key recorded by the manifest); an entry
+    that is missing or fails its integrity check is left out (and reported), never used."""
+    from phi_pipeline.cache import Cache
+
+    cache = Cache(cache_dir)
+    entries = {a["name"]: cache.get("adapters", a["cache_key"]) for a in manifest.get("adapters", []) if a.get("cache_key")}
+    return {name: entry / "adapter" for name, entry in entries.items() if entry is not None}
 
 
 
