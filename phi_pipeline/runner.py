@@ -56,9 +56,13 @@ def run_olive(
     hf_cache: Path | None = None,
     seed: int | None = None,
     env: dict[str, str] | None = None,
+    launcher: list[str] | None = None,
+    cwd: Path | None = None,
+    header: str | None = None,
 ) -> float:
     """Run one workflow; return its wall time in seconds. `seed` seeds Olive's process (olive_compat);
-    `env` adds variables to its environment."""
+    `env` adds variables to its environment; `launcher` replaces `python -m phi_pipeline.olive_compat`
+    (torchrun and the rank entry point)."""
     return run_olive_command(
         ["run", "--config", str(config_path)],
         log_path,
@@ -68,6 +72,9 @@ def run_olive(
         hf_cache=hf_cache,
         seed=seed,
         env=env,
+        launcher=launcher,
+        cwd=cwd,
+        header=header,
     )
 
 
@@ -81,14 +88,20 @@ def run_olive_command(
     hf_cache: Path | None = None,
     seed: int | None = None,
     env: dict[str, str] | None = None,
+    launcher: list[str] | None = None,
+    cwd: Path | None = None,
+    header: str | None = None,
 ) -> float:
-    """Any `olive` command, through the compatibility wrapper; return its wall time in seconds."""
+    """Any `olive` command, through the compatibility wrapper; return its wall time in seconds. `cwd`: the
+    project root relative paths are read from (a Ray worker's own folder is another); `header`: a first log line."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "phi_pipeline.olive_compat", *olive_args]
+    cmd = [*(launcher or [sys.executable, "-m", "phi_pipeline.olive_compat"]), *olive_args]
     what = " ".join(olive_args)
     tail: collections.deque[str] = collections.deque(maxlen=25)
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
+        if header:
+            log.write(header + "\n")
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(
@@ -98,6 +111,7 @@ def run_olive_command(
             text=True,
             env=olive_env(offline, hf_cache) | ({SEED_ENV: str(seed)} if seed is not None else {}) | (env or {}),
             bufsize=1,
+            cwd=cwd,
         )
         assert proc.stdout is not None
         for line in proc.stdout:
