@@ -158,8 +158,9 @@ def test_torchrun_two_cpu_ranks_train_one_adapter_and_the_gates_pass(tmp_path, b
     assert "rank 0 of world size 2" in log and "rank 1 of world size 2" in log
     work = project / ".phi-pipeline/runs/ddp/finetune/tone"
     for progress in (work / "progress.jsonl", work / "ranks/rank-1/progress.jsonl"):  # both ranks trained
-        end = [json.loads(line) for line in progress.read_text().splitlines()][-1]
-        assert end["event"] == "end" and end["step"] == 60
+        records = [json.loads(line) for line in progress.read_text().splitlines()]
+        assert records[0]["event"] == "begin" and records[0]["world_size"] == 2  # the Trainer's own count
+        assert records[-1]["event"] == "end" and records[-1]["step"] == 60
     bundle = project / "dist/ddp/cpu"
     manifest = json.loads((bundle / "manifest.json").read_text())
     (adapter,) = manifest["adapters"]
@@ -271,3 +272,36 @@ def test_ray_executor_trains_in_tasks_and_publishes_the_local_bundle_byte_for_by
     for f in shipped:
         assert (local / "dist/scale/cpu" / f).read_bytes() == (remote / "dist/scale/cpu" / f).read_bytes(), f
     assert a["adapters"] == b["adapters"]
+
+
+def test_a_failed_fine_tune_fails_the_stage_after_the_others_running_are_cached(project):
+    from phi_pipeline.cache import Cache
+    from phi_pipeline.errors import PipelineError
+    from phi_pipeline.executors import Pending
+    from phi_pipeline.pipeline import load_plan, train_adapters
+    from phi_pipeline.progress import Stages
+
+    plan = load_plan("pipelines/tiny-phi3.yaml", "cpu")
+    submitted = []
+
+    class FakeCluster:  # what a task would leave behind, without Olive: antonyms trains, tone fails
+        name, parallel = "fake", True
+
+        def submit(self, job, echo=False):
+            submitted.append(job.name)
+
+            def wait():
+                if job.name == "finetune-tone":
+                    raise PipelineError("olive run failed (exit code 1): the cause")
+                for out in job.outputs:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text("{}")
+
+            return Pending(wait, started=True)
+
+    cache = Cache(plan.paths.cache_dir)
+    with pytest.raises(PipelineError, match="the cause"):
+        train_adapters(plan, Stages(), cache, "b", False, executor=FakeCluster())
+    assert submitted == ["finetune-tone", "finetune-antonyms"]  # both submitted before either was waited for
+    cached = [json.loads(p.read_text())["adapter"] for p in (plan.paths.cache_dir / "adapters").glob("*/cache-entry.json")]
+    assert cached == ["antonyms"]
