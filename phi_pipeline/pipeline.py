@@ -512,19 +512,34 @@ def export_merged(
         shutil.rmtree(out, ignore_errors=True)
         return executor.submit(olive_job(plan, export_file(name), [out / "genai_config.json"], executor), echo)
 
+    def finish(name: str, job: Pending) -> Path:
+        job.result()
+        return cache.put("exports", keys[name], plan.paths.merged_export_dir(name), {"pipeline": plan.spec.name, "adapter": name})
+
     pending = {t.plan.name: submit(t) for t in trained if executor.parallel and cache.get("exports", keys[t.plan.name]) is None}
     variants = {}
+    failure: PipelineError | None = None
     for t in trained:
         name = t.plan.name
+        if failure is not None:  # exports already running finish and stay cached
+            if name in pending:
+                with contextlib.suppress(PipelineError):
+                    finish(name, pending[name])
+            continue
         stage = f"export:{name}"
-        with stages.stage(stage, f"exporting the model with adapter {name!r} merged ({plan.target.name}, {plan.precision})"):
-            entry = cache.get("exports", keys[name])
-            if entry is None:
-                (pending.get(name) or submit(t)).result()
-                entry = cache.put("exports", keys[name], plan.paths.merged_export_dir(name), {"pipeline": plan.spec.name, "adapter": name})
-            else:
-                stages.mark_cached(stage)
+        try:
+            with stages.stage(stage, f"exporting the model with adapter {name!r} merged ({plan.target.name}, {plan.precision})"):
+                entry = cache.get("exports", keys[name])
+                if entry is None:
+                    entry = finish(name, pending.get(name) or submit(t))
+                else:
+                    stages.mark_cached(stage)
+        except PipelineError as exc:
+            failure = exc
+            continue
         variants[name] = entry
+    if failure is not None:
+        raise failure
     return variants
 
 

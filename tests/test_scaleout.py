@@ -313,3 +313,41 @@ def test_a_failed_fine_tune_fails_the_stage_after_the_others_running_are_cached(
     assert submitted == ["finetune-tone", "finetune-antonyms"]  # both submitted before either was waited for
     cached = [json.loads(p.read_text())["adapter"] for p in (plan.paths.cache_dir / "adapters").glob("*/cache-entry.json")]
     assert cached == ["antonyms"]
+
+
+def test_a_failed_merged_export_fails_after_the_others_running_are_cached(project, tmp_path):
+    from phi_pipeline.cache import Cache
+    from phi_pipeline.errors import PipelineError
+    from phi_pipeline.executors import Pending
+    from phi_pipeline.pipeline import export_merged, load_plan
+    from phi_pipeline.progress import Stages
+    from phi_pipeline.trained import TrainedAdapter
+
+    spec = yaml.safe_load(Path("pipelines/tiny-phi3.yaml").read_text())
+    spec["export"]["layout"] = "merged"
+    spec["export"].pop("pack_projections", None)
+    Path("pipelines/merged.yaml").write_text(yaml.safe_dump(spec))
+    plan = load_plan("pipelines/merged.yaml", "cpu")
+    trained = []
+    for adapter in plan.adapters:
+        (tmp_path / adapter.name / "adapter").mkdir(parents=True)
+        trained.append(TrainedAdapter(adapter, tmp_path / adapter.name, f"key-{adapter.name}", {}))
+
+    class FakeCluster:
+        name, parallel = "fake", True
+
+        def submit(self, job, echo=False):
+            def wait():
+                if job.name.endswith("tone"):
+                    raise PipelineError("the export's cause")
+                for out in job.outputs:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text("{}")
+
+            return Pending(wait, started=True)
+
+    cache = Cache(plan.paths.cache_dir)
+    with pytest.raises(PipelineError, match="the export's cause"):
+        export_merged(plan, Stages(), cache, "b", trained, False, FakeCluster())
+    cached = [json.loads(p.read_text())["adapter"] for p in (plan.paths.cache_dir / "exports").glob("*/cache-entry.json")]
+    assert cached == ["antonyms"]
