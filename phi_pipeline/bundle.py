@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phi_pipeline.cache import file_sha256, tree_files
+from phi_pipeline.distributed import DISTRIBUTED_FILE, describe
 from phi_pipeline.runlock import pid_alive
 from phi_pipeline.search.study import OBJECTIVE_NAMES
 from phi_pipeline.versions import package_versions
@@ -125,6 +126,8 @@ def _adapter_entry(t: "TrainedAdapter", location: dict[str, str], bos: str | Non
         "method": spec.lora.method,
         "lora": {**spec.lora.model_dump(), "target_modules": list(t.plan.target_modules)},
         "training": spec.training.model_dump(),
+        # how many ranks trained it, over which backend, with which effective batch
+        "distributed": trained_distributed(t),
         # the data spec (sources, and how a row becomes text, so `phi-pipeline eval` can re-read the eval split)
         "dataset": {
             **spec.data.model_dump(exclude_none=True),
@@ -221,6 +224,12 @@ def finalize_manifest(folder: Path, updates: dict[str, Any]) -> dict[str, Any]:
     manifest["files"] = dict(sorted(files.items()))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def trained_distributed(t: "TrainedAdapter") -> dict[str, Any]:
+    path = t.folder / DISTRIBUTED_FILE
+    # a cache entry from before data-parallel training was trained by one process
+    return json.loads(path.read_text()) if path.is_file() else describe(t.plan.spec.training)
 
 
 def training_history(folder: Path) -> list[dict[str, Any]]:

@@ -12,14 +12,28 @@ import sys
 from pathlib import Path
 
 from phi_pipeline.errors import PipelineError, Terminated, UsageError
+from phi_pipeline.executors import EXECUTORS
 from phi_pipeline.targets import TARGETS
 
 SHIPPED_SPECS = Path("pipelines")
 
 
+def _scale_out(args: argparse.Namespace):
+    """The launch settings and the executor of --nproc-per-node ... and --executor."""
+    from phi_pipeline.distributed import Launch
+    from phi_pipeline.executors import make_executor
+    from phi_pipeline.spec import load_spec
+
+    launch = Launch(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    if launch.problems():
+        raise UsageError("phi-pipeline " + args.command, launch.problems())
+    return launch, make_executor(args.executor, args.ray_address, Path(load_spec(args.spec).work_dir))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from phi_pipeline.pipeline import run
 
+    launch, executor = _scale_out(args)
     bundles = [
         run(
             args.spec,
@@ -29,9 +43,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             no_gate=args.no_gate,
             sign_key=Path(args.sign_key) if args.sign_key else None,
             no_wait=args.no_wait,
+            launch=launch,
+            executor=executor,
         )
         for target in args.target
     ]
+    if launch.node_rank > 0:
+        return 0
     if args.package:
         from phi_pipeline.package import build_package, packable
 
@@ -49,7 +67,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from phi_pipeline.pipeline import search
     from phi_pipeline.report import format_search
 
-    for trained in search(args.spec, args.target[0], adapter=args.adapter, trials=args.trials, echo=args.verbose):
+    launch, executor = _scale_out(args)
+    for trained in search(args.spec, args.target[0], adapter=args.adapter, trials=args.trials, echo=args.verbose,
+                          launch=launch, executor=executor):
         print(format_search(trained.search))
     return 0
 
@@ -186,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--precision", help="override the spec's export precision")
 
+    def scale_out(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("scaling out (README: Scaling out)")
+        g.add_argument("--nproc-per-node", type=int, help="data-parallel ranks per node for each fine-tune, under "
+                       "torchrun (default: the spec's training.nproc_per_node, 1)")
+        g.add_argument("--nnodes", type=int, default=1, help="nodes taking part in each fine-tune (default 1)")
+        g.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0 to nnodes-1; node 0 publishes")
+        g.add_argument("--master-addr", help="address of node 0 (with --nnodes > 1)")
+        g.add_argument("--master-port", type=int, default=29500, help="rendezvous port on node 0 (default 29500)")
+        g.add_argument("--executor", choices=EXECUTORS, default="local", help="run a stage's independent Olive "
+                       "workflows here one by one (local, default) or as Ray tasks (ray: pip install 'phi-pipeline[ray]')")
+        g.add_argument("--ray-address", help="Ray cluster to join: auto, ray://host:port (default: a new local Ray)")
+
     p = sub.add_parser("run", help="run the whole pipeline and publish the bundle")
     spec_and_target(p)
     p.add_argument("-v", "--verbose", action="store_true", help="stream Olive's log to the console")
@@ -203,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-wait", action="store_true", help="exit 1 at once if another run of the same pipeline and target holds the lock"
     )
+    scale_out(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("search", help="run the adapters' hyperparameter searches and print every trial (no export)")
@@ -210,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="search this adapter only (default: every adapter with a search block)")
     p.add_argument("--trials", type=int, help="finish this many trials (default: the spec's search.trials)")
     p.add_argument("-v", "--verbose", action="store_true", help="stream Olive's log to the console")
+    scale_out(p)
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("configs", help="write the Olive workflow configs to olive_configs/ and stop (a dry run)")

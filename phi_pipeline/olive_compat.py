@@ -57,7 +57,8 @@ option for early stopping or for reporting progress. :func:`install_trainer_hook
   loss (the workflow sets ``load_best_model_at_end`` and ``metric_for_best_model: eval_loss``, so the best
   checkpoint's weights are what Olive saves as the adapter);
 - ``progress_file``: :class:`ProgressWriter`, one JSON line per trainer log (step, max_steps, loss,
-  eval_loss, time), a ``begin`` line (with the step a resumed run starts from) and an ``end`` line; at the
+  eval_loss, time), a ``begin`` line (with the step a resumed run starts from and the trainer's world size)
+  and an ``end`` line; at the
   end it also writes the trainer's whole state (``trainer_state.json``, the loss history) beside it.
 
 Delete these when Olive's LoRA pass accepts callbacks.
@@ -356,7 +357,9 @@ def progress_writer_class() -> type:
                 f.write(json.dumps(record) + "\n")
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self._write({"event": "begin", "step": state.global_step, "max_steps": state.max_steps, "time": time.time()})
+            # world_size: the trainer's own count of data-parallel processes (torchrun ranks)
+            self._write({"event": "begin", "step": state.global_step, "max_steps": state.max_steps,
+                         "world_size": args.world_size, "time": time.time()})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}

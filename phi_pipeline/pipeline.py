@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,14 @@ from phi_pipeline.cache import Cache, DigestMemo, content_key, file_sha256, tree
 from phi_pipeline.configs import EXPORT_FILE, finetune_file, write_configs
 from phi_pipeline.data import check_data, read_file_rows, validation_indices
 from phi_pipeline.diskspace import space_for, tree_size
+from phi_pipeline.distributed import DEVICE_ENV, DISTRIBUTED_FILE, Launch, describe
 from phi_pipeline.errors import PipelineError, UsageError
+from phi_pipeline.executors import Executor, LocalExecutor, OliveJob, Pending
 from phi_pipeline.plan import AdapterPlan, Plan, is_local_path, make_plan
 from phi_pipeline.olive_compat import HOOKS_ENV
 from phi_pipeline.progress import Stages, TrainingProgress
 from phi_pipeline.publish import publish_dir
 from phi_pipeline.runlock import RunLock
-from phi_pipeline.runner import run_olive
 from phi_pipeline.spec import load_spec
 from phi_pipeline.trained import TrainedAdapter
 from phi_pipeline.versions import package_versions, training_versions
@@ -43,13 +45,19 @@ def load_plan(spec_path: str | Path, target: str, precision: str | None = None) 
     return make_plan(spec, target, source=Path(spec_path).as_posix(), precision=precision)
 
 
-def check_inputs(plan: Plan, sign_key: Path | None = None) -> None:
+def check_inputs(plan: Plan, sign_key: Path | None = None, launch: Launch = Launch()) -> None:
     """Everything that can be checked before training, reported together (UsageError, exit 2)."""
-    problems: list[str] = []
+    problems: list[str] = launch.problems()
     if sign_key is not None:
         from phi_pipeline.signing import check_private_key
 
         problems += [f"--sign-key: {p}" for p in check_private_key(sign_key)]
+    for i, adapter in enumerate(plan.adapters):
+        if launch.world_size(adapter.spec.training.nproc_per_node) > 1 and adapter.spec.lora.method == "qlora":
+            problems.append(
+                f"adapters.{i} ({adapter.name}): lora.method qlora cannot train data-parallel (Olive's QLoRA pass "
+                "puts every rank's 4-bit base on GPU 0; untested here): use method lora, or nproc_per_node 1"
+            )
     for i, adapter in enumerate(plan.adapters):
         problems += check_data(adapter.spec.data, f"adapters.{i}.data ({adapter.name})", adapter.spec.training.seed)
     base = plan.spec.base_model
@@ -146,32 +154,41 @@ def olive_space_needed(plan: Plan) -> int | None:
     return tree_size(Path(plan.base_model)) if plan.base_is_local else None
 
 
-def _run_workflow(
+def olive_job(
     plan: Plan,
     config_file: str,
     outputs: list[Path],
-    echo: bool,
+    executor: Executor,
+    *,
     seed: int | None = None,
     env: dict[str, str] | None = None,
+    launcher: list[str] | None = None,
+    num_gpus: float = 0,
     python: str | None = None,
-) -> None:
-    """Run one of the plan's Olive workflows; a local base keeps Olive offline and inside work_dir."""
+) -> OliveJob:
+    """One of the plan's Olive workflows as a job; a local base keeps Olive offline and inside work_dir. A job
+    that may run beside others (a parallel executor) gets its own Olive cache. `python`: another environment's
+    interpreter that runs the whole workflow (a target's pass environment)."""
     local = plan.base_is_local
-    run_olive(
-        plan.paths.configs_dir / config_file,
-        plan.paths.logs_dir / config_file.replace(".json", ".log"),
-        outputs,
-        echo=echo,
+    name = config_file.removesuffix(".json")
+    return OliveJob(
+        name=name,
+        config=plan.paths.configs_dir / config_file,
+        log=plan.paths.logs_dir / f"{name}.log",
+        outputs=tuple(outputs),
         offline=local,
         hf_cache=plan.paths.hf_cache_dir if local else None,
         seed=seed,
-        env=env,
+        env=env or {},
+        launcher=tuple(launcher) if launcher else None,
+        olive_cache=plan.paths.olive_cache_dir / "tasks" / name if executor.parallel else None,
+        num_gpus=num_gpus,
         python=python,
         space_needed=olive_space_needed(plan),
     )
 
 
-def collect_finetune_result(out: Path) -> Path:
+def collect_finetune_result(out: Path, distributed: dict[str, Any]) -> Path:
     """What a fine-tune leaves for later stages: the adapter (the best checkpoint's, with a validation split),
     the trainer's log history (written by olive_compat's progress hook) and its TensorBoard logs (Olive's
     output also holds a full copy of the base, and the trainer folder its checkpoints: neither is kept)."""
@@ -182,6 +199,7 @@ def collect_finetune_result(out: Path) -> Path:
         shutil.copy2(out / TRAINER_STATE, result / TRAINER_STATE)
     if (out / "trainer" / "runs").is_dir():
         shutil.copytree(out / "trainer" / "runs", result / "tensorboard")
+    (result / DISTRIBUTED_FILE).write_text(json.dumps(distributed, indent=2) + "\n")
     return result
 
 
@@ -267,17 +285,19 @@ def _content_form(document: Any, plan: Plan) -> Any:
     return norm({k: v for k, v in document.items() if k != "workflow_id"})
 
 
-def training_key(plan: Plan, workflow: dict[str, Any], hooks: dict[str, Any], base: str) -> str:
-    """A fine-tune's cache key: its inputs' content, its settings and the training packages' versions."""
-    return content_key(
-        {
-            "stage": "finetune",
-            "base": base,
-            "workflow": _content_form(workflow, plan),
-            "trainer_hooks": _content_form(hooks, plan),
-            "packages": training_versions(),
-        }
-    )
+def training_key(plan: Plan, workflow: dict[str, Any], hooks: dict[str, Any], base: str, world_size: int = 1) -> str:
+    """A fine-tune's cache key: its inputs' content, its settings and the training packages' versions; the
+    world size of a data-parallel fine-tune (it multiplies the effective batch)."""
+    document = {
+        "stage": "finetune",
+        "base": base,
+        "workflow": _content_form(workflow, plan),
+        "trainer_hooks": _content_form(hooks, plan),
+        "packages": training_versions(),
+    }
+    if world_size > 1:  # single-process keys stay as they were
+        document["world_size"] = world_size
+    return content_key(document)
 
 
 def _prepare_finetune_dir(out: Path, key: str) -> str | None:
@@ -303,81 +323,176 @@ def _prepare_finetune_dir(out: Path, key: str) -> str | None:
     return None
 
 
+@dataclass
+class FinetuneContext:
+    stages: Stages
+    cache: Cache
+    base: str
+    echo: bool
+    launch: Launch
+    executor: Executor
+
+
+@dataclass
+class _Finetune:
+    """One adapter's fine-tune between its cache lookup and its cache entry."""
+
+    adapter: AdapterPlan
+    key: str
+    splits: tuple[dict[str, str], dict[str, Any] | None]
+    distributed: dict[str, Any]
+    entry: Path | None = None
+    job: OliveJob | None = None
+    pending: Pending | None = None
+
+
+def _plan_finetune(
+    plan: Plan,
+    adapter: AdapterPlan,
+    config_file: str,
+    workflow: dict[str, Any],
+    ctx: FinetuneContext,
+    splits: tuple[dict[str, str], dict[str, Any] | None],
+) -> _Finetune:
+    """Look the fine-tune up in the cache; on a miss, prepare its work folder (an interrupted fine-tune with
+    the same key resumes from its last checkpoint) and describe its job."""
+    from phi_pipeline.workflows.finetune import trainer_hooks
+
+    nproc = adapter.spec.training.nproc_per_node
+    world = ctx.launch.world_size(nproc)
+    hooks = trainer_hooks(adapter, plan.paths)
+    key = training_key(plan, workflow, hooks, base=ctx.base, world_size=world)
+    task = _Finetune(adapter, key, splits, describe(adapter.spec.training, world, adapter.training_device))
+    task.entry = ctx.cache.get("adapters", key)
+    if task.entry is not None:
+        return task
+    out = plan.paths.finetune_dir(adapter.name)
+    resumed = _prepare_finetune_dir(out, key)
+    if resumed:
+        ctx.stages.say(f"{adapter.name}: resuming the interrupted fine-tune from {resumed}")
+    env = {HOOKS_ENV: json.dumps(hooks)}
+    launcher = None
+    if world > 1:
+        ctx.stages.say(
+            f"{adapter.name}: data-parallel fine-tune under torchrun, world size {world} "
+            f"({task.distributed['backend']}), effective batch {task.distributed['effective_batch_size']}"
+        )
+        launcher = ctx.launch.torchrun_command(nproc)
+        env[DEVICE_ENV] = adapter.training_device
+        if adapter.training_device == "cpu":
+            env["OMP_NUM_THREADS"] = "1"  # one thread per rank: ranks share the cores
+    # rank 0 (on node 0) writes the adapter; another node's ranks leave nothing to collect
+    outputs = [out / "adapter" / name for name in ADAPTER_FILES] if ctx.launch.node_rank == 0 else []
+    task.job = olive_job(
+        plan, config_file, outputs, ctx.executor, seed=adapter.spec.training.seed, env=env, launcher=launcher,
+        num_gpus=ctx.launch.per_node(nproc) if adapter.training_device == "cuda" else 0,
+    )
+    return task
+
+
+def _finish_finetune(plan: Plan, task: _Finetune, ctx: FinetuneContext) -> TrainedAdapter | None:
+    """Wait for the fine-tune's job (the local executor runs it now) and cache its result; None on a node
+    other than node 0 of a multi-node fine-tune (node 0 keeps the adapter)."""
+    if task.entry is None:
+        assert task.job is not None
+        if task.pending is None:
+            task.pending = ctx.executor.submit(task.job, ctx.echo)
+        name = task.adapter.name
+        with TrainingProgress(ctx.stages, name, plan.paths.progress_file(name)):
+            task.pending.result()
+        if ctx.launch.node_rank > 0:
+            return None
+        result = collect_finetune_result(plan.paths.finetune_dir(name), task.distributed)
+        task.entry = ctx.cache.put("adapters", task.key, result, {"adapter": name, "datasets": task.splits[0]})
+    return TrainedAdapter(task.adapter, task.entry, task.key, *task.splits)
+
+
 def _finetune(
     plan: Plan,
     adapter: AdapterPlan,
     config_file: str,
     workflow: dict[str, Any],
-    context: tuple[Stages, Cache, str, bool],
+    ctx: FinetuneContext,
     splits: tuple[dict[str, str], dict[str, Any] | None],
-) -> tuple[TrainedAdapter, bool]:
+) -> tuple[TrainedAdapter | None, bool]:
     """Train one adapter plan from its workflow (written at configs_dir / config_file), or take it from the
-    cache (then the flag is true); an interrupted fine-tune with the same key resumes from its last checkpoint."""
-    from phi_pipeline.workflows.finetune import trainer_hooks
-
-    stages, cache, base, echo = context
-    shas, validation = splits
-    hooks = trainer_hooks(adapter, plan.paths)
-    key = training_key(plan, workflow, hooks, base)
-    entry = cache.get("adapters", key)
-    hit = entry is not None
-    if entry is None:
-        out = plan.paths.finetune_dir(adapter.name)
-        resumed = _prepare_finetune_dir(out, key)
-        if resumed:
-            stages.say(f"{adapter.name}: resuming the interrupted fine-tune from {resumed}")
-        with TrainingProgress(stages, adapter.name, plan.paths.progress_file(adapter.name)):
-            _run_workflow(
-                plan,
-                config_file,
-                [out / "adapter" / name for name in ADAPTER_FILES],
-                echo,
-                seed=adapter.spec.training.seed,
-                env={HOOKS_ENV: json.dumps(hooks)},
-            )
-        entry = cache.put("adapters", key, collect_finetune_result(out), {"adapter": adapter.name, "datasets": shas})
-    return TrainedAdapter(adapter, entry, key, shas, validation), hit
+    cache (then the flag is true)."""
+    task = _plan_finetune(plan, adapter, config_file, workflow, ctx, splits)
+    hit = task.entry is not None
+    return _finish_finetune(plan, task, ctx), hit
 
 
 def train_adapters(
-    plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool, *, only: str | None = None, trials: int | None = None
+    plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool, *, only: str | None = None,
+    trials: int | None = None, launch: Launch = Launch(), executor: Executor | None = None,
 ) -> list[TrainedAdapter]:
-    """Every adapter of the plan (or `only` that one): its own recipe, or its search's best trial."""
+    """Every adapter of the plan (or `only` that one): its own recipe, or its search's best trial.
+
+    A parallel executor gets the stage's cache misses (adapters without a search) submitted together
+    first; the local one trains each in its turn. A failed fine-tune fails the run after the others that
+    were already running have finished and been cached."""
     from phi_pipeline.configs import workflow_configs
     from phi_pipeline.search.run import search_adapter, study_key
     from phi_pipeline.workflows.finetune import trainer_hooks
 
     configs = workflow_configs(plan)
     splits = prepare_splits(plan)
-    context = (stages, cache, base, echo)
+    ctx = FinetuneContext(stages, cache, base, echo, launch, executor or LocalExecutor())
+    adapters = [a for a in plan.adapters if only is None or a.name == only]
+    searched = {a.name for a in adapters if a.spec.search is not None and a.spec.search.enabled}
+    tasks: dict[str, _Finetune] = {}
+    if ctx.executor.parallel:
+        for adapter in adapters:
+            if adapter.name not in searched:
+                file = finetune_file(adapter.name)
+                task = tasks[adapter.name] = _plan_finetune(plan, adapter, file, configs[file], ctx, splits[adapter.name])
+                if task.job is not None:
+                    task.pending = ctx.executor.submit(task.job, echo)
     trained = []
-    for adapter in plan.adapters:
-        if only is not None and adapter.name != only:
-            continue
+    failure: PipelineError | None = None
+    for adapter in adapters:
         config_file = finetune_file(adapter.name)
-        search = adapter.spec.search
         stage = f"finetune:{adapter.name}"
-        if search is not None and search.enabled:
-            default_key = training_key(plan, configs[config_file], trainer_hooks(adapter, plan.paths), base)
-            with stages.stage(stage, f"searching the recipe of adapter {adapter.name!r} ({search.strategy})"):
-                result, _ = search_adapter(
-                    plan,
-                    adapter,
-                    study_key=study_key(adapter, default_key),
-                    train=lambda p, f, w: _finetune(plan, p, f, w, context, splits[adapter.name])[0],
-                    say=stages.say,
-                    trials=trials,
-                )
-        else:
-            with stages.stage(stage, f"fine-tuning adapter {adapter.name!r} ({adapter.spec.lora.method})"):
-                result, hit = _finetune(plan, adapter, config_file, configs[config_file], context, splits[adapter.name])
-                if hit:
-                    stages.mark_cached(stage)
-        trained.append(result)
+        if failure is not None:  # only collect what is already running, so it stays cached
+            task = tasks.get(adapter.name)
+            if task is not None and task.pending is not None:
+                with contextlib.suppress(PipelineError):
+                    _finish_finetune(plan, task, ctx)
+            continue
+        try:
+            if adapter.name in searched:
+                search = adapter.spec.search
+                world = launch.world_size(adapter.spec.training.nproc_per_node)
+                default_key = training_key(plan, configs[config_file], trainer_hooks(adapter, plan.paths), base, world)
+                with stages.stage(stage, f"searching the recipe of adapter {adapter.name!r} ({search.strategy})"):
+                    result, _ = search_adapter(
+                        plan,
+                        adapter,
+                        study_key=study_key(adapter, default_key),
+                        train=lambda p, f, w: _finetune(plan, p, f, w, ctx, splits[adapter.name])[0],
+                        say=stages.say,
+                        trials=trials,
+                    )
+            else:
+                with stages.stage(stage, f"fine-tuning adapter {adapter.name!r} ({adapter.spec.lora.method})"):
+                    task = tasks.get(adapter.name) or _plan_finetune(
+                        plan, adapter, config_file, configs[config_file], ctx, splits[adapter.name]
+                    )
+                    hit = task.entry is not None
+                    result = _finish_finetune(plan, task, ctx)
+                    if hit:
+                        stages.mark_cached(stage)
+        except PipelineError as exc:
+            failure = exc
+            continue
+        if result is not None:
+            trained.append(result)
+    if failure is not None:
+        raise failure
     return trained
 
 
-def export_base(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool) -> Path:
+def export_base(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool, executor: Executor | None = None) -> Path:
     from phi_pipeline.adapters import write_layout_adapter
     from phi_pipeline.configs import workflow_configs
 
@@ -395,7 +510,8 @@ def export_base(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool)
             write_layout_adapter(plan)
             out = plan.paths.export_dir
             shutil.rmtree(out, ignore_errors=True)
-            _run_workflow(plan, EXPORT_FILE, [out / "model.onnx", out / "genai_config.json"], echo)
+            executor = executor or LocalExecutor()
+            executor.submit(olive_job(plan, EXPORT_FILE, [out / "model.onnx", out / "genai_config.json"], executor), echo).result()
             entry = cache.put("exports", key, out, {"pipeline": plan.spec.name, "target": plan.target.name})
         else:
             stages.mark_cached("export")
@@ -403,39 +519,67 @@ def export_base(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool)
 
 
 def export_merged(
-    plan: Plan, stages: Stages, cache: Cache, base: str, trained: list[TrainedAdapter], echo: bool
+    plan: Plan, stages: Stages, cache: Cache, base: str, trained: list[TrainedAdapter], echo: bool,
+    executor: Executor | None = None,
 ) -> dict[str, Path]:
-    """Merged layout: one export per adapter (MergeAdapterWeights, then the target's route)."""
+    """Merged layout: one export per adapter (MergeAdapterWeights, then the target's route); a parallel
+    executor gets the cache misses submitted together."""
     from phi_pipeline.configs import export_file, workflow_configs
 
+    executor = executor or LocalExecutor()
     configs = workflow_configs(plan)
-    variants = {}
-    for t in trained:
-        name = t.plan.name
-        key = content_key(
+    keys = {
+        t.plan.name: content_key(
             {
                 "stage": "export-merged",
                 "base": base,
                 "adapter": t.key,
-                "workflow": _content_form(configs[export_file(name)], plan),
+                "workflow": _content_form(configs[export_file(t.plan.name)], plan),
                 "packages": package_versions(),
             }
         )
+        for t in trained
+    }
+
+    def submit(t: TrainedAdapter) -> Pending:
+        name = t.plan.name
+        # the workflow reads the trained adapter from a stable run path, not the cache
+        adapter_dir = plan.paths.trained_adapter_dir(name)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        shutil.copytree(t.folder / "adapter", adapter_dir)
+        out = plan.paths.merged_export_dir(name)
+        shutil.rmtree(out, ignore_errors=True)
+        job = olive_job(plan, export_file(name), [out / "genai_config.json"], executor, python=plan.target.export_python)
+        return executor.submit(job, echo)
+
+    def finish(name: str, job: Pending) -> Path:
+        job.result()
+        return cache.put("exports", keys[name], plan.paths.merged_export_dir(name), {"pipeline": plan.spec.name, "adapter": name})
+
+    pending = {t.plan.name: submit(t) for t in trained if executor.parallel and cache.get("exports", keys[t.plan.name]) is None}
+    variants = {}
+    failure: PipelineError | None = None
+    for t in trained:
+        name = t.plan.name
+        if failure is not None:  # exports already running finish and stay cached
+            if name in pending:
+                with contextlib.suppress(PipelineError):
+                    finish(name, pending[name])
+            continue
         stage = f"export:{name}"
-        with stages.stage(stage, f"exporting the model with adapter {name!r} merged ({plan.target.name}, {plan.precision})"):
-            entry = cache.get("exports", key)
-            if entry is None:
-                # the workflow reads the trained adapter from a stable run path, not the cache
-                adapter_dir = plan.paths.trained_adapter_dir(name)
-                shutil.rmtree(adapter_dir, ignore_errors=True)
-                shutil.copytree(t.folder / "adapter", adapter_dir)
-                out = plan.paths.merged_export_dir(name)
-                shutil.rmtree(out, ignore_errors=True)
-                _run_workflow(plan, export_file(name), [out / "genai_config.json"], echo, python=plan.target.export_python)
-                entry = cache.put("exports", key, out, {"pipeline": plan.spec.name, "adapter": name})
-            else:
-                stages.mark_cached(stage)
+        try:
+            with stages.stage(stage, f"exporting the model with adapter {name!r} merged ({plan.target.name}, {plan.precision})"):
+                entry = cache.get("exports", keys[name])
+                if entry is None:
+                    entry = finish(name, pending.get(name) or submit(t))
+                else:
+                    stages.mark_cached(stage)
+        except PipelineError as exc:
+            failure = exc
+            continue
         variants[name] = entry
+    if failure is not None:
+        raise failure
     return variants
 
 
@@ -477,7 +621,8 @@ def _evaluate_and_gate(plan: Plan, staged: Path, trained: list[TrainedAdapter], 
 
 
 def search(
-    spec_path: str | Path, target: str, *, adapter: str | None = None, trials: int | None = None, echo: bool = False
+    spec_path: str | Path, target: str, *, adapter: str | None = None, trials: int | None = None, echo: bool = False,
+    launch: Launch = Launch(), executor: Executor | None = None,
 ) -> list[TrainedAdapter]:
     """`phi-pipeline search`: the adapters' searches alone (each best trial trained and cached, nothing exported)."""
     plan = load_plan(spec_path, target)
@@ -493,9 +638,11 @@ def search(
         problems.append("no adapter has a search block: add search: {space: ...} at the top level or to an adapter")
     if trials is not None and trials < 1:
         problems.append("--trials: give a number of trials >= 1")
+    if launch.nnodes > 1:
+        problems.append("--nnodes: a search scores each trial on node 0 only; search on one node")
     if problems:
         raise UsageError(plan.source, problems)
-    check_inputs(plan)
+    check_inputs(plan, launch=launch)
     stages = Stages()
     write_configs(plan)
     ensure_base(plan, stages)
@@ -505,7 +652,10 @@ def search(
     memo.save()
     names = [adapter] if adapter else searched
     with RunLock(plan.paths.finetune_lock, f"the fine-tunes of pipeline {plan.spec.name!r}", wait=True, say=stages.say):
-        return [t for name in names for t in train_adapters(plan, stages, cache, base, echo, only=name, trials=trials)]
+        return [
+            t for name in names
+            for t in train_adapters(plan, stages, cache, base, echo, only=name, trials=trials, launch=launch, executor=executor)
+        ]
 
 
 def run(
@@ -517,8 +667,11 @@ def run(
     no_gate: bool = False,
     sign_key: Path | None = None,
     no_wait: bool = False,
-) -> Path:
-    """The whole pipeline; returns the published bundle folder.
+    launch: Launch = Launch(),
+    executor: Executor | None = None,
+) -> Path | None:
+    """The whole pipeline; returns the published bundle folder (None on a node other than node 0 of a
+    multi-node fine-tune: it trains, node 0 exports and publishes).
 
     The staged bundle is evaluated before it is published; a failed publish gate raises
     PipelineError and leaves the published bundle as it was, unless `no_gate`. One run per pipeline
@@ -526,7 +679,7 @@ def run(
     `sign_key` the bundle is signed (model-signing) before it is published.
     """
     plan = load_plan(spec_path, target, precision)
-    check_inputs(plan, sign_key)
+    check_inputs(plan, sign_key, launch)
     stages = Stages()
     name = plan.spec.name
     with RunLock(plan.paths.run_lock, f"pipeline {name!r} for target {target}", wait=not no_wait, say=stages.say):
@@ -535,18 +688,34 @@ def run(
         cache = Cache(plan.paths.cache_dir, memo, warn=stages.say)
         published = False
         try:
-            _run_locked(plan, stages, cache, memo, echo=echo, no_gate=no_gate, sign_key=sign_key, no_wait=no_wait)
-            published = True
+            published = _run_locked(
+                plan, stages, cache, memo, echo=echo, no_gate=no_gate, sign_key=sign_key, no_wait=no_wait,
+                launch=launch, executor=executor,
+            )
         finally:
             with contextlib.suppress(OSError):  # bookkeeping for `cache prune`; never hides the run's own error
                 cache.record_use(name, plan.target.name, published)
+    if not published:
+        stages.say(f"node {launch.node_rank}: training done; node 0 exports, evaluates and publishes")
+        return None
     stages.say(f"published {plan.paths.bundle_dir}")
     return plan.paths.bundle_dir
 
 
 def _run_locked(
-    plan: Plan, stages: Stages, cache: Cache, memo: DigestMemo, *, echo: bool, no_gate: bool, sign_key: Path | None, no_wait: bool
-) -> None:
+    plan: Plan,
+    stages: Stages,
+    cache: Cache,
+    memo: DigestMemo,
+    *,
+    echo: bool,
+    no_gate: bool,
+    sign_key: Path | None,
+    no_wait: bool,
+    launch: Launch,
+    executor: Executor | None,
+) -> bool:
+    """The run under its lock; False on a node other than node 0 (it trains only), True once published."""
     write_configs(plan)
     ensure_base(plan, stages)
     base = base_digest(plan, memo)
@@ -556,14 +725,16 @@ def _run_locked(
     # every target of a pipeline fine-tunes into the same folder and cache entries
     with RunLock(plan.paths.finetune_lock, f"the fine-tunes of pipeline {plan.spec.name!r}", wait=not no_wait, say=stages.say):
         with space_for(work, olive_space, "the fine-tune results"):
-            trained = train_adapters(plan, stages, cache, base, echo)
+            trained = train_adapters(plan, stages, cache, base, echo, launch=launch, executor=executor)
+    if launch.node_rank > 0:
+        return False
     with space_for(work, olive_space, "the export"):
         if plan.layout == "merged":
-            variants = export_merged(plan, stages, cache, base, trained, echo)
+            variants = export_merged(plan, stages, cache, base, trained, echo, executor)
             assemble = functools.partial(bundle.stage_merged, plan, variants, trained, stages)
             exported = list(variants.values())
         else:
-            export = export_base(plan, stages, cache, base, echo)
+            export = export_base(plan, stages, cache, base, echo, executor)
             assemble = functools.partial(bundle.stage, plan, export, trained, stages)
             exported = [export]
     staged = bundle.staging_dir(plan)
@@ -585,3 +756,4 @@ def _run_locked(
                 publish_dir(staged, plan.paths.bundle_dir)
     finally:  # also on an interrupt or a full disk: no staging is left behind
         shutil.rmtree(staged, ignore_errors=True)  # gone already when published
+    return True

@@ -60,11 +60,14 @@ def run_olive(
     env: dict[str, str] | None = None,
     python: str | None = None,
     space_needed: int | None = None,
+    launcher: list[str] | None = None,
+    cwd: Path | None = None,
+    header: str | None = None,
 ) -> float:
     """Run one workflow; return its wall time in seconds. `seed` seeds Olive's process (olive_compat);
     `env` adds variables to its environment; `python`: another environment's interpreter (a target's pass
     environment) to run Olive with; `space_needed`, an estimate of what it writes, is quoted if the disk
-    fills up."""
+    fills up; `launcher` replaces `python -m phi_pipeline.olive_compat` (torchrun and the rank entry point)."""
     return run_olive_command(
         ["run", "--config", str(config_path)],
         log_path,
@@ -76,6 +79,9 @@ def run_olive(
         env=env,
         python=python,
         space_needed=space_needed,
+        launcher=launcher,
+        cwd=cwd,
+        header=header,
     )
 
 
@@ -91,20 +97,30 @@ def run_olive_command(
     env: dict[str, str] | None = None,
     python: str | None = None,
     space_needed: int | None = None,
+    launcher: list[str] | None = None,
+    cwd: Path | None = None,
+    header: str | None = None,
 ) -> float:
     """Any `olive` command, through the compatibility wrapper; return its wall time in seconds.
 
     With `python` (another environment, which has Olive but not phi-pipeline) Olive's own CLI runs
-    there: the wrapper's shim is for onnxruntime-genai's Model Builder, which such workflows do not run."""
+    there: the wrapper's shim is for onnxruntime-genai's Model Builder, which such workflows do not run.
+    `cwd`: the project root relative paths are read from (a Ray worker's own folder is another); `header`:
+    a first log line."""
     outputs = list(expected_outputs)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if python is not None and not Path(python).exists():
         raise PipelineError(f"{python} not found: this target's export runs in that environment (make venv TARGET=...)")
-    cmd = [python, "-m", "olive", *olive_args] if python else [sys.executable, "-m", "phi_pipeline.olive_compat", *olive_args]
+    if python:
+        cmd = [python, "-m", "olive", *olive_args]
+    else:
+        cmd = [*(launcher or [sys.executable, "-m", "phi_pipeline.olive_compat"]), *olive_args]
     what = " ".join(olive_args)
     tail: collections.deque[str] = collections.deque(maxlen=25)
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
+        if header:
+            log.write(header + "\n")
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(
@@ -114,6 +130,7 @@ def run_olive_command(
             text=True,
             env=olive_env(offline, hf_cache) | ({SEED_ENV: str(seed)} if seed is not None else {}) | (env or {}),
             bufsize=1,
+            cwd=cwd,
         )
         assert proc.stdout is not None
         try:

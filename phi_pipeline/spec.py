@@ -149,6 +149,13 @@ class TrainingSpec(_Model):
     torch_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="dtype the base model is loaded in for training (float32 on CPU is fastest)."
     )
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        description="Data-parallel processes per node: above 1, the fine-tune runs under torchrun, one rank per "
+        "process (one GPU each on CUDA); the effective batch is batch_size x world size x "
+        "gradient_accumulation_steps. phi-pipeline run --nproc-per-node overrides it.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="Where adapters train. auto: on CUDA when building the cuda target, else on CPU. The fine-tune "

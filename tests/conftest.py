@@ -60,8 +60,8 @@ def tiny_bundle(tmp_path_factory) -> Path:
 FAST_STEPS = 4
 
 
-def write_fast_spec(project: Path) -> None:
-    """pipelines/fast.yaml: the tiny spec with a few steps and gates that always pass."""
+def fast_spec() -> dict:
+    """The tiny spec with a few steps and gates that always pass."""
     import yaml
 
     spec = yaml.safe_load((ROOT / "pipelines/tiny-phi3.yaml").read_text())
@@ -71,7 +71,14 @@ def write_fast_spec(project: Path) -> None:
         adapter.pop("training", None)
         adapter.pop("gates", None)
     spec["gates"] = {"min_gain_over_base": -1000.0, "max_drop_vs_pytorch": 1000.0, "max_perplexity_ratio": 1000.0}
-    (project / "pipelines/fast.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return spec
+
+
+def write_fast_spec(project: Path) -> None:
+    """pipelines/fast.yaml: fast_spec()."""
+    import yaml
+
+    (project / "pipelines/fast.yaml").write_text(yaml.safe_dump(fast_spec(), sort_keys=False))
 
 
 @pytest.fixture(scope="session")

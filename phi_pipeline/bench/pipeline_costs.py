@@ -5,7 +5,8 @@ project, whose .phi-pipeline/ and dist/ other runs use):
 
 1. `phi-pipeline run` of the tiny default spec, in a driver process that records the wall time of
    every `olive run` it starts and of the layout adapter it writes (wrappers around
-   pipeline.run_olive and adapters.write_layout_adapter; nothing else is changed);
+   executors.run_olive (where the pipeline's jobs call it) and adapters.write_layout_adapter; nothing else
+   is changed);
 2. the same generated Olive workflows run by hand, one `olive run --config` each, as a user
    would without phi-pipeline (the export through `python -m phi_pipeline.olive_compat`, because
    plain `olive` cannot run Model Builder with onnxruntime-genai 0.18; see olive_compat.py).
@@ -164,11 +165,12 @@ def measure_pipeline_costs(root: Path, scratch: Path, target: str = "cpu", reps:
 def _drive(spec: str, target: str, out: Path) -> None:
     """Driver-process side of run_pipeline: time each Olive run and the layout adapter, then run."""
     import phi_pipeline.adapters as adapters
+    import phi_pipeline.executors as executors
     import phi_pipeline.pipeline as pipeline
 
     olive_runs: list[dict[str, Any]] = []
     layout: list[float] = []
-    run_olive, write_layout_adapter = pipeline.run_olive, adapters.write_layout_adapter
+    run_olive, write_layout_adapter = executors.run_olive, adapters.write_layout_adapter
 
     def timed_run_olive(config_path: Path, *args: Any, **kwargs: Any) -> float:
         start = time.perf_counter()
@@ -183,7 +185,7 @@ def _drive(spec: str, target: str, out: Path) -> None:
         layout.append(round(time.perf_counter() - start, 2))
         return path
 
-    pipeline.run_olive, adapters.write_layout_adapter = timed_run_olive, timed_layout
+    executors.run_olive, adapters.write_layout_adapter = timed_run_olive, timed_layout
     pipeline.run(spec, target)
     out.write_text(json.dumps({"olive_runs": olive_runs, "layout_adapter_s": sum(layout)}))
 
