@@ -24,6 +24,10 @@ from phi_pipeline.spec import DataSpec, EvalSpec, GateSpec
 # ------------------------------------------------------------------------------------------ metrics
 
 
+def test_bleu_of_right_answers_shorter_than_four_words_is_100():
+    assert score(["bleu"], ["the hot house", "my short room"], ["the hot house", "my short room"])["bleu"] == pytest.approx(100)
+
+
 def test_library_metrics_equal_the_libraries_own_figures_on_the_same_strings():
     import sacrebleu
     from rouge_score.rouge_scorer import RougeScorer
@@ -33,7 +37,7 @@ def test_library_metrics_equal_the_libraries_own_figures_on_the_same_strings():
     refs = ["the cat sat on a mat", "the quick brown fox jumps", "hello world", "nothing"]
     figures = score(["chrf", "bleu", "rougeL"], hyps, refs)
     assert figures["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
-    assert figures["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert figures["bleu"] == pytest.approx(sacrebleu.BLEU(effective_order=True).corpus_score(hyps, [refs]).score)
     scorer = RougeScorer(["rougeL"])
     assert figures["rougeL"] == pytest.approx(sum(scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)) / 4)
     labels_hyp, labels_ref = ["pos", "neg", "neg", "maybe"], ["pos", "pos", "neg", "neg"]

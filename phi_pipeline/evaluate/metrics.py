@@ -52,11 +52,14 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """sacreBLEU corpus BLEU (13a tokenization, 4-grams, exponential smoothing), 0-100."""
+    """sacreBLEU corpus BLEU (13a tokenization, up to 4-grams, exponential smoothing), 0-100.
+
+    effective_order: n-gram orders the corpus has none of are left out, so answers shorter than four words
+    (labels, short phrases) are not scored 0 however right they are; with 4-gram-long text it is plain BLEU."""
     from sacrebleu.metrics import BLEU
 
     hyps, refs = _stripped(hypotheses, references)
-    return float(BLEU().corpus_score(hyps, [refs]).score) if refs else 0.0
+    return float(BLEU(effective_order=True).corpus_score(hyps, [refs]).score) if refs else 0.0
 
 
 def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
