@@ -24,6 +24,7 @@ from phi_pipeline.cache import file_sha256, tree_files
 from phi_pipeline.distributed import DISTRIBUTED_FILE, describe
 from phi_pipeline.runlock import pid_alive
 from phi_pipeline.search.study import OBJECTIVE_NAMES
+from phi_pipeline.trained import TRAINER_STATE
 from phi_pipeline.versions import package_versions
 
 if TYPE_CHECKING:
@@ -235,7 +236,7 @@ def trained_distributed(t: "TrainedAdapter") -> dict[str, Any]:
 def training_history(folder: Path) -> list[dict[str, Any]]:
     """The trainer's logged history (loss, eval_loss, learning rate by step) of a fine-tune result."""
     try:
-        return json.loads((folder / "trainer_state.json").read_text()).get("log_history", [])
+        return json.loads((folder / TRAINER_STATE).read_text()).get("log_history", [])
     except (OSError, ValueError):
         return []
 

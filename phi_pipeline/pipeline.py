@@ -31,11 +31,10 @@ from phi_pipeline.progress import Stages, TrainingProgress
 from phi_pipeline.publish import publish_dir
 from phi_pipeline.runlock import RunLock
 from phi_pipeline.spec import load_spec
-from phi_pipeline.trained import TrainedAdapter
+from phi_pipeline.trained import TRAINER_STATE, TrainedAdapter
 from phi_pipeline.versions import package_versions, training_versions
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TRAINER_STATE = "trainer_state.json"
 TRAINING_KEY_FILE = "training-key"
 """In a fine-tune's work folder: the cache key its checkpoints belong to (a resumed run must have the same)."""
 

@@ -9,6 +9,10 @@ from typing import Any
 from phi_pipeline.plan import AdapterPlan
 
 
+TRAINER_STATE = "trainer_state.json"
+"""In a fine-tune result: the trainer's state, its log_history the loss curves."""
+
+
 @dataclass(frozen=True)
 class TrainedAdapter:
     plan: AdapterPlan

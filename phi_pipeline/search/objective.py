@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from phi_pipeline.data import load_examples
 from phi_pipeline.plan import AdapterPlan, Plan
 from phi_pipeline.search.study import TrialFailed
+from phi_pipeline.bundle import training_history
 from phi_pipeline.trained import TrainedAdapter
-
-TRAINER_STATE = "trainer_state.json"
 
 
 def validation_loss(trained: TrainedAdapter) -> float:
     """The validation loss of the adapter the trial ships: the best evaluation's when the trainer kept its
     best checkpoint (load_best_model_at_end), else the last one's."""
-    try:
-        state = json.loads((trained.folder / TRAINER_STATE).read_text())
-    except (OSError, ValueError) as exc:
-        raise TrialFailed(f"no trainer state to read the validation loss from ({exc})") from None
-    losses = [h["eval_loss"] for h in state.get("log_history", []) if "eval_loss" in h]
+    losses = [h["eval_loss"] for h in training_history(trained.folder) if "eval_loss" in h]
     if not losses:
-        raise TrialFailed("the trainer logged no validation loss (is there a validation split?)")
+        raise TrialFailed("the trainer logged no validation loss (no trainer state, or no validation split?)")
     if any(not math.isfinite(x) for x in losses):
         return float("nan")
     return min(losses) if trained.plan.spec.training.load_best_model_at_end else losses[-1]

@@ -7,13 +7,13 @@ a trial's work folder and cache key follow from its settings, not its number.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from typing import Any, Callable
 
 from pydantic import ValidationError
 
 from phi_pipeline.cache import content_key
+from phi_pipeline.bundle import training_history
 from phi_pipeline.configs import render
 from phi_pipeline.plan import AdapterPlan, Plan
 from phi_pipeline.search.objective import validation_loss, validation_metric
@@ -82,11 +82,7 @@ def search_adapter(
 
 
 def _train_seconds(trained: TrainedAdapter) -> float | None:
-    try:
-        history = json.loads((trained.folder / "trainer_state.json").read_text()).get("log_history", [])
-    except (OSError, ValueError):
-        return None
-    runtimes = [h["train_runtime"] for h in history if "train_runtime" in h]
+    runtimes = [h["train_runtime"] for h in training_history(trained.folder) if "train_runtime" in h]
     return round(runtimes[-1], 1) if runtimes else None
 
 
