@@ -96,7 +96,7 @@ def test_peer_section_compares_the_tiny_bundle_with_llama_cpp(tmp_path, monkeypa
     from test_bench import _olive_in_process, _tokenizer
 
     import phi_pipeline.runner
-    from phi_pipeline.bench import report, run
+    from phi_pipeline.bench import report, run, tuning
 
     built = _built_llama_cpp()
     monkeypatch.setattr(phi_pipeline.runner, "run_olive", _olive_in_process)
@@ -112,5 +112,8 @@ def test_peer_section_compares_the_tiny_bundle_with_llama_cpp(tmp_path, monkeypa
             assert p["decode_tok_s"]["median"] > 0 and p["ttft_s"]["median"] > 0, row
     assert {"gguf_Q4_0", "gguf_Q4_K_M", "gguf_lora_r8", "bundle_int4", "onnx_adapter_r8"} <= set(result["sizes_bytes"])
     assert result["ratios"]["decode_vs_llama_q4_0@16"]["n"] == 1
+    assert [t["name"] for t in result["tried"]] == [v.name for v in tuning.VARIANTS]
+    assert all(t["decode_vs_shipped"]["16"]["n"] == 1 for t in result["tried"])
     lines = report.peer_lines(result)
     assert any(line.startswith("| bundle int4 |") for line in lines)
+    assert any(line.startswith("| no LoRA inputs |") for line in lines)

@@ -73,6 +73,8 @@ class DecodeConfig:
     operator with and without an adapter (both in adapter_costs.py)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Mode-specific settings (adapter_costs.py)."""
+    session_options: dict[str, Any] = field(default_factory=dict)
+    """onnx: decoder session options laid over the model's genai_config.json (tuning.py's variants)."""
 
 
 def random_prompt(length: int, vocab_size: int, seed: int = 0) -> list[int]:
@@ -207,8 +209,9 @@ class TorchRunner:
 
 
 def make_runner(config: DecodeConfig) -> OnnxRunner | TorchRunner:
-    runner = OnnxRunner if config.engine == "onnx" else TorchRunner
-    return runner(config.model, config.threads, config.device)
+    if config.engine == "onnx":
+        return OnnxRunner(config.model, config.threads, config.device, config.session_options)
+    return TorchRunner(config.model, config.threads, config.device)
 
 
 def adapter_name(config: DecodeConfig) -> str | None:

@@ -169,8 +169,11 @@ def make_random_adapter(base_dir: Path, out: Path, *, r: int, seed: int, target_
     return out
 
 
-def bench_spec(name: str, base_dir: Path, ranks: dict[str, int], precision: str, work: Path) -> str:
-    """A pipeline spec (YAML text) for the benchmark base and its adapters, all paths under `work`.
+def bench_spec(
+    name: str, base_dir: Path, ranks: dict[str, int], precision: str, work: Path, export_options: dict[str, Any] | None = None
+) -> str:
+    """A pipeline spec (YAML text) for the benchmark base and its adapters, all paths under `work`;
+    `export_options`: ExportSpec fields beside the precision (tuning.py's variants).
 
     The adapters' data files exist only because a spec needs them: nothing is trained.
     """
@@ -189,7 +192,7 @@ def bench_spec(name: str, base_dir: Path, ranks: dict[str, int], precision: str,
             }
             for adapter, r in ranks.items()
         ],
-        "export": {"precision": precision},
+        "export": {"precision": precision, **(export_options or {})},
         "output_dir": str(work / "dist"),
         "work_dir": str(work / "work"),
     }
@@ -207,10 +210,12 @@ class ExportedBundle:
 
 
 def export_bundle(
-    base_dir: Path, adapters: dict[str, Path], ranks: dict[str, int], precision: str, work: Path, target: str = "cpu"
+    base_dir: Path, adapters: dict[str, Path], ranks: dict[str, int], precision: str, work: Path, target: str = "cpu",
+    export_options: dict[str, Any] | None = None,
 ) -> ExportedBundle:
-    """Export `base_dir` at `precision` with the pipeline's export workflow and publish a bundle
-    holding `adapters` (name -> folder with adapter/), converted and verified by bundle.py."""
+    """Export `base_dir` at `precision` (and `export_options`, ExportSpec fields) with the pipeline's
+    export workflow and publish a bundle holding `adapters` (name -> folder with adapter/), converted
+    and verified by bundle.py."""
     from phi_pipeline import bundle
     from phi_pipeline.adapters import write_layout_adapter
     from phi_pipeline.configs import EXPORT_FILE, render, workflow_configs
@@ -225,7 +230,7 @@ def export_bundle(
 
     work.mkdir(parents=True, exist_ok=True)
     name = f"bench-{precision}"
-    spec_text = bench_spec(name, base_dir, ranks, precision, work)
+    spec_text = bench_spec(name, base_dir, ranks, precision, work, export_options)
     plan = make_plan(parse_spec(spec_text, str(work / "spec.yaml")), target, source=str(work / "spec.yaml"))
     workflow = render(workflow_configs(plan)[EXPORT_FILE])
     record = {

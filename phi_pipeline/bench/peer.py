@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from phi_pipeline.bench.stats import summary
+from phi_pipeline.bench.stats import paired_ratio, summary
 from phi_pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -152,10 +152,13 @@ def sentencepiece_model(hf_dir: Path, out: Path, *, seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(out.with_suffix("")), model_type="bpe",
-        # a soft limit (room for every character of a small tokenizer's text), never above the model's
-        # rows: the converter indexes its table by piece id
-        vocab_size=min(max(len(tokenizer), 256), model_vocab), hard_vocab_limit=False,
+        # a soft limit (room for the 256 byte pieces and every character of a small tokenizer's text),
+        # never above the model's rows: the converter indexes its table by piece id
+        vocab_size=min(max(len(tokenizer), 512), model_vocab), hard_vocab_limit=False,
         unk_id=0, unk_piece=specials[0][1].content, bos_id=-1, eos_id=-1, pad_id=-1,
+        # byte pieces: llama.cpp's SPM tokenizer spells any piece it lacks (the leading "▁" too) in
+        # them, and aborts (unordered_map::at) where they are missing
+        byte_fallback=True,
         user_defined_symbols=[t.content for _, t in specials[1:]], minloglevel=2,
     )
     return out
@@ -187,7 +190,7 @@ def convert(peer: LlamaCpp, base: Path, peft_adapter: Path, work: Path, say: Cal
 
     record = {"base": json.loads((base / "bench_record.json").read_text())["record"],
               "adapter": json.loads((peft_adapter.parent / "bench_record.json").read_text())["record"],
-              "llama.cpp": peer.home.name, "quants": list(QUANTS)}
+              "llama.cpp": peer.home.name, "quants": list(QUANTS), "tokenizer.model": "bpe, byte fallback"}
     models = PeerModels({q: work / f"base-{q}.gguf" for q in QUANTS}, work / "lora-r8-f32.gguf")
     if built_from(work, record) is not None and all(p.is_file() for p in [*models.gguf.values(), models.lora]):
         return models
@@ -270,7 +273,7 @@ def llama_completion(peer: LlamaCpp, model: Path, prompt_file: Path, opts: "Benc
     if lora is not None:
         cmd += ["--lora", str(lora)]
     for attempt in range(1, attempts + 1):
-        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL)
         text = proc.stdout + proc.stderr
         log.write_text(text)
         if proc.returncode != 0:
@@ -280,12 +283,15 @@ def llama_completion(peer: LlamaCpp, model: Path, prompt_file: Path, opts: "Benc
     raise ValueError(f"attempts must be >= 1, not {attempts}")
 
 
-def _bundle_round(bundle: Path, adapter: Path | None, opts: "BenchOptions", scratch: Path, label: str) -> dict[str, Any]:
-    """One request per prompt length on the bundle as shipped (its genai_config.json's threads)."""
+def _bundle_round(bundle: Path, adapter: Path | None, opts: "BenchOptions", scratch: Path, label: str,
+                  session_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One request per prompt length on the bundle as shipped (its genai_config.json's threads), or
+    with `session_options` laid over its decoder's."""
     from phi_pipeline.bench.decode import DecodeConfig, run_config
 
     cfg = DecodeConfig(label, "onnx", str(bundle), adapter=str(adapter) if adapter else None, threads=None,
-                       prompt_lens=opts.prompt_lens, new_tokens=opts.new_tokens, reps=1, device="cpu")
+                       prompt_lens=opts.prompt_lens, new_tokens=opts.new_tokens, reps=1, device="cpu",
+                       session_options=session_options or {})
     result = run_config(cfg, scratch)
     if "error" in result:
         raise PeerError(result["error"])
@@ -304,21 +310,15 @@ ROWS = (
 )
 
 
-def measure_rounds(run_row: Callable[[str, int], dict[str, Any]], rounds: int, say: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
-    """Every row once per round, in ROWS order: {row name: [round results]}."""
-    out: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in ROWS}
+def measure_rounds(names: list[str], run_row: Callable[[str, int], dict[str, Any]], rounds: int,
+                   say: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
+    """Every row once per round, in `names` order: {row name: [round results]}."""
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for i in range(rounds):
-        for name, *_ in ROWS:
+        for name in names:
             say(f"peer round {i + 1}/{rounds}: {name}")
             out[name].append(run_row(name, i))
     return out
-
-
-def _per_round(a: list[dict[str, Any]], b: list[dict[str, Any]], length: str, key: str, invert: bool = False) -> dict[str, Any]:
-    """Median [min-max] of a/b per round (b/a with invert: for times, where lower is better)."""
-    values = [(y[length][key] / x[length][key]) if invert else (x[length][key] / y[length][key])
-              for x, y in zip(a, b) if length in x and length in y and x[length].get(key) and y[length].get(key)]
-    return summary(values)
 
 
 def summarize(rounds: dict[str, list[dict[str, Any]]], sizes: dict[str, int], prompt_lens: tuple[int, ...]) -> dict[str, Any]:
@@ -337,13 +337,13 @@ def summarize(rounds: dict[str, list[dict[str, Any]]], sizes: dict[str, int], pr
     ratios: dict[str, Any] = {}
     bundle, q40 = rounds["bundle int4"], rounds["llama.cpp Q4_0"]
     for n in map(str, prompt_lens):
-        ratios[f"decode_vs_llama_q4_0@{n}"] = _per_round(bundle, q40, n, "decode_tok_s")
-        ratios[f"decode_vs_llama_q4_k_m@{n}"] = _per_round(bundle, rounds["llama.cpp Q4_K_M"], n, "decode_tok_s")
-        ratios[f"first_token_speed_vs_llama_q4_0@{n}"] = _per_round(bundle, q40, n, "ttft_s", invert=True)
+        ratios[f"decode_vs_llama_q4_0@{n}"] = paired_ratio(bundle, q40, n, "decode_tok_s")
+        ratios[f"decode_vs_llama_q4_k_m@{n}"] = paired_ratio(bundle, rounds["llama.cpp Q4_K_M"], n, "decode_tok_s")
+        ratios[f"first_token_speed_vs_llama_q4_0@{n}"] = paired_ratio(bundle, q40, n, "ttft_s", invert=True)
         ratios[f"adapter_decode_cost_bundle@{n}"] = _cost(rounds["bundle int4 + r8"], bundle, n)
         ratios[f"adapter_decode_cost_llama_cpp@{n}"] = _cost(rounds["llama.cpp Q4_0 + r8 (llama-completion)"],
                                                             rounds["llama.cpp Q4_0 (llama-completion)"], n)
-        ratios[f"decode_vs_llama_q4_0_with_r8@{n}"] = _per_round(
+        ratios[f"decode_vs_llama_q4_0_with_r8@{n}"] = paired_ratio(
             rounds["bundle int4 + r8"], rounds["llama.cpp Q4_0 + r8 (llama-completion)"], n, "decode_tok_s")
     ratios["size_vs_llama_q4_0"] = round(sizes["bundle_int4"] / sizes["gguf_Q4_0"], 4)
     ratios["size_vs_llama_q4_k_m"] = round(sizes["bundle_int4"] / sizes["gguf_Q4_K_M"], 4)
@@ -358,8 +358,9 @@ def _cost(with_: list[dict[str, Any]], without: list[dict[str, Any]], length: st
 
 def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, Any]:
     """The whole peer section: build, convert, interleaved rounds, sizes and ratios."""
+    from phi_pipeline.bench import tuning
     from phi_pipeline.bench.decode import TORCH_PRECISION
-    from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter
+    from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter, merged_bundle
     from phi_pipeline.bench.run import ADAPTER_RANKS, TABLE_ADAPTER, folder_bytes
     from phi_pipeline.spec import DEFAULT_TARGET_MODULES
 
@@ -375,6 +376,16 @@ def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, An
     bundle = export_bundle(base, peft, ADAPTER_RANKS, "int4", work / "int4", "cpu").bundle
     adapter = bundle / "adapters" / f"{TABLE_ADAPTER}.onnx_adapter"
     models = convert(peer, base, peft[TABLE_ADAPTER] / "adapter", work / "llama.cpp", say)
+
+    def tuned_export(v: tuning.Variant) -> Path:
+        say(f"exporting the variant tried: {v.name}")
+        return export_bundle(base, peft, ADAPTER_RANKS, "int4", work / "tried" / tuning.slug(v), "cpu", v.export).bundle
+
+    def merged() -> Path:
+        say("exporting the merged variant (no LoRA inputs)")
+        return merged_bundle(base, peft[TABLE_ADAPTER] / "adapter", ADAPTER_RANKS[TABLE_ADAPTER], "int4", work / "merged-int4")
+
+    tuned = tuning.prepare(bundle, tuned_export, merged)
     scratch = work / "peer-runs"
     scratch.mkdir(parents=True, exist_ok=True)
     prompts = {}
@@ -397,9 +408,13 @@ def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, An
         "llama.cpp Q4_0 (llama-completion)": lambda i: completion("completion", i, None),
         "llama.cpp Q4_0 + r8 (llama-completion)": lambda i: completion("completion-r8", i, models.lora),
     }
-    rounds = measure_rounds(lambda name, i: runners[name](i), opts.peer_rounds, say)
+    for t in tuned:
+        runners[tuning.row_name(t.variant)] = lambda i, t=t: _bundle_round(
+            t.model, None, opts, scratch, f"peer-{tuning.slug(t.variant)}-{i}", t.session_options)
+    rounds = measure_rounds(list(runners), lambda name, i: runners[name](i), opts.peer_rounds, say)
     sizes = {"bundle_int4": folder_bytes(bundle, exclude=("adapters",)), "onnx_adapter_r8": adapter.stat().st_size,
              **{f"gguf_{q}": p.stat().st_size for q, p in models.gguf.items()}, "gguf_lora_r8": models.lora.stat().st_size}
+    tuned_sizes = {t.variant.name: folder_bytes(t.model, exclude=("adapters",)) for t in tuned}
     genai = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"].get("session_options", {})
     return {
         "llama_cpp": {"llama-cpp-python sdist": version, "cmake_options": list(CMAKE_OPTIONS), "threads": opts.threads},
@@ -408,5 +423,6 @@ def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, An
         "rounds": opts.peer_rounds,
         "sizes_bytes": sizes,
         **summarize(rounds, sizes, opts.prompt_lens),
+        "tried": tuning.summarize(tuned, rounds, "bundle int4", "llama.cpp Q4_0", tuned_sizes, opts.prompt_lens),
         "raw_rounds": rounds,
     }

@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from phi_pipeline.bench.tuning import NOISE
+
 CHART = "decode.png"
 MIB = 1 << 20
 # ONNX Runtime's published decode speed for Phi-3-mini-4k int4 with ONNX Runtime GenAI on one
@@ -278,7 +280,45 @@ def peer_lines(p: dict[str, Any]) -> list[str]:
     lines += ["llama.cpp's first token is llama-bench's prompt processing time (the bundle's also counts creating "
               "the generator and sampling); its decode runs after a context of the prompt's length (`-d`). The "
               "adapter rows are llama-completion's own timings, with and without `--lora`, on the same prompt file.", ""]
+    if p.get("tried"):
+        lines += ["### What was tried (each variant in every round, right after the bundle as shipped)", ""]
+        lines += tried_table(p["tried"], lens) + [""]
+        lines += [f"Verdict: `faster` / `slower` where the median paired decode ratio against the shipped bundle is "
+                  f"beyond ±{100 * NOISE:.0f} % at every prompt length, else `no measurable change`.", ""]
     return lines
+
+
+def tried_table(tried: list[dict[str, Any]], lens: list[str]) -> list[str]:
+    rows = [[t["name"], t["change"], _mib(t["size_bytes"]),
+             *(_mm(t["decode_vs_shipped"][n], 1, 3) for n in lens),
+             *(_mm(t["first_token_speed_vs_shipped"][n], 1, 3) for n in lens),
+             *(_mm(t["decode_vs_llama_q4_0"][n], 1, 3) for n in lens), t["verdict"]]
+            for t in tried]
+    return _table(["variant", "change from the shipped bundle", "on disk MiB",
+                   *(f"decode vs shipped, prompt {n}" for n in lens), *(f"first token speed vs shipped, prompt {n}" for n in lens),
+                   *(f"decode vs llama.cpp Q4_0, prompt {n}" for n in lens), "verdict"], rows)
+
+
+def limits_lines(results: dict[str, Any]) -> list[str]:
+    """Where the shipped bundle's decode step goes (the operator profile at the shipped threads) and
+    how close it runs to the memory-bandwidth bound: what limits it against llama.cpp."""
+    b = results.get("benchmark_model", {})
+    threads = results["settings"]["threads"]
+    profile = b.get("adapter_costs", {}).get(f"profile-onnx-int4-t{threads}")
+    lines = []
+    if profile and "error" not in profile:
+        none = profile["none"]
+        top = ", ".join(f"{op} {100 * v['share']:.0f} %" for op, v in list(none["by_op"].items())[:4])
+        outside = 1 - none["kernel_ms_per_step"] / none["run_ms_per_step"] if none["run_ms_per_step"] else None
+        lines.append(f"Decode step of the int4 bundle with no adapter ({threads} threads, onnxruntime profiler): "
+                     f"{none['run_ms_per_step']:.2f} ms per model run, {none['kernel_ms_per_step']:.2f} ms of it in kernels "
+                     f"({'-' if outside is None else f'{100 * outside:.0f} %'} outside them: scheduling and the runtime between kernels); kernel time by "
+                     f"operator: {top}.")
+    roof = [r for r in b.get("roofline", []) if r["label"] == f"onnx-int4-none-t{threads}"]
+    if roof:
+        lines.append("Against the copy-bandwidth bound (weights + KV cache read once per token): " + ", ".join(
+            f"prompt {r['prompt']} {100 * r['fraction_of_bound']:.0f} % of {r['bound_tok_s']:.0f} tok/s" for r in roof) + ".")
+    return [f"- {line}" for line in lines] + ([""] if lines else [])
 
 
 def write_chart(results: dict[str, Any], path: Path) -> None:
@@ -395,7 +435,7 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     lines += [f"## Given bundle: `{s['bundle']}`", ""] + (_failed(g) if "error" in g else given_lines(g))
     if "peer" in results:
         lines += ["## Against llama.cpp (`--peer llama.cpp`)", ""]
-        lines += _failed(results["peer"]) if "error" in results["peer"] else peer_lines(results["peer"])
+        lines += _failed(results["peer"]) if "error" in results["peer"] else peer_lines(results["peer"]) + limits_lines(results)
     if costs:
         lines += ["## Pipeline costs (tiny default, scratch copy of the project)", ""]
         lines += _failed(costs) if "error" in costs else pipeline_lines(costs) + [""]
