@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -225,15 +225,21 @@ class OpenVINOModel:
     """
 
     DEVICE = "CPU"
+    # f32 inference: the CPU plugin's default bf16/f16 hint on some CPUs would blur parity with PyTorch
+    EVAL_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, compile_config: dict[str, str] | None = None):
+        """`compile_config`: OpenVINO CPU plugin properties (default: EVAL_CONFIG; the bench also runs the
+        plugin's own defaults)."""
         import openvino as ov
 
         self.folder = folder
         self.eos = _eos_ids(folder)
         self.version = ov.get_version().split("-")[0]
-        # f32 inference: the CPU plugin's default bf16/f16 hint on some CPUs would blur parity with PyTorch
-        compiled = ov.Core().compile_model(str(_context_file(folder)), self.DEVICE, {"INFERENCE_PRECISION_HINT": "f32"})
+        model = _genai_config(folder)["model"]
+        self.vocab, self.context_length = int(model["vocab_size"]), int(model["context_length"])
+        config = self.EVAL_CONFIG if compile_config is None else compile_config
+        compiled = ov.Core().compile_model(str(_context_file(folder)), self.DEVICE, config)
         self.inputs = {name for port in compiled.inputs for name in port.get_names()}
         self.request = compiled.create_infer_request()
 
@@ -254,17 +260,19 @@ class OpenVINOModel:
         self.request.reset_state()
         return self._feed(list(ids), 0)
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, stop_at_eos: bool = True) -> Iterator[int]:
+        """Greedy new tokens as each is chosen (the bench times them); the first after the prompt's prefill."""
         self.request.reset_state()
         logits = self._feed(list(prompt_ids), 0)
-        new: list[int] = []
-        while len(new) < max_new_tokens:
+        for i in range(max_new_tokens):
             token = int(np.argmax(logits[-1]))
-            new.append(token)
-            if token in self.eos:
-                break
-            logits = self._feed([token], len(prompt_ids) + len(new) - 1)
-        return new
+            yield token
+            if (stop_at_eos and token in self.eos) or i + 1 == max_new_tokens:
+                return
+            logits = self._feed([token], len(prompt_ids) + i)
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        return list(self.stream(prompt_ids, max_new_tokens))
 
     def describe(self) -> RuntimeDescription:
         return RuntimeDescription(

@@ -139,8 +139,11 @@ def test_results_schema(results, tmp_path):
     assert 0 <= acc["token_agreement"]["min"] <= acc["token_agreement"]["max"] <= 1
     assert acc["perplexity_ratio"] > 0 and acc["kl_nats_per_token"]["min"] >= 0
 
+    # project_root has no .venv-openvino: the openvino rows are left out, and the report says why
+    assert ".venv-openvino" in model["openvino"]["skipped"]
     _check_rows(results["given_bundle"]["rows"])
     report = (tmp_path / "bench" / "report.md").read_text()
+    assert "OpenVINO rows: skipped (no " in report
     assert "teacher-forced positions: token agreement" in report
     assert report.startswith("# phi-pipeline benchmark") and "Projection packing (lora_packing)" in report
     assert (tmp_path / "bench" / "decode.png").stat().st_size > 0

@@ -79,3 +79,18 @@ def test_cpu_and_openvino_come_from_one_training_and_the_package_holds_the_cpu_b
     assert sorted(p.name for p in Path(".phi-pipeline/cache/adapters").iterdir()) == trained_before  # nothing retrained
     assert json.loads(Path("dist/fast/fast.ortpackage/package.json").read_text())["targets"].keys() == {"cpu"}
     assert verify(Path("dist/fast/cpu")) == [] and verify(Path("dist/fast/openvino")) == []
+
+
+def test_bench_times_an_openvino_variant_on_the_cpu_device_token_by_token(openvino_bundle):
+    """The bench's openvino rows (bench/run.py openvino_rows): the variant as the gates run it (f32) and
+    with the CPU plugin's defaults, exactly `new_tokens` tokens each (EOS ignored)."""
+    from phi_pipeline.bench.decode import DecodeConfig, measure
+    from phi_pipeline.bench.run import OPENVINO_CONFIGS
+
+    manifest = json.loads((openvino_bundle / "manifest.json").read_text())
+    variant = openvino_bundle / manifest["adapters"][0]["model_dir"]
+    for config in OPENVINO_CONFIGS.values():
+        result = measure(DecodeConfig("ov", "openvino", str(variant), prompt_lens=(8,), new_tokens=6, reps=2,
+                                      session_options=config))
+        assert result["threads_effective"] == "OpenVINO default"
+        assert result["prompts"]["8"]["decode_tok_s"]["min"] > 0 and result["prompts"]["8"]["ttft_s"]["min"] > 0

@@ -56,9 +56,10 @@ def _timing(start: float, first: tuple[float, float], last: tuple[float, float],
 @dataclass(frozen=True)
 class DecodeConfig:
     label: str
-    engine: Literal["torch", "onnx"]
+    engine: Literal["torch", "onnx", "openvino"]
     model: str
-    """torch: Hugging Face model folder; onnx: ONNX Runtime GenAI folder (a bundle)."""
+    """torch: Hugging Face model folder; onnx: ONNX Runtime GenAI folder (a bundle); openvino: a merged
+    openvino bundle's variant folder (its encapsulated IR)."""
     adapter: str | None = None
     """torch: PEFT adapter folder; onnx: .onnx_adapter file; None: the base model."""
     threads: int | None = None
@@ -74,7 +75,8 @@ class DecodeConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     """Mode-specific settings (adapter_costs.py)."""
     session_options: dict[str, Any] = field(default_factory=dict)
-    """onnx: decoder session options laid over the model's genai_config.json (tuning.py's variants)."""
+    """onnx: decoder session options laid over the model's genai_config.json (tuning.py's variants);
+    openvino: the CPU plugin's compile properties (empty: the plugin's defaults)."""
 
 
 def random_prompt(length: int, vocab_size: int, seed: int = 0) -> list[int]:
@@ -208,9 +210,34 @@ class TorchRunner:
         return _timing(start, clock.times[1], clock.times[-1], produced)
 
 
-def make_runner(config: DecodeConfig) -> OnnxRunner | TorchRunner:
+class OpenVinoRunner:
+    """A merged openvino bundle variant on OpenVINO's CPU device, through target_runtime.OpenVINOModel
+    (what the openvino gates run). Adapters are merged into the weights: none to load."""
+
+    def __init__(self, model_dir: str, threads: int | None, compile_config: dict[str, str]):
+        from phi_pipeline.target_runtime import OpenVINOModel
+
+        config = dict(compile_config) | ({"INFERENCE_NUM_THREADS": str(threads)} if threads else {})
+        self.model = OpenVINOModel(Path(model_dir), config)
+        self.vocab_size, self.context_length = self.model.vocab, self.model.context_length
+
+    def generate(self, ids: list[int], new_tokens: int, adapter: str | None) -> Timing:
+        if adapter is not None:
+            raise ValueError("an openvino bundle variant has its adapter merged in; it loads none")
+        start = time.perf_counter()
+        tokens = self.model.stream(ids, new_tokens, stop_at_eos=False)
+        next(tokens)
+        first = time.perf_counter(), time.process_time()
+        produced = 1 + sum(1 for _ in tokens)
+        last = time.perf_counter(), time.process_time()
+        return _timing(start, first, last, produced)
+
+
+def make_runner(config: DecodeConfig) -> OnnxRunner | TorchRunner | OpenVinoRunner:
     if config.engine == "onnx":
         return OnnxRunner(config.model, config.threads, config.device, config.session_options)
+    if config.engine == "openvino":
+        return OpenVinoRunner(config.model, config.threads, config.session_options)
     return TorchRunner(config.model, config.threads, config.device)
 
 
@@ -257,7 +284,7 @@ def _effective_threads(config: DecodeConfig) -> int | str:
         import torch
 
         return torch.get_num_threads()
-    return config.threads or "onnxruntime-genai default"
+    return config.threads or f"{'OpenVINO' if config.engine == 'openvino' else 'onnxruntime-genai'} default"
 
 
 def peak_rss_bytes() -> int | None:

@@ -265,10 +265,11 @@ def export_bundle(
     return ExportedBundle(plan.paths.bundle_dir, precision, round(seconds, 2), out)
 
 
-def merged_bundle(base_dir: Path, adapter_dir: Path, rank: int, precision: str, work: Path) -> Path:
+def merged_bundle(base_dir: Path, adapter_dir: Path, rank: int, precision: str, work: Path, target: str = "cpu") -> Path:
     """The merged variant: one adapter folded into the base weights (Olive's MergeAdapterWeights),
-    exported by the pipeline's `layout: merged` workflow with no LoRA inputs. One full model per
-    adapter and no run-time LoRA cost: what the multi-adapter graph is compared with."""
+    exported by the pipeline's `layout: merged` workflow for `target` with no LoRA inputs. One full
+    model per adapter and no run-time LoRA cost: what the multi-adapter graph is compared with; for
+    openvino, the target's own chain, run with its pass venv's Python."""
     from phi_pipeline.configs import export_file, render, workflow_configs
     from phi_pipeline.plan import make_plan
     from phi_pipeline.runner import run_olive
@@ -277,7 +278,7 @@ def merged_bundle(base_dir: Path, adapter_dir: Path, rank: int, precision: str, 
     work.mkdir(parents=True, exist_ok=True)
     spec = yaml.safe_load(bench_spec(f"bench-merged-{precision}", base_dir, {"merged": rank}, precision, work))
     spec["export"]["layout"] = "merged"
-    plan = make_plan(parse_spec(yaml.safe_dump(spec)), "cpu")
+    plan = make_plan(parse_spec(yaml.safe_dump(spec)), target)
     trained = plan.paths.trained_adapter_dir("merged")
     shutil.rmtree(trained, ignore_errors=True)
     shutil.copytree(adapter_dir, trained)
@@ -285,5 +286,5 @@ def merged_bundle(base_dir: Path, adapter_dir: Path, rank: int, precision: str, 
     config_path.write_text(render(workflow_configs(plan)[export_file("merged")]))
     out = plan.paths.merged_export_dir("merged")
     shutil.rmtree(out, ignore_errors=True)
-    run_olive(config_path, work / "export-merged.log", [out / "model.onnx", out / "genai_config.json"])
+    run_olive(config_path, work / "export-merged.log", [out / "genai_config.json"], python=plan.target.export_python)
     return out

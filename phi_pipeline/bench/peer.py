@@ -311,11 +311,14 @@ ROWS = (
 
 
 def measure_rounds(names: list[str], run_row: Callable[[str, int], dict[str, Any]], rounds: int,
-                   say: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
-    """Every row once per round, in `names` order: {row name: [round results]}."""
+                   say: Callable[[str], None], row_rounds: dict[str, int] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Every row once per round, in `names` order: {row name: [round results]}. A row named in
+    `row_rounds` runs in that many first rounds only, so its results still pair with the others' by index."""
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for i in range(rounds):
         for name in names:
+            if i >= (row_rounds or {}).get(name, rounds):
+                continue
             say(f"peer round {i + 1}/{rounds}: {name}")
             out[name].append(run_row(name, i))
     return out
@@ -411,7 +414,8 @@ def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, An
     for t in tuned:
         runners[tuning.row_name(t.variant)] = lambda i, t=t: _bundle_round(
             t.model, None, opts, scratch, f"peer-{tuning.slug(t.variant)}-{i}", t.session_options)
-    rounds = measure_rounds(list(runners), lambda name, i: runners[name](i), opts.peer_rounds, say)
+    rounds = measure_rounds(list(runners), lambda name, i: runners[name](i), opts.peer_rounds, say,
+                            {tuning.row_name(t.variant): t.variant.rounds for t in tuned if t.variant.rounds})
     sizes = {"bundle_int4": folder_bytes(bundle, exclude=("adapters",)), "onnx_adapter_r8": adapter.stat().st_size,
              **{f"gguf_{q}": p.stat().st_size for q, p in models.gguf.items()}, "gguf_lora_r8": models.lora.stat().st_size}
     tuned_sizes = {t.variant.name: folder_bytes(t.model, exclude=("adapters",)) for t in tuned}

@@ -46,7 +46,7 @@ def decode_table(section: dict[str, Any], sizes: dict[str, int]) -> list[str]:
     gpu = any("gpu_memory_bytes" in r for r in section["rows"])
     rows = []
     for r in section["rows"]:
-        name = f"{r['engine']} {r['precision']}"
+        name = row_name(r)
         if "error" in r:
             rows.append([name, r["adapter"] or "none", r["threads"], "-", "error: see results.json", "", "", "", "", ""])
             continue
@@ -67,8 +67,18 @@ def decode_table(section: dict[str, Any], sizes: dict[str, int]) -> list[str]:
     )
 
 
+def row_name(row: dict[str, Any]) -> str:
+    """engine precision, and for the openvino rows the layout and inference precision."""
+    name = f"{row['engine']} {row['precision']}"
+    if row.get("layout") == "merged":
+        name += f" (merged, {row['inference_precision']} inference)"
+    return name
+
+
 def _size_key(row: dict[str, Any]) -> str:
-    return f"pytorch_{row['precision']}_safetensors" if row["engine"] == "pytorch-eager" else f"onnx_{row['precision']}_model"
+    if row["engine"] == "pytorch-eager":
+        return f"pytorch_{row['precision']}_safetensors"
+    return f"{'openvino' if row['engine'] == 'openvino' else 'onnx'}_{row['precision']}_model"
 
 
 def adapter_tables(costs: dict[str, Any]) -> list[str]:
@@ -201,6 +211,7 @@ def headlines(results: dict[str, Any]) -> list[str]:
     acc = b.get("accuracy")
     if acc and "error" not in acc:
         lines.append(accuracy_line(acc))
+    lines += openvino_headline(b, threads, short)
     costs = b["adapter_costs"].get(f"adapters-onnx-int4-t{threads}", {}).get("slowdown", {}).get(short)
     if costs:
         merged = costs.get("merged", {}).get("decode_slowdown_vs_none", {}).get("median")
@@ -244,6 +255,21 @@ def headlines(results: dict[str, Any]) -> list[str]:
             "time under varying load dominates)."
         )
     return [f"- {line}" for line in lines]
+
+
+def openvino_headline(b: dict[str, Any], threads: str, short: str) -> list[str]:
+    """The openvino bundle's variant (r8 merged) on OpenVINO's CPU device beside the cpu bundle with r8."""
+    ov = [r for r in b["rows"] if r["engine"] == "openvino" and "error" not in r]
+    bundle = _row(b, engine="onnxruntime-genai", precision="int4", adapter="r8", threads=threads)
+    if not ov or bundle is None or "error" in bundle:
+        return [f"OpenVINO rows: skipped ({b['openvino']['skipped']})."] if "skipped" in b.get("openvino", {}) else []
+    sizes = b["sizes_bytes"]
+    parts = [f"{r['inference_precision']} inference decode {_mm(r['prompts'][short]['decode_tok_s'])} tok/s, "
+             f"first token {_mm(r['prompts'][short]['ttft_s'], 1000, 0)} ms" for r in ov]
+    return [f"OpenVINO int4 (openvino target's chain, r8 merged, CPU device, prompt {short}): " + "; ".join(parts)
+            + f"; vs the cpu bundle with r8 {_mm(bundle['prompts'][short]['decode_tok_s'])} tok/s, "
+            f"{_mm(bundle['prompts'][short]['ttft_s'], 1000, 0)} ms; on disk {_mib(sizes.get('openvino_int4_model'))} MiB "
+            f"(one per adapter) vs {_mib(sizes.get('onnx_int4_model'))} MiB + {_mib(sizes['onnx_adapter'].get('r8'))} MiB."]
 
 
 def accuracy_line(acc: dict[str, Any]) -> str:
@@ -330,7 +356,8 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
     section = results["benchmark_model"]
     rows = [r for r in section["rows"] if "error" not in r]
     lengths = list(rows[0]["prompts"]) if rows else []
-    labels = [f"{'torch' if r['engine'] == 'pytorch-eager' else 'ort'} {r['precision']}\n{r['adapter'] or 'none'} t={r['threads']}".replace("torch default", "def")
+    short = {"pytorch-eager": "torch", "openvino": "ov"}
+    labels = [f"{short.get(r['engine'], 'ort')} {r['precision']}\n{r['adapter'] or 'none'} t={r['threads']}".replace("torch default", "def")
               for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     width = 0.8 / max(len(lengths), 1)

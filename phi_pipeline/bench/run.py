@@ -224,11 +224,15 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
         _say("exporting the merged variant (adapter r8 folded into the weights)")
         merged = merged_bundle(base, peft[TABLE_ADAPTER] / "adapter", ADAPTER_RANKS[TABLE_ADAPTER], int4, work / f"merged-{int4}")
 
+    openvino = openvino_variant(base, peft[TABLE_ADAPTER] / "adapter", opts, work / "openvino-int4")
+
     adapter_files = {p: {n: b / "adapters" / f"{n}.onnx_adapter" for n in ADAPTER_RANKS} for p, b in onnx.items()}
     table_adapters: dict[str, dict[str, Path]] = {"torch": {TABLE_ADAPTER: peft[TABLE_ADAPTER] / "adapter"}}
     table_adapters |= {p: {TABLE_ADAPTER: files[TABLE_ADAPTER]} for p, files in adapter_files.items()}
     scratch = work / "runs"
     rows = decode_rows(onnx, table_adapters, base, opts, scratch)
+    if isinstance(openvino, Path):
+        rows += openvino_rows(openvino, opts, scratch)
     unpacked = unpacked_reference(exports[int4], peft[TABLE_ADAPTER] / "adapter", work / "unpacked")
     costs = adapter_costs(onnx, adapter_files, peft, base, merged, unpacked, opts, scratch)
     return {
@@ -241,15 +245,62 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
             torch_size_key(base): safetensors_bytes(base),
             **{f"onnx_{p}_model": folder_bytes(b, exclude=("adapters",)) for p, b in onnx.items()},
             **({f"onnx_{int4}_merged_variant": folder_bytes(merged)} if merged else {}),
+            **({"openvino_int4_model": folder_bytes(openvino)} if isinstance(openvino, Path) else {}),
             "peft_adapter": {n: (peft[n] / "adapter" / "adapter_model.safetensors").stat().st_size for n in ADAPTER_RANKS},
             "onnx_adapter": {n: f.stat().st_size for n, f in adapter_files[int4].items()},
         },
         "rows": rows,
+        "openvino": {"variant": str(openvino)} if isinstance(openvino, Path) else {"skipped": openvino},
         "derived": derived(rows, opts),
         "adapter_costs": costs,
         "roofline": roofline_rows(rows, onnx, bandwidth, opts),
         "accuracy": accuracy_proxies(onnx, opts),
     }
+
+
+# OpenVINO rows: the compile properties the openvino gates use (target_runtime.OpenVINOModel) and the
+# CPU plugin's own defaults (bf16 inference where the CPU has it), each with OpenVINO's default threads.
+OPENVINO_CONFIGS = {"f32": {"INFERENCE_PRECISION_HINT": "f32"}, "plugin default": {}}
+
+
+def openvino_problem(project_root: Path) -> str | None:
+    """Why this checkout cannot export and run an openvino bundle, or None."""
+    import importlib.util
+
+    from phi_pipeline.targets import get_target
+
+    python = project_root / (get_target("openvino").export_python or "")
+    if not python.exists():
+        return f"no {python} (make venv TARGET=openvino builds the OpenVINO pass venv)"
+    if importlib.util.find_spec("openvino") is None:
+        return "the openvino extra is not installed in this venv (make venv TARGET=openvino)"
+    return None
+
+
+def openvino_variant(base: Path, adapter: Path, opts: BenchOptions, work: Path) -> Path | str:
+    """The benchmark base with the r8 adapter merged, exported by the openvino target's chain (its pass
+    venv), as one variant folder of an openvino bundle; or why not (the rows are then left out)."""
+    if opts.device != "cpu":
+        return "the openvino rows run on the CPU device, in CPU runs"
+    problem = openvino_problem(opts.project_root)
+    if problem:
+        _say(f"openvino rows skipped: {problem}")
+        return problem
+    _say("exporting the benchmark base with r8 merged through the openvino target's chain")
+    return merged_bundle(base, adapter, ADAPTER_RANKS[TABLE_ADAPTER], "int4", work, target="openvino")
+
+
+def openvino_rows(variant: Path, opts: BenchOptions, scratch: Path) -> list[dict[str, Any]]:
+    common = dict(prompt_lens=opts.prompt_lens, new_tokens=opts.new_tokens, reps=opts.reps, device="cpu")
+    rows = []
+    for hint, config in OPENVINO_CONFIGS.items():
+        label = f"openvino-int4-{TABLE_ADAPTER}-merged-{hint.replace(' ', '-')}"
+        _say(f"decode {label}")
+        cfg = DecodeConfig(label, "openvino", str(variant), session_options=config, **common)
+        meta = dict(engine="openvino", precision="int4", adapter=TABLE_ADAPTER, threads="default", layout="merged",
+                    inference_precision=hint)
+        rows.append(meta | run_config(cfg, scratch))
+    return rows
 
 
 def accuracy_proxies(onnx: dict[str, Path], opts: BenchOptions) -> dict[str, Any]:
