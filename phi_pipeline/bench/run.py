@@ -22,6 +22,7 @@ from phi_pipeline.bench.decode import TORCH_DTYPES, TORCH_PRECISION, DecodeConfi
 from phi_pipeline.bench.models import SIZES, ExportedBundle, build_bench_base, export_bundle, make_random_adapter, merged_bundle
 from phi_pipeline.bench.serving import bench_serving
 from phi_pipeline.bench.stats import load_average, ratio
+from phi_pipeline.errors import PipelineError
 from phi_pipeline.spec import DEFAULT_TARGET_MODULES
 
 SCHEMA = "phi-pipeline-bench/1"
@@ -287,7 +288,11 @@ def openvino_variant(base: Path, adapter: Path, opts: BenchOptions, work: Path) 
         _say(f"openvino rows skipped: {problem}")
         return problem
     _say("exporting the benchmark base with r8 merged through the openvino target's chain")
-    return merged_bundle(base, adapter, ADAPTER_RANKS[TABLE_ADAPTER], "int4", work, target="openvino")
+    try:
+        return merged_bundle(base, adapter, ADAPTER_RANKS[TABLE_ADAPTER], "int4", work, target="openvino")
+    except PipelineError as exc:  # rows beside the others: their export failing must not lose the section
+        _say(f"openvino rows skipped: {exc}")
+        return f"the openvino export failed: {str(exc)[-1500:]}"
 
 
 def openvino_rows(variant: Path, opts: BenchOptions, scratch: Path) -> list[dict[str, Any]]:
