@@ -226,3 +226,22 @@ def test_committed_bench_results_render_to_a_report(tmp_path, committed):
         assert "CUDA device-to-device copy bandwidth" in text and "A100 is about 218 tok/s" in text
     else:
         assert "numpy copy bandwidth" in text and "Pipeline: orchestration" in text
+
+
+def test_bytes_per_token_reads_one_row_of_a_quantized_embedding_table(tmp_path):
+    """int4 bundles store the embedding table as weight_Q4 + weight_scales: a decode step reads one row of each."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rows, width = 1000, 64
+    inits = [helper.make_tensor("model.embed_tokens.weight_Q4", TensorProto.UINT8, [rows, width // 2], bytes(rows * width // 2), raw=True),
+             helper.make_tensor("model.embed_tokens.weight_scales", TensorProto.FLOAT, [rows, 2], [0.0] * rows * 2),
+             helper.make_tensor("lm_head", TensorProto.UINT8, [width, 8], bytes(width * 8), raw=True)]
+    past = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, [1, 1, None, 4])
+    graph = helper.make_graph([], "g", [past], [], initializer=inits)
+    onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
+    (tmp_path / "genai_config.json").write_text(json.dumps(
+        {"model": {"decoder": {"num_hidden_layers": 1, "num_key_value_heads": 1, "head_size": 4}}}))
+    read = run.roofline.bytes_per_token(tmp_path, context=10)
+    assert read["weights"] == width // 2 + 2 * 4 + width * 8
+    assert read["kv_cache"] == 2 * 4 * 4 * 10

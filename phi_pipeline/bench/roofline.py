@@ -88,7 +88,8 @@ def bytes_per_token(model_dir: Path, context: int) -> dict[str, int]:
     weights = 0
     for init in graph.initializer:
         size = _initializer_bytes(init)
-        weights += size // init.dims[0] if init.name == EMBEDDING else size
+        # the token embedding table, fp32 or int4 (GatherBlockQuantized's weight_Q4 and weight_scales)
+        weights += size // init.dims[0] if init.name.startswith(EMBEDDING) else size
     decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
     past = next(i for i in graph.input if i.name.startswith("past_key_values"))
     kv_bytes = np.dtype(tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)).itemsize
