@@ -200,6 +200,10 @@ def stage_merged(plan: "Plan", variants: dict[str, Path], trained: list["Trained
         folder = variant_dir(t.plan.name)
         _copy_model(variants[t.plan.name], staged / folder)
         _set_decoder_session_options(staged / folder, plan.target.decoder_session_options)
+        if plan.target.export_route == "qnn":  # Olive 0.13's prompt graph vs onnxruntime 1.31 (qnn_graph.py)
+            from phi_pipeline.qnn_graph import widen_first_window
+
+            widen_first_window(staged / folder)
         adapters.append(_adapter_entry(t, {"model_dir": folder}, _bos_token(staged / folder)))
     _write_manifest(plan, staged, adapters, stages)
     return staged

@@ -175,7 +175,7 @@ def render_markdown(
         out.append("")
     if torch_info.get("available"):
         out.append(
-            f"ONNX bundle (onnxruntime-genai, greedy) against the PyTorch reference: transformers + PEFT, "
+            f"ONNX bundle (greedy, on the runtime each adapter's section names) against the PyTorch reference: transformers + PEFT, "
             f"{torch_info.get('dtype')}, base `{torch_info.get('base_model')}`, same prompt token ids."
         )
     else:

@@ -21,7 +21,6 @@ import json
 import platform
 import shlex
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
@@ -111,22 +110,7 @@ def cuda_device_problem() -> str | None:
     return None
 
 
-def snapdragon_problem() -> str | None:
-    """None on an ARM64 host (a Snapdragon machine), else why the QNN bundle's gates cannot run here.
-
-    On x86-64 onnxruntime-qnn's HTP backend loads the context binaries in simulation, but the first prompt
-    fails in the composed model's GroupQueryAttention nodes, which run on the CPU EP beside them (onnxruntime
-    1.31.1 refuses StaticLLM's static cache), and onnxruntime-genai's heap is corrupted on the way out.
-    """
-    if platform.machine().lower() in ("arm64", "aarch64"):
-        return None
-    return (
-        f"this is a {platform.machine()} host: the HTP simulator loads the context binaries, but the composed "
-        "model's CPU-side GroupQueryAttention refuses its static KV cache under onnxruntime 1.31.1"
-    )
-
-
-_DEVICE_CHECKS = {"cuda": cuda_device_problem, "snapdragon": snapdragon_problem}
+_DEVICE_CHECKS = {"cuda": cuda_device_problem}
 
 
 def missing_eval_device(target: Target) -> str | None:
@@ -284,75 +268,118 @@ class OpenVINOModel:
 
 
 class QnnHtpModel:
-    """A QNN bundle variant (context binaries) on onnxruntime-genai with the onnxruntime-qnn plugin EP.
+    """A QNN bundle variant run component by component with onnxruntime and the onnxruntime-qnn plugin EP.
 
-    The bundle's genai_config names the HTP backend (libQnnHtp.so); on an x86-64 host the wheel's
-    libQnnHtp.so runs the HTP graphs in simulation, at a small fraction of the NPU's speed.
+    The variant is Olive's StaticLLM pipeline (genai_config.json's `pipeline`): embeddings and LM head on
+    the CPU EP, a prompt graph of W token slots and a one-token iterator graph, each wrapping HTP context
+    binaries (on x86-64 the wheel's libQnnHtp.so runs them in simulation) around GroupQueryAttention nodes on
+    the CPU EP, and a KV cache of the model's context length that both graphs read and write in place.
+    onnxruntime-genai 0.18's pipeline model runs the same graphs but aborts here in a corrupted heap
+    (malloc_consolidate) after its first window, so this driver feeds them directly: the prompt's first W
+    tokens through the prompt graph (right padded; see qnn_graph.py), each later token through the iterator.
     """
 
     _registered = False
+    EP = "QNN"  # the name the plugin library is registered under in this process
 
     def __init__(self, folder: Path):
-        import onnxruntime_genai as og
+        import onnxruntime as ort
         import onnxruntime_qnn
 
-        if not QnnHtpModel._registered:  # once per process: genai refuses a second registration
-            og.register_execution_provider_library(onnxruntime_qnn.get_ep_name(), onnxruntime_qnn.get_library_path())
+        if not QnnHtpModel._registered:  # once per process: onnxruntime refuses a second registration
+            ort.register_execution_provider_library(self.EP, onnxruntime_qnn.get_library_path())
             QnnHtpModel._registered = True
-        self.og = og
-        self.version = onnxruntime_qnn.__version__
-        self.eos = _eos_ids(folder)
-        genai = _genai_config(folder)
-        self.vocab = int(genai["model"]["vocab_size"])
-        # The bundle leaves the backend to the device's default (QnnHtp.dll on Snapdragon Windows); on x86-64
-        # the plugin has none, so each QNN session is pointed at the wheel's HTP library, its simulator here.
-        # genai's config overlay does not reach pipeline components: a view of the folder (links to its files)
-        # gets the edited genai_config.json instead.
-        backend = str(Path(onnxruntime_qnn.__file__).parent / "libQnnHtp.so")
-        for stage in genai["model"]["decoder"].get("pipeline", []):
-            for component in stage.values():
-                for provider in component.get("session_options", {}).get("provider_options", []):
-                    if "qnn" in provider:
-                        provider["qnn"]["backend_path"] = backend
-        self._view = tempfile.TemporaryDirectory(prefix="phi-qnn-")
-        view = Path(self._view.name)
-        for f in folder.iterdir():
-            if f.name != "genai_config.json":
-                (view / f.name).symlink_to(f.resolve())
-        (view / "genai_config.json").write_text(json.dumps(genai))
-        self.model = og.Model(og.Config(str(view)))
+        self.ort, self.version = ort, onnxruntime_qnn.__version__
+        self.folder, self.eos = folder, _eos_ids(folder)
+        model = _genai_config(folder)["model"]
+        decoder = model["decoder"]
+        self.vocab, self.context_length = int(model["vocab_size"]), int(model["context_length"])
+        self.window = int(decoder["sliding_window"]["window_size"])
+        self.pad = int(decoder["sliding_window"].get("pad_value", 0))
+        names = decoder["inputs"] | decoder["outputs"]
+        self.past_len_name, self.total_name = names["past_sequence_length"], names["total_sequence_length"]
+        layers = int(decoder["num_hidden_layers"])
+        self.kv_names = [(names[f"past_{kind}_names"] % i, names[f"present_{kind}_names"] % i)
+                         for i in range(layers) for kind in ("key", "value")]
+        self.kv_shape = (1, int(decoder["num_key_value_heads"]), self.context_length, int(decoder["head_size"]))
+        components = {name: c for stage in decoder["pipeline"] for name, c in stage.items()}
+        role = {"embeddings": lambda c: c["inputs"] == [names["input_ids"]], "lm_head": lambda c: c.get("is_lm_head"),
+                "prompt": lambda c: c.get("run_on_token_gen") is False, "iterator": lambda c: c.get("run_on_prompt") is False}
+        self.parts = {r: next(c for c in components.values() if test(c)) for r, test in role.items()}
+        self.sessions = {r: self._session(c) for r, c in self.parts.items()}
 
-    def _generator(self, max_length: int):
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, max_length=max_length)
-        return self.og.Generator(self.model, params)
+    def _session(self, component: dict[str, Any]) -> Any:
+        """A session for one pipeline component: on the QNN EP (HTP backend) where genai_config.json gives it
+        QNN provider options, else on the CPU EP, as onnxruntime-genai places them."""
+        ort = self.ort
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the plugin's warnings about Windows-only features, once per session
+        qnn = [p["qnn"] for p in component.get("session_options", {}).get("provider_options", []) if "qnn" in p]
+        if qnn:
+            import onnxruntime_qnn
+
+            devices = [d for d in ort.get_ep_devices() if d.ep_name == self.EP]
+            backend = str(Path(onnxruntime_qnn.__file__).parent / "libQnnHtp.so")
+            options.add_provider_for_devices(devices, {**qnn[0], "backend_path": backend})
+        return ort.InferenceSession(str(self.folder / component["filename"]), options)
+
+    def _run(self, role: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        part = self.parts[role]
+        outputs = self.sessions[role].run(part["outputs"], {k: feed[k] for k in part["inputs"]})
+        return dict(zip(part["outputs"], outputs))
+
+    def _step(self, role: str, ids: list[int], start: int, kv: dict[str, np.ndarray]) -> np.ndarray:
+        """Feed `ids` at positions start.. through the prompt graph (padded to its window) or the iterator
+        (one id); the KV cache is updated in `kv`; returns the logits of the fed positions."""
+        slots = self.window if role == "prompt" else 1
+        padded = np.full((1, slots), self.pad, dtype=np.int64)
+        padded[0, : len(ids)] = ids
+        feed = dict(kv) | self._run("embeddings", {self.parts["embeddings"]["inputs"][0]: padded})
+        total = start + len(ids)
+        feed |= {self.past_len_name: np.array([[total - 1]], dtype=np.int32), self.total_name: np.array(total, dtype=np.int32)}
+        out = self._run(role, feed)
+        for past, present in self.kv_names:
+            kv[past] = out[present]
+        hidden = self.parts["lm_head"]["inputs"][0]
+        logits = self._run("lm_head", {hidden: out[hidden]})[self.parts["lm_head"]["outputs"][0]]
+        return np.asarray(logits, dtype=np.float32).reshape(-1, self.vocab)[: len(ids)]
+
+    def _new_cache(self) -> dict[str, np.ndarray]:
+        return {past: np.zeros(self.kv_shape, dtype=np.float32) for past, _ in self.kv_names}
+
+    def _feed(self, ids: Sequence[int], kv: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits of every position of a sequence fed from an empty cache."""
+        ids = [int(t) for t in ids]
+        if len(ids) > self.context_length:
+            raise RuntimeError(f"{len(ids)} tokens exceed the model's context length {self.context_length}")
+        rows = [self._step("prompt", ids[: self.window], 0, kv)]
+        rows += [self._step("iterator", [t], p, kv) for p, t in enumerate(ids[self.window:], start=self.window)]
+        return np.concatenate(rows)
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
-        generator = self._generator(len(prompt_ids) + max_new_tokens)
-        generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
+        kv = self._new_cache()
+        logits = self._feed(prompt_ids, kv)[-1]
         new: list[int] = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            new.append(int(generator.get_next_tokens()[0]))
+        for position in range(len(prompt_ids), min(len(prompt_ids) + max_new_tokens, self.context_length)):
+            token = int(np.argmax(logits))
+            new.append(token)
+            if token in self.eos or len(new) == max_new_tokens:
+                break
+            logits = self._step("iterator", [token], position, kv)[-1]
         return new
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray | None:
-        # The static graphs return the last fed position's logits only, so the sequence is fed one token at a
-        # time (the iterator graph): one simulated HTP call per position.
-        generator = self._generator(len(ids) + 1)
-        rows = []
-        for token in ids:
-            generator.append_tokens(np.asarray([token], dtype=np.int32))
-            rows.append(np.asarray(generator.get_output("logits"), dtype=np.float32).reshape(-1, self.vocab)[-1])
-        return np.stack(rows)
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        return self._feed(ids, self._new_cache())
 
     def describe(self) -> RuntimeDescription:
+        simulated = platform.machine().lower() not in ("arm64", "aarch64")  # on a Snapdragon the HTP itself
         return RuntimeDescription(
-            runtime=f"onnxruntime-genai {self.og.__version__} + onnxruntime-qnn {self.version}",
-            provider="QNNExecutionProvider, HTP backend (libQnnHtp.so)",
-            device="npu (Hexagon HTP simulated on x86-64)",
+            runtime=f"onnxruntime {self.ort.__version__} + onnxruntime-qnn {self.version} (the variant's pipeline "
+                    "graphs fed by phi-pipeline: onnxruntime-genai 0.18 aborts on them on x86-64)",
+            provider="QNNExecutionProvider, HTP backend (libQnnHtp.so); GroupQueryAttention, embeddings, LM head on CPU EP",
+            device=f"npu (Hexagon HTP{f' simulated on {platform.machine()}' if simulated else ''})",
             cpu_fallback=False,
-            simulated=True,
+            simulated=simulated,
         )
 
 

@@ -48,7 +48,7 @@ class Target:
     export workflows run in, whole (Olive's engine included), when they cannot share the main environment's pins."""
     eval_runtime: EvalRuntime = "onnxruntime-genai"
     """What runs the bundle for the evaluation gates on a build machine."""
-    eval_device_required: Literal["cuda", "snapdragon"] | None = None
+    eval_device_required: Literal["cuda"] | None = None
     """A device without which the eval runtime cannot load the bundle: the run then keeps the staged bundle
     and stops with the command to evaluate it there (or publishes ungated with --no-gate)."""
     model_builder_options: dict[str, object] = field(default_factory=dict)
@@ -150,10 +150,8 @@ TARGETS: dict[str, Target] = {
             # Static graphs compiled to context binaries: an adapter cannot be swapped in at run time.
             multi_lora=False,
             training_device="cpu",
+            # The wheel's HTP backend runs the context binaries (simulated on x86-64, the NPU on a Snapdragon).
             eval_runtime="qnn-htp-simulator",
-            # The HTP simulator loads the context binaries on x86-64, but the composed model's CPU-side
-            # GroupQueryAttention fails there (README "What was executed on this machine").
-            eval_device_required="snapdragon",
             note="onnxruntime-qnn is a plugin execution provider: register its library "
             "(onnxruntime_qnn.get_library_path()) before loading the model.",
         ),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import io
 import json
-import platform
 from pathlib import Path
 
 import pytest
@@ -71,14 +70,8 @@ def test_cuda_device_problem_names_the_missing_driver_when_no_gpu():
 @no_cuda
 def test_missing_eval_device_is_only_reported_for_targets_that_need_one():
     assert missing_eval_device(TARGETS["cuda"])
-    for name in ("cpu", "webgpu", "dml", "openvino"):
+    for name in ("cpu", "webgpu", "dml", "openvino", "qnn"):  # qnn: the HTP backend simulates on x86-64
         assert missing_eval_device(TARGETS[name]) is None, name
-
-
-@pytest.mark.skipif(platform.machine().lower() in ("arm64", "aarch64"), reason="an ARM64 host may be a Snapdragon")
-def test_qnn_gates_need_a_snapdragon_on_an_x86_host():
-    problem = missing_eval_device(TARGETS["qnn"])
-    assert problem.startswith(f"this is a {platform.machine()} host") and "GroupQueryAttention" in problem
 
 
 @no_cuda
