@@ -81,7 +81,8 @@ serve: venv
 
 # The same benchmark plus llama.cpp on the same model, interleaved: builds llama.cpp once into
 # .phi-pipeline/bench/llama.cpp (cmake, about 5 minutes on 2 cores) and converts the base to GGUF;
-# BENCH_ARGS="--peer-rounds 10" for more rounds (about 30 s each for the 150m base).
+# each round also runs the variants tried against it (phi_pipeline/bench/tuning.py): about a minute a round for
+# the 150m base; BENCH_ARGS="--peer-rounds 10" for more rounds (default 5; the committed run used 10, 26 minutes).
 bench-peer:
 	$(MAKE) venv EXTRAS=$(EXTRAS),peer
 	@test -f $(BUNDLE)/manifest.json || $(MAKE) finetune-and-export

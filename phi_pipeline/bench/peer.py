@@ -8,9 +8,10 @@
   `tokenizer.model`, which the benchmark base (a byte-level BPE tokenizer.json) lacks: one is trained
   with `sentencepiece` whose first ids are the base's special tokens, in a folder that links the base's
   weights beside it.
-- rounds: each round runs the bundle as shipped (no adapter, r8) and llama.cpp (Q4_0, Q4_K_M with
-  llama-bench; Q4_0 with and without the LoRA with llama-completion), so every ratio pairs runs of
-  the same round; ratios are medians of the per-round ratios.
+- rounds: each round runs the bundle as shipped (no adapter, r8), llama.cpp (Q4_0, Q4_K_M with
+  llama-bench; Q4_0 with and without the LoRA with llama-completion) and the variants tried
+  (tuning.py), in a seeded random order, so every ratio pairs runs of the same round; ratios are
+  medians of the per-round ratios.
 
 llama.cpp's figures: decode = llama-bench's text generation of `new_tokens` tokens after `prompt`
 tokens of context (`-d`), first token = its prompt processing time for `prompt` tokens (the bundle's
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -312,11 +314,14 @@ ROWS = (
 
 def measure_rounds(names: list[str], run_row: Callable[[str, int], dict[str, Any]], rounds: int,
                    say: Callable[[str], None], row_rounds: dict[str, int] | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Every row once per round, in `names` order: {row name: [round results]}. A row named in
-    `row_rounds` runs in that many first rounds only, so its results still pair with the others' by index."""
+    """Every row once per round, in an order shuffled per round (seeded: no row always follows the same
+    one): {row name: [round results]}. A row named in `row_rounds` runs in that many first rounds only, so
+    its results still pair with the others' by index."""
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for i in range(rounds):
-        for name in names:
+        order = list(names)
+        random.Random(i).shuffle(order)
+        for name in order:
             if i >= (row_rounds or {}).get(name, rounds):
                 continue
             say(f"peer round {i + 1}/{rounds}: {name}")

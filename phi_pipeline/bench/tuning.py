@@ -4,8 +4,11 @@ Each variant differs from the int4 bundle as shipped in one thing: a Model Build
 export through the pipeline's export workflow), a decoder session option laid over the bundle's
 genai_config.json, or the graph without LoRA inputs (the r8 adapter merged into the weights). It
 runs in every peer round right after the shipped bundle, so its ratios pair runs of the same round.
-A variant's verdict is computed, never written by hand: it helps where the median paired decode
-ratio is above 1 + NOISE at every prompt length, hurts where below 1 - NOISE at every length.
+Rows run in a seeded random order in each round (peer.measure_rounds), and a control row runs the shipped
+bundle a second time through the variants' own path: its ratios are the noise floor of the table.
+A variant's verdict is computed, never written by hand: `faster` where, at every prompt length, the
+median paired decode ratio is above 1 + NOISE and the variant was faster in at least CONSISTENT of the
+rounds; `slower` the same way down; else `no measurable change`.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Any, Callable
 
 from phi_pipeline.bench.stats import paired_ratio, summary
 
 NOISE = 0.03  # paired medians within 3 % of 1 are "no measurable change" on this shared 2-core machine
+CONSISTENT = 0.8  # and a verdict needs the same sign in 8 rounds of 10
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,10 @@ class Variant:
     of it would take minutes."""
 
 
+CONTROL = Variant("control: shipped again", "nothing: the shipped bundle once more, through this table's own path "
+                  "(the noise floor of its ratios)")
 VARIANTS = (
+    CONTROL,
     Variant("block 128", "int4 block size 128 (shipped: 32), a quarter of the scales", export={"int4_block_size": 128}),
     Variant("accuracy level 1", "MatMulNBits on fp32 activations (shipped: level 4, int8 activations)",
             export={"int4_accuracy_level": 1}),
@@ -89,15 +97,19 @@ def prepare(
     return out
 
 
-def verdict(decode_ratios: list[dict[str, Any]]) -> str:
-    medians = [r["median"] for r in decode_ratios if r and r.get("median") is not None]
-    if not medians:
+def verdict(decode_ratios: list[list[float]]) -> str:
+    """From the per-round decode ratios (variant / shipped) at each prompt length."""
+    if not decode_ratios or not all(decode_ratios):
         return "not measured"
-    if all(m > 1 + NOISE for m in medians):
+    if all(median(r) > 1 + NOISE and sum(x > 1 for x in r) >= CONSISTENT * len(r) for r in decode_ratios):
         return "faster"
-    if all(m < 1 - NOISE for m in medians):
+    if all(median(r) < 1 - NOISE and sum(x < 1 for x in r) >= CONSISTENT * len(r) for r in decode_ratios):
         return "slower"
     return "no measurable change"
+
+
+def _per_round(a: list[dict[str, Any]], b: list[dict[str, Any]], length: str, key: str) -> list[float]:
+    return [x[length][key] / y[length][key] for x, y in zip(a, b) if length in x and length in y and y[length].get(key)]
 
 
 def summarize(
@@ -109,6 +121,7 @@ def summarize(
     for t in tuned:
         runs = rounds[row_name(t.variant)]
         lens = list(map(str, prompt_lens))
+        per_round = {n: _per_round(runs, rounds[shipped], n, "decode_tok_s") for n in lens}
         vs_shipped = {n: paired_ratio(runs, rounds[shipped], n, "decode_tok_s") for n in lens}
         out.append({
             "name": t.variant.name,
@@ -120,8 +133,9 @@ def summarize(
             "size_bytes": sizes.get(t.variant.name),
             "decode_tok_s": {n: summary([r[n]["decode_tok_s"] for r in runs if n in r], digits=4) for n in lens},
             "decode_vs_shipped": vs_shipped,
+            "faster_than_shipped_in": {n: f"{sum(x > 1 for x in r)}/{len(r)}" for n, r in per_round.items()},
             "first_token_speed_vs_shipped": {n: paired_ratio(runs, rounds[shipped], n, "ttft_s", invert=True) for n in lens},
             "decode_vs_llama_q4_0": {n: paired_ratio(runs, rounds[peer], n, "decode_tok_s") for n in lens},
-            "verdict": verdict(list(vs_shipped.values())),
+            "verdict": verdict(list(per_round.values())),
         })
     return out
