@@ -130,3 +130,27 @@ def test_rounds_shuffle_the_rows_and_a_capped_row_runs_in_the_first_rounds_only(
     again = []  # seeded per round: the same orders again
     peer.measure_rounds(names, lambda name, i: again.append((i, name)) or {}, 3, lambda m: None, {"row5": 1})
     assert again == calls
+
+
+def test_source_patch_flushes_the_log_once_and_refuses_an_unexpected_source(tmp_path):
+    source = tmp_path / "source"
+    path = source / peer.FLUSH_PATCH["file"]
+    path.parent.mkdir(parents=True)
+    path.write_text("int main() {\n    LOG(\"\\n\\n\");\n    common_perf_print(ctx, smpl);\n\n    llama_backend_free();\n}\n")
+    peer.patch_source(source)
+    peer.patch_source(source)
+    assert path.read_text().count("common_log_flush(common_log_main());") == 1
+    path.write_text("int main() {}\n")
+    with pytest.raises(peer.PeerError, match="a different llama.cpp source"):
+        peer.patch_source(source)
+
+
+def test_a_build_stamped_with_another_record_is_not_built(tmp_path):
+    home = peer.llama_cpp_home(tmp_path, "0.0.1")
+    for tool in peer.TOOLS:
+        home.tool(tool).parent.mkdir(parents=True, exist_ok=True)
+        home.tool(tool).write_text("")
+    (home.home / peer.BUILD_STAMP).write_text(json.dumps(home.build_record() | {"patches": []}))
+    assert not home.built
+    (home.home / peer.BUILD_STAMP).write_text(json.dumps(home.build_record()))
+    assert home.built

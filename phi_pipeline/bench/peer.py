@@ -51,6 +51,29 @@ CMAKE_OPTIONS = (
 )
 
 
+# llama-completion logs through an asynchronous logger that it never flushes: with a short run the
+# process exits before the logger thread has written the timings (common/log.h: "Call common_log_flush()
+# before exit if you want to ensure all logs are flushed"). The one source edit the peer's build makes.
+FLUSH_PATCH = {
+    "file": "tools/completion/completion.cpp",
+    "after": "    common_perf_print(ctx, smpl);\n",
+    "insert": "    common_log_flush(common_log_main());\n",
+    "why": "llama-completion flushes its log before exit (its perf print was lost on short runs)",
+}
+
+
+def patch_source(source: Path) -> None:
+    """Apply FLUSH_PATCH to an extracted llama.cpp source tree (idempotent); an unexpected source is an error."""
+    path = source / FLUSH_PATCH["file"]
+    text = path.read_text()
+    anchor = FLUSH_PATCH["after"]
+    if anchor + FLUSH_PATCH["insert"] in text:
+        return
+    if text.count(anchor) != 1:
+        raise PeerError(f"{path}: expected one line {anchor.strip()!r} to patch after; a different llama.cpp source?")
+    path.write_text(text.replace(anchor, anchor + FLUSH_PATCH["insert"]))
+
+
 class PeerError(PipelineError):
     """The peer could not be built, converted or run; the message names the log to read."""
 
@@ -80,9 +103,18 @@ class LlamaCpp:
     def tool(self, name: str) -> Path:
         return self.bin / name
 
+    def build_record(self) -> dict[str, Any]:
+        """What a build is made of: a build stamped with another record is rebuilt."""
+        return {"llama-cpp-python": self.home.name, "tools": list(TOOLS), "cmake_options": list(CMAKE_OPTIONS),
+                "patches": [FLUSH_PATCH["why"]]}
+
     @property
     def built(self) -> bool:
-        return (self.home / BUILD_STAMP).is_file() and all(self.tool(t).is_file() for t in TOOLS)
+        try:
+            stamped = json.loads((self.home / BUILD_STAMP).read_text())
+        except (OSError, ValueError):
+            return False
+        return stamped == self.build_record() and all(self.tool(t).is_file() for t in TOOLS)
 
 
 def llama_cpp_home(work_dir: Path, version: str) -> LlamaCpp:
@@ -122,12 +154,14 @@ def build(work_dir: Path, version: str, say: Callable[[str], None]) -> LlamaCpp:
         shutil.rmtree(peer.source, ignore_errors=True)
         partial.rename(peer.source)
         shutil.rmtree(download)
+    patch_source(peer.source)
     say(f"building llama.cpp ({', '.join(TOOLS)}) with cmake: about 5 minutes on 2 cores")
     jobs = str(os.cpu_count() or 1)
+    shutil.rmtree(home / "build", ignore_errors=True)  # a build of another record (or copied from elsewhere)
+    (home / BUILD_STAMP).unlink(missing_ok=True)
     _run(["cmake", "-S", str(peer.source), "-B", str(home / "build"), *CMAKE_OPTIONS], home / "cmake-configure.log")
     _run(["cmake", "--build", str(home / "build"), "-j", jobs, "--target", *TOOLS], home / "cmake-build.log")
-    (home / BUILD_STAMP).write_text(json.dumps({"llama-cpp-python": version, "tools": list(TOOLS),
-                                                "cmake_options": list(CMAKE_OPTIONS)}, indent=2) + "\n")
+    (home / BUILD_STAMP).write_text(json.dumps(peer.build_record(), indent=2) + "\n")
     return peer
 
 
@@ -267,22 +301,18 @@ def prompt_text(hf: Path, length: int, seed: int = 0) -> str:
 
 
 def llama_completion(peer: LlamaCpp, model: Path, prompt_file: Path, opts: "BenchOptions", log: Path,
-                     lora: Path | None = None, attempts: int = 3) -> dict[str, float]:
-    """One llama-completion request's own timings. Its logger thread may lose the last lines at exit
-    (common/log.cpp leaks the logger on purpose), so a run without its perf print is run again."""
+                     lora: Path | None = None) -> dict[str, float]:
+    """One llama-completion request's own timings (its perf print, flushed at exit by FLUSH_PATCH)."""
     cmd = [str(peer.tool("llama-completion")), "-m", str(model), "-f", str(prompt_file), "-n", str(opts.new_tokens),
            "--ignore-eos", "--temp", "0", "-t", str(opts.threads), "-no-cnv", "--perf"]
     if lora is not None:
         cmd += ["--lora", str(lora)]
-    for attempt in range(1, attempts + 1):
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL)
-        text = proc.stdout + proc.stderr
-        log.write_text(text)
-        if proc.returncode != 0:
-            raise PeerError(f"llama-completion failed (exit {proc.returncode}); log {log}:\n{proc.stderr[-2000:]}")
-        if (_PROMPT_EVAL.search(text) and _EVAL.search(text)) or attempt == attempts:
-            return parse_completion_timings(text) | {"attempts": attempt}
-    raise ValueError(f"attempts must be >= 1, not {attempts}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL)
+    text = proc.stdout + proc.stderr
+    log.write_text(text)
+    if proc.returncode != 0:
+        raise PeerError(f"llama-completion failed (exit {proc.returncode}); log {log}:\n{proc.stderr[-2000:]}")
+    return parse_completion_timings(text)
 
 
 def _bundle_round(bundle: Path, adapter: Path | None, opts: "BenchOptions", scratch: Path, label: str,
