@@ -26,13 +26,18 @@ def ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
     return round(a["median"] / b["median"], 4)
 
 
+def per_round_ratios(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], length: str, key: str,
+                     invert: bool = False) -> list[float]:
+    """a/b in each round (b/a with invert: for times, where lower is better); a and b are per-round
+    results {prompt length: {key: value}} of two rows taken in the same rounds."""
+    return [(y[length][key] / x[length][key]) if invert else (x[length][key] / y[length][key])
+            for x, y in zip(a, b) if length in x and length in y and x[length].get(key) and y[length].get(key)]
+
+
 def paired_ratio(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], length: str, key: str,
                  invert: bool = False) -> dict[str, Any]:
-    """Summary of a/b per round (b/a with invert: for times, where lower is better); a and b are
-    per-round results {prompt length: {key: value}} of two rows taken in the same rounds."""
-    values = [(y[length][key] / x[length][key]) if invert else (x[length][key] / y[length][key])
-              for x, y in zip(a, b) if length in x and length in y and x[length].get(key) and y[length].get(key)]
-    return summary(values)
+    """Summary of per_round_ratios."""
+    return summary(per_round_ratios(a, b, length, key, invert))
 
 
 def load_average() -> list[float]:

@@ -3,9 +3,9 @@
 Each variant differs from the int4 bundle as shipped in one thing: a Model Builder option (a new
 export through the pipeline's export workflow), a decoder session option laid over the bundle's
 genai_config.json, or the graph without LoRA inputs (the r8 adapter merged into the weights). It
-runs in every peer round right after the shipped bundle, so its ratios pair runs of the same round.
-Rows run in a seeded random order in each round (peer.measure_rounds), and a control row runs the shipped
-bundle a second time through the variants' own path: its ratios are the noise floor of the table.
+runs once in every peer round, so its ratios pair runs of the same round; rows run in a seeded random
+order in each round (peer.measure_rounds), and a control row runs the shipped bundle a second time
+through the variants' own path: its ratios are the noise floor of the table.
 A variant's verdict is computed, never written by hand: `faster` where, at every prompt length, the
 median paired decode ratio is above 1 + NOISE and the variant was faster in at least CONSISTENT of the
 rounds; `slower` the same way down; else `no measurable change`.
@@ -19,7 +19,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Callable
 
-from phi_pipeline.bench.stats import paired_ratio, summary
+from phi_pipeline.bench.stats import paired_ratio, per_round_ratios, summary
 
 NOISE = 0.03  # paired medians within 3 % of 1 are "no measurable change" on this shared 2-core machine
 CONSISTENT = 0.8  # and a verdict needs the same sign in 8 rounds of 10
@@ -108,10 +108,6 @@ def verdict(decode_ratios: list[list[float]]) -> str:
     return "no measurable change"
 
 
-def _per_round(a: list[dict[str, Any]], b: list[dict[str, Any]], length: str, key: str) -> list[float]:
-    return [x[length][key] / y[length][key] for x, y in zip(a, b) if length in x and length in y and y[length].get(key)]
-
-
 def summarize(
     tuned: list[TunedModel], rounds: dict[str, list[dict[str, Any]]], shipped: str, peer: str, sizes: dict[str, int],
     prompt_lens: tuple[int, ...],
@@ -121,7 +117,7 @@ def summarize(
     for t in tuned:
         runs = rounds[row_name(t.variant)]
         lens = list(map(str, prompt_lens))
-        per_round = {n: _per_round(runs, rounds[shipped], n, "decode_tok_s") for n in lens}
+        per_round = {n: per_round_ratios(runs, rounds[shipped], n, "decode_tok_s") for n in lens}
         vs_shipped = {n: paired_ratio(runs, rounds[shipped], n, "decode_tok_s") for n in lens}
         out.append({
             "name": t.variant.name,
