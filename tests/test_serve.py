@@ -418,3 +418,18 @@ def test_serve_cli_refuses_bad_arguments_with_exit_code_2(tmp_path, capsys):
     assert main(["serve", str(tmp_path), "--max-active", "0", "--max-queue", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--max-active must be >= 1" in err and "--max-queue must be >= 0" in err
+
+
+def test_serving_bench_view_names_every_id_of_the_vocabulary(tmp_path):
+    from phi_pipeline.bench.serving import every_id_spoken
+
+    bundle = tmp_path / "bundle"
+    (bundle / "adapters").mkdir(parents=True)
+    (bundle / "genai_config.json").write_text(json.dumps({"model": {"vocab_size": 6}}))
+    (bundle / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 1, "b": 2}},
+                                                       "added_tokens": [{"id": 0, "content": "<|endoftext|>"}]}))
+    view = every_id_spoken(bundle, tmp_path / "view")
+    added = json.loads((view / "tokenizer.json").read_text())["added_tokens"]
+    assert [(t["id"], t["content"], t["special"]) for t in added[1:]] == [(3, " t3", False), (4, " t4", False), (5, " t5", False)]
+    assert (view / "adapters").resolve() == (bundle / "adapters").resolve() and (view / "genai_config.json").is_symlink()
+    assert json.loads((bundle / "tokenizer.json").read_text())["added_tokens"] == added[:1]  # the bundle is untouched
