@@ -213,9 +213,12 @@ def headlines(results: dict[str, Any]) -> list[str]:
         lines.append(accuracy_line(acc))
     lines += openvino_headline(b, threads, short)
     costs = b["adapter_costs"].get(f"adapters-onnx-int4-t{threads}", {}).get("slowdown", {}).get(short)
+    # Other graphs (merged, unpacked) in that process are sessions of their own whose idle intra-op threads
+    # spin beside the one running; the peer's table runs each in its own process, so it speaks for them.
+    tried = {t["name"]: t for t in (results.get("peer") or {}).get("tried", [])}
     if costs:
         merged = costs.get("merged", {}).get("decode_slowdown_vs_none", {}).get("median")
-        if "unpacked" in costs:
+        if "unpacked" in costs and not tried:
             tok = {k: v["decode_tok_s"]["median"] for k, v in costs.items()}
             lines.append(
                 f"Projection packing (lora_packing), int4, threads {threads}, same process: decode "
@@ -226,10 +229,18 @@ def headlines(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"Adapter cost, int4, threads {threads}, paired: r8 active {_pct(costs['r8']['decode_slowdown_vs_none']['median'])}, "
             f"r16 {_pct(costs['r16']['decode_slowdown_vs_none']['median'])} decode vs no adapter on the same graph"
-            + ("." if merged is None else
-               f"; the merged variant decodes {_pct(-merged)} faster than that graph with no adapter "
+            + ("." if merged is None or tried else
+               f"; the merged variant (no LoRA inputs) decodes {_pct(-merged)} vs that graph with no adapter "
                "(the price of LoRA inputs in the graph, paid even with no adapter active).")
         )
+    for name in ("no LoRA inputs", "unpacked projections", "block 128"):
+        t = tried.get(name)
+        if t:
+            lens = list(t["decode_vs_shipped"])
+            lines.append(f"Tried `{name}`, {t['change']}; each in its own process, paired rounds: decode "
+                         + ", ".join(f"{_mm(t['decode_vs_shipped'][n], 1, 2)}x (prompt {n}, faster in "
+                                     f"{t['faster_than_shipped_in'][n]})" for n in lens)
+                         + f" vs the bundle as shipped, {_mib(t['size_bytes'])} MiB on disk: {t['verdict']}.")
     roof = next((r for r in b["roofline"] if r["label"] == f"onnx-int4-none-t{threads}" and str(r["prompt"]) == short), None)
     if roof:
         lines.append(f"int4 decode reaches {100 * roof['fraction_of_bound']:.0f}% of the copy-bandwidth bound "
