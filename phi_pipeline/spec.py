@@ -537,8 +537,8 @@ class ExportSpec(_Model):
     pack_projections: bool = Field(
         True,
         description="Multi-adapter layout: pack q/k/v and gate/up (base MatMul and LoRA) back into one MatMul each "
-        "when the adapters are on fused modules (Phi-3). Faster decode with or without an adapter; a larger "
-        "activation peak on long prompts (phi_pipeline/lora_packing.py, bench/report.md).",
+        "when the adapters are on fused modules (Phi-3): fewer, larger kernels, and a larger activation peak on "
+        "long prompts (phi_pipeline/lora_packing.py; bench/report.md measures it as `unpacked projections`).",
     )
 
 
