@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import TensorProto, helper
@@ -23,13 +24,18 @@ WINDOW_NAME = "phi_pipeline_window_length"
 FIXED_NAME = "phi_pipeline_total_seq_len_at_least_window"
 
 
+def is_prompt_graph(component: dict[str, Any]) -> bool:
+    """A genai_config.json pipeline component that runs on the prompt only (StaticLLM's context graph)."""
+    return component.get("run_on_token_gen") is False
+
+
 def prompt_graphs(folder: Path) -> tuple[int, list[Path]]:
     """(the window W, the prompt graphs) of a QNN variant folder, from its genai_config.json: the
     pipeline components that do not run on token generation."""
     decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
     window = int(decoder.get("sliding_window", {}).get("window_size", 0))
     graphs = [folder / c["filename"] for stage in decoder.get("pipeline", []) for c in stage.values()
-              if c.get("run_on_token_gen") is False]
+              if is_prompt_graph(c)]
     return window, graphs
 
 

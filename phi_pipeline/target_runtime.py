@@ -286,6 +286,8 @@ class QnnHtpModel:
         import onnxruntime as ort
         import onnxruntime_qnn
 
+        from phi_pipeline.qnn_graph import is_prompt_graph
+
         if not QnnHtpModel._registered:  # once per process: onnxruntime refuses a second registration
             ort.register_execution_provider_library(self.EP, onnxruntime_qnn.get_library_path())
             QnnHtpModel._registered = True
@@ -304,7 +306,7 @@ class QnnHtpModel:
         self.kv_shape = (1, int(decoder["num_key_value_heads"]), self.context_length, int(decoder["head_size"]))
         components = {name: c for stage in decoder["pipeline"] for name, c in stage.items()}
         role = {"embeddings": lambda c: c["inputs"] == [names["input_ids"]], "lm_head": lambda c: c.get("is_lm_head"),
-                "prompt": lambda c: c.get("run_on_token_gen") is False, "iterator": lambda c: c.get("run_on_prompt") is False}
+                "prompt": is_prompt_graph, "iterator": lambda c: c.get("run_on_prompt") is False}
         self.parts = {r: next(c for c in components.values() if test(c)) for r, test in role.items()}
         self.sessions = {r: self._session(c) for r, c in self.parts.items()}
 

@@ -282,35 +282,43 @@ def _untimed(adapters: list[dict]) -> list[dict]:
     ]
 
 
+class _FakeCluster:
+    """A parallel executor without Olive: each job leaves its outputs behind, except job `fails`, which
+    raises `cause` when waited for; `submitted` lists the jobs in the order they were submitted."""
+
+    name, parallel = "fake", True
+
+    def __init__(self, fails: str, cause: str):
+        self.fails, self.cause, self.submitted = fails, cause, []
+
+    def submit(self, job, echo=False):
+        from phi_pipeline.errors import PipelineError
+        from phi_pipeline.executors import Pending
+
+        self.submitted.append(job.name)
+
+        def wait():
+            if job.name == self.fails:
+                raise PipelineError(self.cause)
+            for out in job.outputs:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text("{}")
+
+        return Pending(wait, started=True)
+
+
 def test_a_failed_fine_tune_fails_the_stage_after_the_others_running_are_cached(project):
     from phi_pipeline.cache import Cache
     from phi_pipeline.errors import PipelineError
-    from phi_pipeline.executors import Pending
     from phi_pipeline.pipeline import load_plan, train_adapters
     from phi_pipeline.progress import Stages
 
     plan = load_plan("pipelines/tiny-phi3.yaml", "cpu")
-    submitted = []
-
-    class FakeCluster:  # what a task would leave behind, without Olive: antonyms trains, tone fails
-        name, parallel = "fake", True
-
-        def submit(self, job, echo=False):
-            submitted.append(job.name)
-
-            def wait():
-                if job.name == "finetune-tone":
-                    raise PipelineError("olive run failed (exit code 1): the cause")
-                for out in job.outputs:
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_text("{}")
-
-            return Pending(wait, started=True)
-
+    cluster = _FakeCluster(fails="finetune-tone", cause="olive run failed (exit code 1): the cause")
     cache = Cache(plan.paths.cache_dir)
     with pytest.raises(PipelineError, match="the cause"):
-        train_adapters(plan, Stages(), cache, "b", False, executor=FakeCluster())
-    assert submitted == ["finetune-tone", "finetune-antonyms"]  # both submitted before either was waited for
+        train_adapters(plan, Stages(), cache, "b", False, executor=cluster)
+    assert cluster.submitted == ["finetune-tone", "finetune-antonyms"]  # both submitted before either was waited for
     cached = [json.loads(p.read_text())["adapter"] for p in (plan.paths.cache_dir / "adapters").glob("*/cache-entry.json")]
     assert cached == ["antonyms"]
 
@@ -318,7 +326,6 @@ def test_a_failed_fine_tune_fails_the_stage_after_the_others_running_are_cached(
 def test_a_failed_merged_export_fails_after_the_others_running_are_cached(project, tmp_path):
     from phi_pipeline.cache import Cache
     from phi_pipeline.errors import PipelineError
-    from phi_pipeline.executors import Pending
     from phi_pipeline.pipeline import export_merged, load_plan
     from phi_pipeline.progress import Stages
     from phi_pipeline.trained import TrainedAdapter
@@ -333,21 +340,8 @@ def test_a_failed_merged_export_fails_after_the_others_running_are_cached(projec
         (tmp_path / adapter.name / "adapter").mkdir(parents=True)
         trained.append(TrainedAdapter(adapter, tmp_path / adapter.name, f"key-{adapter.name}", {}))
 
-    class FakeCluster:
-        name, parallel = "fake", True
-
-        def submit(self, job, echo=False):
-            def wait():
-                if job.name.endswith("tone"):
-                    raise PipelineError("the export's cause")
-                for out in job.outputs:
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_text("{}")
-
-            return Pending(wait, started=True)
-
     cache = Cache(plan.paths.cache_dir)
     with pytest.raises(PipelineError, match="the export's cause"):
-        export_merged(plan, Stages(), cache, "b", trained, False, FakeCluster())
+        export_merged(plan, Stages(), cache, "b", trained, False, _FakeCluster(fails="export-tone", cause="the export's cause"))
     cached = [json.loads(p.read_text())["adapter"] for p in (plan.paths.cache_dir / "exports").glob("*/cache-entry.json")]
     assert cached == ["antonyms"]

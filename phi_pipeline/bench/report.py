@@ -329,8 +329,7 @@ def peer_lines(p: dict[str, Any]) -> list[str]:
 
 def tried_table(tried: list[dict[str, Any]], lens: list[str]) -> list[str]:
     rows = [[t["name"], t["change"], _mib(t["size_bytes"]),
-             *(f"{_mm(t['decode_vs_shipped'][n], 1, 3)} ({t['faster_than_shipped_in'][n]} faster)"
-               if "faster_than_shipped_in" in t else _mm(t["decode_vs_shipped"][n], 1, 3) for n in lens),
+             *(f"{_mm(t['decode_vs_shipped'][n], 1, 3)} ({t['faster_than_shipped_in'][n]} faster)" for n in lens),
              *(_mm(t["first_token_speed_vs_shipped"][n], 1, 3) for n in lens),
              *(_mm(t["decode_vs_llama_q4_0"][n], 1, 3) for n in lens), t["verdict"]]
             for t in tried]

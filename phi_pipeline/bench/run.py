@@ -23,6 +23,7 @@ from phi_pipeline.bench.models import SIZES, ExportedBundle, build_bench_base, e
 from phi_pipeline.bench.serving import bench_serving
 from phi_pipeline.bench.stats import load_average, ratio
 from phi_pipeline.errors import PipelineError
+from phi_pipeline.target_runtime import OpenVINOModel
 from phi_pipeline.spec import DEFAULT_TARGET_MODULES
 
 SCHEMA = "phi-pipeline-bench/1"
@@ -261,7 +262,7 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
 
 # OpenVINO rows: the compile properties the openvino gates use (target_runtime.OpenVINOModel) and the
 # CPU plugin's own defaults (bf16 inference where the CPU has it), each with OpenVINO's default threads.
-OPENVINO_CONFIGS = {"f32": {"INFERENCE_PRECISION_HINT": "f32"}, "plugin default": {}}
+OPENVINO_CONFIGS = {"f32": OpenVINOModel.EVAL_CONFIG, "plugin default": {}}
 
 
 def openvino_problem(project_root: Path) -> str | None:

@@ -113,12 +113,11 @@ def summarize(
     prompt_lens: tuple[int, ...],
 ) -> list[dict[str, Any]]:
     """Per variant: paired ratios against the shipped bundle and llama.cpp, size, verdict."""
+    lens = list(map(str, prompt_lens))
     out = []
     for t in tuned:
         runs = rounds[row_name(t.variant)]
-        lens = list(map(str, prompt_lens))
         per_round = {n: per_round_ratios(runs, rounds[shipped], n, "decode_tok_s") for n in lens}
-        vs_shipped = {n: paired_ratio(runs, rounds[shipped], n, "decode_tok_s") for n in lens}
         out.append({
             "name": t.variant.name,
             "change": t.variant.change,
@@ -128,7 +127,7 @@ def summarize(
             "model": str(t.model),
             "size_bytes": sizes.get(t.variant.name),
             "decode_tok_s": {n: summary([r[n]["decode_tok_s"] for r in runs if n in r], digits=4) for n in lens},
-            "decode_vs_shipped": vs_shipped,
+            "decode_vs_shipped": {n: summary(r) for n, r in per_round.items()},
             "faster_than_shipped_in": {n: f"{sum(x > 1 for x in r)}/{len(r)}" for n, r in per_round.items()},
             "first_token_speed_vs_shipped": {n: paired_ratio(runs, rounds[shipped], n, "ttft_s", invert=True) for n in lens},
             "decode_vs_llama_q4_0": {n: paired_ratio(runs, rounds[peer], n, "decode_tok_s") for n in lens},
