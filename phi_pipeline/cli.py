@@ -12,17 +12,17 @@ import sys
 from pathlib import Path
 
 from phi_pipeline.errors import PipelineError, Terminated, UsageError
-from phi_pipeline.executors import EXECUTORS
-from phi_pipeline.targets import TARGETS
+from phi_pipeline.build.executors import EXECUTORS
+from phi_pipeline.spec.targets import TARGETS
 
 SHIPPED_SPECS = Path("pipelines")
 
 
 def _scale_out(args: argparse.Namespace):
     """The launch settings and the executor of --nproc-per-node ... and --executor."""
-    from phi_pipeline.distributed import Launch
-    from phi_pipeline.executors import make_executor
-    from phi_pipeline.spec import load_spec
+    from phi_pipeline.build.distributed import Launch
+    from phi_pipeline.build.executors import make_executor
+    from phi_pipeline.spec.schema import load_spec
 
     launch = Launch(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr, args.master_port)
     if launch.problems():
@@ -51,9 +51,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if launch.node_rank > 0:
         return 0
     if args.package:
-        from phi_pipeline.package import build_package, packable
+        from phi_pipeline.bundle.package import build_package, packable
 
-        from phi_pipeline.spec import load_spec
+        from phi_pipeline.spec.schema import load_spec
 
         packed, merged = packable(bundles)
         for b in merged:
@@ -65,7 +65,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from phi_pipeline.pipeline import search
-    from phi_pipeline.report import format_search
+    from phi_pipeline.evaluate.report import format_search
 
     launch, executor = _scale_out(args)
     for trained in search(args.spec, args.target[0], adapter=args.adapter, trials=args.trials, echo=args.verbose,
@@ -98,7 +98,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_configs(args: argparse.Namespace) -> int:
-    from phi_pipeline.configs import write_configs
+    from phi_pipeline.build.configs import write_configs
     from phi_pipeline.pipeline import load_plan
 
     if args.all:
@@ -115,7 +115,7 @@ def _cmd_configs(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from phi_pipeline.generate import generate_cli
+    from phi_pipeline.runtime.generate import generate_cli
 
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads", ["give a thread count >= 1"])
@@ -125,7 +125,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from phi_pipeline.bundle import SIGNATURE, verify
+    from phi_pipeline.bundle.layout import SIGNATURE
+    from phi_pipeline.bundle.staging import verify
 
     folder = Path(args.bundle)
     problems = verify(folder, Path(args.public_key) if args.public_key else None)
@@ -145,8 +146,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
-    from phi_pipeline.bundle import MANIFEST, sign
-    from phi_pipeline.signing import check_private_key
+    from phi_pipeline.bundle.layout import MANIFEST
+    from phi_pipeline.bundle.staging import sign
+    from phi_pipeline.bundle.signing import check_private_key
 
     folder = Path(args.bundle)
     problems = check_private_key(Path(args.key))
@@ -159,7 +161,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from phi_pipeline.cache import info_cli, prune_cli, verify_cli
+    from phi_pipeline.build.cache import info_cli, prune_cli, verify_cli
 
     root = Path(args.cache_dir)
     if args.action == "info":
@@ -207,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precision", help="override the spec's export precision")
 
     def scale_out(p: argparse.ArgumentParser) -> None:
-        g = p.add_argument_group("scaling out (README: Scaling out)")
+        g = p.add_argument_group("scaling out (docs/scaling.md)")
         g.add_argument("--nproc-per-node", type=int, help="data-parallel ranks per node for each fine-tune, under "
                        "torchrun (default: the spec's training.nproc_per_node, 1)")
         g.add_argument("--nnodes", type=int, default=1, help="nodes taking part in each fine-tune (default 1)")

@@ -17,26 +17,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline import bundle
-from phi_pipeline.cache import Cache, DigestMemo, content_key, file_sha256, tree_sha256
-from phi_pipeline.configs import EXPORT_FILE, finetune_file, write_configs
-from phi_pipeline.data import check_data, read_file_rows, validation_indices
-from phi_pipeline.diskspace import space_for, tree_size
-from phi_pipeline.distributed import DEVICE_ENV, DISTRIBUTED_FILE, Launch, describe
+from phi_pipeline.build.cache import (
+    Cache,
+    DigestMemo,
+    content_key,
+    tree_sha256,
+)
+from phi_pipeline.build.configs import EXPORT_FILE, finetune_file, write_configs
+from phi_pipeline.build.diskspace import space_for, tree_size
+from phi_pipeline.build.distributed import (
+    DEVICE_ENV,
+    Launch,
+    describe,
+)
+from phi_pipeline.build.executors import Executor, LocalExecutor, OliveJob, Pending
+from phi_pipeline.build.olive_compat import HOOKS_ENV
+from phi_pipeline.build.progress import Stages, TrainingProgress
+from phi_pipeline.build.runlock import RunLock
+from phi_pipeline.build.trained import TrainedAdapter
+from phi_pipeline.build.training import (
+    ADAPTER_FILES,
+    collect_finetune_result,
+    content_form,
+    prepare_finetune_dir,
+    prepare_splits,
+    training_key,
+)
+from phi_pipeline.bundle import staging
+from phi_pipeline.bundle.publish import publish_dir
 from phi_pipeline.errors import PipelineError, UsageError
-from phi_pipeline.executors import Executor, LocalExecutor, OliveJob, Pending
-from phi_pipeline.plan import AdapterPlan, Plan, is_local_path, make_plan
-from phi_pipeline.olive_compat import HOOKS_ENV
-from phi_pipeline.progress import Stages, TrainingProgress
-from phi_pipeline.publish import publish_dir
-from phi_pipeline.runlock import RunLock
-from phi_pipeline.spec import load_spec
-from phi_pipeline.trained import TRAINER_STATE, TrainedAdapter
-from phi_pipeline.versions import package_versions, training_versions
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TRAINING_KEY_FILE = "training-key"
-"""In a fine-tune's work folder: the cache key its checkpoints belong to (a resumed run must have the same)."""
+from phi_pipeline.spec.data import check_data
+from phi_pipeline.spec.inputs import check_safetensors, in_hf_cache
+from phi_pipeline.spec.plan import AdapterPlan, Plan, is_local_path, make_plan
+from phi_pipeline.spec.schema import load_spec
+from phi_pipeline.versions import package_versions
 
 
 def load_plan(spec_path: str | Path, target: str, precision: str | None = None) -> Plan:
@@ -48,7 +62,7 @@ def check_inputs(plan: Plan, sign_key: Path | None = None, launch: Launch = Laun
     """Everything that can be checked before training, reported together (UsageError, exit 2)."""
     problems: list[str] = launch.problems()
     if sign_key is not None:
-        from phi_pipeline.signing import check_private_key
+        from phi_pipeline.bundle.signing import check_private_key
 
         problems += [f"--sign-key: {p}" for p in check_private_key(sign_key)]
     for i, adapter in enumerate(plan.adapters):
@@ -69,7 +83,7 @@ def check_inputs(plan: Plan, sign_key: Path | None = None, launch: Launch = Laun
                     "(.bin/.pt) are never loaded: convert them with save_pretrained(safe_serialization=True)"
                 )
             problems += [f"base_model.name_or_path: {p}" for p in check_safetensors(folder)]
-        elif os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hf_cache(base.name_or_path):
+        elif os.environ.get("HF_HUB_OFFLINE") == "1" and not in_hf_cache(base.name_or_path):
             problems.append(
                 f"base_model.name_or_path: {base.name_or_path!r} is a hub id, but HF_HUB_OFFLINE=1 and it is not in "
                 "the local Hugging Face cache; download it while online (huggingface-cli download "
@@ -77,35 +91,6 @@ def check_inputs(plan: Plan, sign_key: Path | None = None, launch: Launch = Laun
             )
     if problems:
         raise UsageError(plan.source, problems)
-
-
-def check_safetensors(folder: Path) -> list[str]:
-    """Truncated or corrupt weights (an interrupted download), found from each file's header and
-    size alone: safetensors' safe_open parses the header and checks that the tensors exactly cover
-    the file, without reading the weights."""
-    from safetensors import SafetensorError, safe_open
-
-    problems = []
-    for f in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="numpy"):
-                pass
-        except (SafetensorError, OSError) as exc:
-            problems.append(f"{f}: not a complete safetensors file ({exc}); download or save it again")
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, AttributeError) as exc:
-            return [*problems, f"{index}: unreadable shard index ({exc})"]
-        problems += [f"{index}: names {s}, which is missing" for s in sorted(shards) if not (folder / s).is_file()]
-    return problems
-
-
-def _in_hf_cache(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def _builder_fingerprint() -> str:
@@ -187,141 +172,6 @@ def olive_job(
     )
 
 
-def collect_finetune_result(out: Path, distributed: dict[str, Any]) -> Path:
-    """What a fine-tune leaves for later stages: the adapter (the best checkpoint's, with a validation split),
-    the trainer's log history (written by olive_compat's progress hook) and its TensorBoard logs (Olive's
-    output also holds a full copy of the base, and the trainer folder its checkpoints: neither is kept)."""
-    result = out / "result"
-    shutil.rmtree(result, ignore_errors=True)
-    shutil.copytree(out / "adapter", result / "adapter")
-    if (out / TRAINER_STATE).is_file():
-        shutil.copy2(out / TRAINER_STATE, result / TRAINER_STATE)
-    if (out / "trainer" / "runs").is_dir():
-        shutil.copytree(out / "trainer" / "runs", result / "tensorboard")
-    (result / DISTRIBUTED_FILE).write_text(json.dumps(distributed, indent=2) + "\n")
-    return result
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def prepare_splits(plan: Plan) -> dict[str, tuple[dict[str, str], dict[str, Any] | None]]:
-    """Per adapter: the sha256 of each local split file (hub splits: their name) and which rows the trainer
-    validates on. Cuts the seeded validation rows out of a local training file into the run's data folder."""
-    out = {}
-    for adapter in plan.adapters:
-        data = adapter.spec.data
-        if data.hub is not None:
-            train, validation = data.hub_training_splits()
-            source = f"hub:{data.hub}" + (f"/{data.subset}" if data.subset else "")
-            shas = {"train": f"{source}:{train}", "eval": f"{source}:{data.eval_split}"}
-            if validation:
-                shas["validation"] = f"{source}:{validation}"
-            out[adapter.name] = (shas, {"hub_split": validation} if validation else None)
-            continue
-        shas = {split: file_sha256(Path(getattr(data, split))) for split in ("train", "validation", "eval") if getattr(data, split)}
-        validation = {"file": data.validation} if data.validation else None
-        if adapter.cuts_validation:
-            problems: list[str] = []
-            rows = read_file_rows(Path(data.train), problems, data.field)
-            seed = adapter.spec.training.seed
-            held = validation_indices(len(rows.items), data.held_out_fraction, seed)
-            held_set = set(held)
-            parts: dict[str, list[str]] = {"train": [], "validation": []}
-            for i, (_, row) in enumerate(rows.items):
-                parts["validation" if i in held_set else "train"].append(json.dumps(row, ensure_ascii=False) + "\n")
-            for split, lines in parts.items():
-                _write_if_changed(plan.paths.split_file(adapter.name, split), "".join(lines))
-            validation = {
-                "held_out_from": data.train,
-                "fraction": data.held_out_fraction,
-                "seed": seed,
-                rows.unit + "s": [rows.items[i][0] for i in held],
-            }
-        out[adapter.name] = (shas, validation)
-    return out
-
-
-def _content_form(document: Any, plan: Plan) -> Any:
-    """A workflow with the run's own paths replaced by what they hold or stand for: data files by their
-    sha256, the base by a placeholder (its digest is keyed separately), the pipeline's run folders and the
-    work dir by placeholders, the workflow's id (the pipeline's name) left out. A cache key of this form depends on content only, not on the pipeline's name,
-    output or work dir, so a copy of a spec under another name reuses every unchanged result."""
-    files: dict[str, str] = {}
-    for adapter in plan.adapters:
-        data = adapter.spec.data
-        candidates = [getattr(data, s) for s in ("train", "validation", "eval") if data.hub is None and getattr(data, s)]
-        candidates += [plan.paths.split_file(adapter.name, s).as_posix() for s in ("train", "validation")]
-        for path in candidates:
-            if Path(path).is_file():
-                files[Path(path).as_posix()] = f"<file sha256:{file_sha256(Path(path))}>"
-    prefixes = [(Path(plan.base_model).as_posix(), "<base>")] if plan.base_is_local else []
-    prefixes += [
-        ((plan.paths.work_dir / "runs" / plan.spec.name).as_posix(), "<runs>"),
-        (plan.paths.work_dir.as_posix(), "<work>"),
-    ]
-
-    def norm(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: norm(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [norm(v) for v in value]
-        if isinstance(value, str):
-            if value in files:
-                return files[value]
-            for prefix, placeholder in prefixes:
-                if value == prefix or value.startswith(prefix + "/"):
-                    return placeholder + value[len(prefix) :]
-        return value
-
-    # workflow_id names Olive's run after the pipeline; it does not shape the result
-    return norm({k: v for k, v in document.items() if k != "workflow_id"})
-
-
-def training_key(plan: Plan, workflow: dict[str, Any], hooks: dict[str, Any], base: str, world_size: int = 1) -> str:
-    """A fine-tune's cache key: its inputs' content, its settings and the training packages' versions; the
-    world size of a data-parallel fine-tune (it multiplies the effective batch)."""
-    document = {
-        "stage": "finetune",
-        "base": base,
-        "workflow": _content_form(workflow, plan),
-        "trainer_hooks": _content_form(hooks, plan),
-        "packages": training_versions(),
-    }
-    if world_size > 1:  # single-process keys stay as they were
-        document["world_size"] = world_size
-    return content_key(document)
-
-
-def _prepare_finetune_dir(out: Path, key: str) -> str | None:
-    """Keep the checkpoints of an interrupted fine-tune with this key (returned: the last one's name), else
-    start from an empty folder."""
-    trainer = out / "trainer"
-    stamp = out / TRAINING_KEY_FILE
-    # a checkpoint the kill interrupted has no trainer_state.json yet: it cannot be resumed from
-    done = sorted(
-        (c for c in trainer.glob("checkpoint-*") if (c / TRAINER_STATE).is_file()),
-        key=lambda c: int(c.name.rsplit("-", 1)[1]),
-    )
-    if done and stamp.is_file() and stamp.read_text() == key:
-        keep = {trainer / "runs", *done}
-        for child in [*out.iterdir(), *trainer.iterdir()]:
-            if child in (trainer, stamp) or child in keep:
-                continue
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        return done[-1].name
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    stamp.write_text(key)
-    return None
-
-
 @dataclass
 class FinetuneContext:
     stages: Stages
@@ -355,7 +205,7 @@ def _plan_finetune(
 ) -> _Finetune:
     """Look the fine-tune up in the cache; on a miss, prepare its work folder (an interrupted fine-tune with
     the same key resumes from its last checkpoint) and describe its job."""
-    from phi_pipeline.workflows.finetune import trainer_hooks
+    from phi_pipeline.build.workflows.finetune import trainer_hooks
 
     nproc = adapter.spec.training.nproc_per_node
     world = ctx.launch.world_size(nproc)
@@ -366,7 +216,7 @@ def _plan_finetune(
     if task.entry is not None:
         return task
     out = plan.paths.finetune_dir(adapter.name)
-    resumed = _prepare_finetune_dir(out, key)
+    resumed = prepare_finetune_dir(out, key)
     if resumed:
         ctx.stages.say(f"{adapter.name}: resuming the interrupted fine-tune from {resumed}")
     env = {HOOKS_ENV: json.dumps(hooks)}
@@ -430,9 +280,9 @@ def train_adapters(
     A parallel executor gets the stage's cache misses (adapters without a search) submitted together
     first; the local one trains each in its turn. A failed fine-tune fails the run after the others that
     were already running have finished and been cached."""
-    from phi_pipeline.configs import workflow_configs
+    from phi_pipeline.build.configs import workflow_configs
+    from phi_pipeline.build.workflows.finetune import trainer_hooks
     from phi_pipeline.search.run import search_adapter, study_key
-    from phi_pipeline.workflows.finetune import trainer_hooks
 
     configs = workflow_configs(plan)
     splits = prepare_splits(plan)
@@ -492,14 +342,14 @@ def train_adapters(
 
 
 def export_base(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool, executor: Executor | None = None) -> Path:
-    from phi_pipeline.adapters import write_layout_adapter
-    from phi_pipeline.configs import workflow_configs
+    from phi_pipeline.build.configs import workflow_configs
+    from phi_pipeline.bundle.adapters import write_layout_adapter
 
     key = content_key(
         {
             "stage": "export",
             "base": base,
-            "workflow": _content_form(workflow_configs(plan)[EXPORT_FILE], plan),
+            "workflow": content_form(workflow_configs(plan)[EXPORT_FILE], plan),
             "packages": package_versions(),
         }
     )
@@ -523,7 +373,7 @@ def export_merged(
 ) -> dict[str, Path]:
     """Merged layout: one export per adapter (MergeAdapterWeights, then the target's route); a parallel
     executor gets the cache misses submitted together."""
-    from phi_pipeline.configs import export_file, workflow_configs
+    from phi_pipeline.build.configs import export_file, workflow_configs
 
     executor = executor or LocalExecutor()
     configs = workflow_configs(plan)
@@ -533,7 +383,7 @@ def export_merged(
                 "stage": "export-merged",
                 "base": base,
                 "adapter": t.key,
-                "workflow": _content_form(configs[export_file(t.plan.name)], plan),
+                "workflow": content_form(configs[export_file(t.plan.name)], plan),
                 "packages": package_versions(),
             }
         )
@@ -585,14 +435,18 @@ def export_merged(
 def _evaluate_and_gate(plan: Plan, staged: Path, trained: list[TrainedAdapter], stages: Stages, no_gate: bool) -> None:
     """Evaluate the staged bundle and record the figures; a failed gate raises unless `no_gate`."""
     from phi_pipeline.evaluate import evaluate_staged, manifest_summary
-    from phi_pipeline.target_runtime import keep_unevaluated, missing_eval_device, skipped_gates
+    from phi_pipeline.runtime.target_models import (
+        keep_unevaluated,
+        missing_eval_device,
+        skipped_gates,
+    )
 
     missing = missing_eval_device(plan.target)
     if missing:  # e.g. a CUDA bundle built on a host without a GPU: its runtime cannot even load it here
         if not no_gate:
             raise keep_unevaluated(plan, staged, missing, plan.source)
         stages.say(f"not evaluated (--no-gate): {missing}")
-        bundle.finalize_manifest(staged, {"gates": skipped_gates(plan.target, missing), "stage_seconds": dict(stages.seconds)})
+        staging.finalize_manifest(staged, {"gates": skipped_gates(plan.target, missing), "stage_seconds": dict(stages.seconds)})
         return
     with stages.stage("evaluate", "evaluating the base model and each adapter (ONNX bundle vs PyTorch+PEFT)"):
         results = evaluate_staged(plan, staged, trained, enforced=not no_gate)
@@ -608,7 +462,7 @@ def _evaluate_and_gate(plan: Plan, staged: Path, trained: list[TrainedAdapter], 
     gates = {k: results["gates"][k] for k in ("enforced", "passed", "failures")}
     # the base's digest lets `phi-pipeline eval` tell whether the PyTorch reference is still the same model
     digest = base_digest(plan, DigestMemo(plan.paths.cache_dir / "digests.json"))
-    bundle.finalize_manifest(
+    staging.finalize_manifest(
         staged,
         {
             "gates": gates,
@@ -730,19 +584,19 @@ def _run_locked(
     with space_for(work, olive_space, "the export"):
         if plan.layout == "merged":
             variants = export_merged(plan, stages, cache, base, trained, echo, executor)
-            assemble = functools.partial(bundle.stage_merged, plan, variants, trained, stages)
+            assemble = functools.partial(staging.stage_merged, plan, variants, trained, stages)
             exported = list(variants.values())
         else:
             export = export_base(plan, stages, cache, base, echo, executor)
-            assemble = functools.partial(bundle.stage, plan, export, trained, stages)
+            assemble = functools.partial(staging.stage, plan, export, trained, stages)
             exported = [export]
-    staged = bundle.staging_dir(plan)
+    staged = staging.staging_dir(plan)
     needed = sum(tree_size(p) for p in exported) + sum(tree_size(t.folder / "adapter") for t in trained)
     try:
         with space_for(plan.paths.staging_root, needed, "the staged bundle"):
             with stages.stage("bundle", "assembling and verifying the bundle"):
                 assemble()
-                problems = bundle.verify(staged)
+                problems = staging.verify(staged)
                 if problems:
                     raise PipelineError(
                         "the staged bundle failed verification:\n" + "\n".join(f"  - {p}" for p in problems)
@@ -750,7 +604,7 @@ def _run_locked(
             _evaluate_and_gate(plan, staged, trained, stages, no_gate)
             if sign_key is not None:
                 with stages.stage("sign", f"signing the bundle with {sign_key} (model-signing)"):
-                    bundle.sign(staged, sign_key)
+                    staging.sign(staged, sign_key)
             with stages.stage("publish", f"publishing {plan.paths.bundle_dir}"):
                 publish_dir(staged, plan.paths.bundle_dir)
     finally:  # also on an interrupt or a full disk: no staging is left behind

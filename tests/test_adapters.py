@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from phi_pipeline.adapters import check_adapter_fits, peft_to_graph_weights, read_onnx_adapter, save_onnx_adapter
+from phi_pipeline.bundle.adapters import check_adapter_fits, peft_to_graph_weights, read_onnx_adapter, save_onnx_adapter
 
 HIDDEN, Q, KV, INTER, R = 8, 8, 4, 12, 2
 
@@ -81,7 +81,7 @@ def test_onnx_adapter_round_trips(peft_adapter, tmp_path):
 
 
 def test_fit_check_names_wrong_names_shapes_and_dtypes(peft_adapter, tmp_path, monkeypatch):
-    import phi_pipeline.adapters as adapters
+    import phi_pipeline.bundle.adapters as adapters
 
     folder, _ = peft_adapter
     weights = peft_to_graph_weights(folder, graph_inputs())

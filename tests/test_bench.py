@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from phi_pipeline.bench import decode, run
+from phi_pipeline.bench import decode, options, run, worker
 from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter
 from phi_pipeline.bench.pipeline_costs import olive_log_times
 
@@ -40,7 +40,7 @@ def _tokenizer(folder: Path) -> Path:
 def _olive_in_process(config_path: Path, log_path: Path, expected_outputs, **_kwargs) -> float:
     from olive.workflows import run as olive_run
 
-    from phi_pipeline.olive_compat import apply
+    from phi_pipeline.build.olive_compat import apply
 
     apply()
     olive_run(json.loads(Path(config_path).read_text()))
@@ -49,7 +49,7 @@ def _olive_in_process(config_path: Path, log_path: Path, expected_outputs, **_kw
 
 
 def _measure_in_process(config: decode.DecodeConfig, scratch: Path) -> dict:
-    return {"label": config.label, **decode.measure(config)}
+    return {"label": config.label, **worker.measure(config)}
 
 
 @pytest.fixture
@@ -65,16 +65,16 @@ def one_torch_thread():
 
 @pytest.fixture
 def results(tmp_path, monkeypatch, one_torch_thread) -> dict:
-    import phi_pipeline.runner
+    import phi_pipeline.build.runner
 
     monkeypatch.setenv("CI", "1")
-    monkeypatch.setattr(phi_pipeline.runner, "run_olive", _olive_in_process)
+    monkeypatch.setattr(phi_pipeline.build.runner, "run_olive", _olive_in_process)
     monkeypatch.setattr(run, "run_config", _measure_in_process)
     monkeypatch.setattr(run.roofline, "copy_bandwidth", functools.partial(run.roofline.copy_bandwidth, megabytes=16))
     base = build_bench_base(tmp_path / "given-base", SIZES["tiny"], _tokenizer(tmp_path / "tokenizer"))
     adapter = make_random_adapter(base, tmp_path / "given-adapter", r=4, seed=0, target_modules=PHI3_MODULES)
     given = export_bundle(base, {"a": adapter}, {"a": 4}, "int4", tmp_path / "given").bundle
-    opts = run.BenchOptions(
+    opts = options.BenchOptions(
         bundle=given, out_dir=tmp_path / "bench", size="tiny", reps=1, prompt_lens=PROMPTS, new_tokens=4,
         work_dir=tmp_path / "work", project_root=tmp_path, pipeline_reps=0, threads=2,
     )
@@ -101,7 +101,7 @@ def _check_rows(rows: list[dict]) -> None:
 
 
 def test_results_schema(results, tmp_path):
-    assert results["schema"] == run.SCHEMA
+    assert results["schema"] == options.SCHEMA
     assert {"settings", "machine", "bandwidth", "given_bundle", "benchmark_model", "wall_s"} <= set(results)
     assert len(results["machine"]["load_average_start"]) == 3
     _check_summary(results["bandwidth"]["all_cores"]["gb_per_s"])
@@ -123,7 +123,7 @@ def test_results_schema(results, tmp_path):
     onnx = costs["adapters-onnx-int4-t2"]
     assert set(onnx["load"]) == {"r8", "r16"}
     _check_summary(onnx["switch"]["set_active_s"], positive=False)
-    assert {"none", "r8", "r16", "merged", "unpacked", "unpacked+adapter"} == set(onnx["slowdown"]["8"])
+    assert {"none", "r8", "r16"} == set(onnx["slowdown"]["8"])
     _check_summary(onnx["slowdown"]["8"]["r8"]["decode_slowdown_vs_none"], positive=False)
     assert "slowdown" not in costs["adapters-torch-fp32"]
     profile = costs["profile-onnx-int4-t2"]
@@ -145,7 +145,7 @@ def test_results_schema(results, tmp_path):
     report = (tmp_path / "bench" / "report.md").read_text()
     assert "OpenVINO rows: skipped (no " in report
     assert "teacher-forced positions: token agreement" in report
-    assert report.startswith("# phi-pipeline benchmark") and "Projection packing (lora_packing)" in report
+    assert report.startswith("# phi-pipeline benchmark") and "Adapter cost, int4, threads" in report
     assert (tmp_path / "bench" / "decode.png").stat().st_size > 0
 
 
@@ -196,11 +196,11 @@ def test_pipeline_cost_summary(tmp_path, monkeypatch):
 
 def test_bench_export_is_reused_when_built_from_the_same_inputs(tmp_path, monkeypatch):
     """A multi-GB benchmark export is rebuilt only when its base, adapters or packages change."""
-    import phi_pipeline.runner
+    import phi_pipeline.build.runner
 
     runs = []
     monkeypatch.setenv("CI", "1")
-    monkeypatch.setattr(phi_pipeline.runner, "run_olive", lambda *a, **k: runs.append(a[0]) or _olive_in_process(*a, **k))
+    monkeypatch.setattr(phi_pipeline.build.runner, "run_olive", lambda *a, **k: runs.append(a[0]) or _olive_in_process(*a, **k))
     base = build_bench_base(tmp_path / "base", SIZES["tiny"], _tokenizer(tmp_path / "tokenizer"))
 
     def export(seed: int):
@@ -219,7 +219,7 @@ def test_committed_bench_results_render_to_a_report(tmp_path, committed):
     from phi_pipeline.bench.report import write_report
 
     results = json.loads((Path(__file__).parent.parent / committed).read_text())
-    assert results["schema"] == run.SCHEMA
+    assert results["schema"] == options.SCHEMA
     text = write_report(results, tmp_path).read_text()
     assert "## Headlines" in text and (tmp_path / "decode.png").stat().st_size > 0
     if results["settings"]["device"] == "cuda":

@@ -95,15 +95,15 @@ def test_peer_section_compares_the_tiny_bundle_with_llama_cpp(tmp_path, monkeypa
     LoRA conversion, llama-bench, llama-completion with and without the adapter, the bundle rows."""
     from test_bench import _olive_in_process, _tokenizer
 
-    import phi_pipeline.runner
-    from phi_pipeline.bench import report, run, tuning
+    import phi_pipeline.build.runner
+    from phi_pipeline.bench import options, report, tuning
 
     built = _built_llama_cpp()
-    monkeypatch.setattr(phi_pipeline.runner, "run_olive", _olive_in_process)
+    monkeypatch.setattr(phi_pipeline.build.runner, "run_olive", _olive_in_process)
     work = tmp_path / "work"
     work.mkdir()
     (work / "llama.cpp").symlink_to(built)
-    opts = run.BenchOptions(bundle=_tokenizer(tmp_path / "tokenizer"), size="tiny", peer_rounds=1, prompt_lens=(16, 32),
+    opts = options.BenchOptions(bundle=_tokenizer(tmp_path / "tokenizer"), size="tiny", peer_rounds=1, prompt_lens=(16, 32),
                             new_tokens=8, work_dir=work, project_root=ROOT, threads=2, peer="llama.cpp")
     result = peer.bench_peer(opts, lambda message: None)
     assert result["bundle_session_options"]["intra_op_num_threads"] == 0  # the bundle as shipped

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from phi_pipeline.bundle import verify
-from phi_pipeline.cache import file_sha256
+from phi_pipeline.bundle.staging import verify
+from phi_pipeline.build.cache import file_sha256
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +133,7 @@ def test_cpu_model_card_says_how_to_choose_the_threads(tiny_bundle):
 # Threads of a process holding the bundle loaded as `generate --threads N` loads it (N = 0: not given).
 THREADS_WHILE_LOADED = r"""
 import os, sys
-from phi_pipeline.runtime import BundleModel
+from phi_pipeline.runtime.genai import BundleModel
 model = BundleModel(sys.argv[1], threads=int(sys.argv[2]) or None)
 model.generate(model.user_prompt("hello", None), None, 2)
 print(len(os.listdir("/proc/self/task")))

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from phi_pipeline.bundle import verify
+from phi_pipeline.bundle.staging import verify
 from phi_pipeline.cli import main
-from phi_pipeline.runtime import BundleModel
+from phi_pipeline.runtime.genai import BundleModel
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from phi_pipeline.adapters import convert_adapter, graph_lora_inputs
+from phi_pipeline.bundle.adapters import convert_adapter, graph_lora_inputs
 from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter
-from phi_pipeline.bundle import MODEL_FILE
-from phi_pipeline.lora_packing import pack_lora_projections
+from phi_pipeline.bundle.layout import MODEL_FILE
+from phi_pipeline.bundle.lora_packing import pack_lora_projections
 from test_bench import PHI3_MODULES, _olive_in_process, _tokenizer
 
 PROMPT = [5, 9, 2, 7, 3, 3, 8]
@@ -19,12 +19,12 @@ PROMPT = [5, 9, 2, 7, 3, 3, 8]
 @pytest.fixture(scope="module", params=["int4", "fp32"])  # MatMulNBits and plain MatMul projections
 def exported(tmp_path_factory, request):
     """A tiny random Phi-3 exported (unpacked, as Olive leaves it) and its published bundle (packed)."""
-    import phi_pipeline.runner
+    import phi_pipeline.build.runner
 
     tmp = tmp_path_factory.mktemp("packing")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CI", "1")
-        mp.setattr(phi_pipeline.runner, "run_olive", _olive_in_process)
+        mp.setattr(phi_pipeline.build.runner, "run_olive", _olive_in_process)
         base = build_bench_base(tmp / "base", SIZES["tiny"], _tokenizer(tmp / "tokenizer"))
         adapter = make_random_adapter(base, tmp / "adapter", r=4, seed=0, target_modules=PHI3_MODULES)
         bundle = export_bundle(base, {"a": adapter}, {"a": 4}, request.param, tmp / "export").bundle
@@ -77,7 +77,7 @@ def test_packing_leaves_a_graph_alone_when_its_adapters_are_not_on_fused_modules
 def test_bundle_keeps_the_exported_projections_when_pack_projections_is_off(tmp_path, monkeypatch):
     import yaml
 
-    import phi_pipeline.runner
+    import phi_pipeline.build.runner
     from phi_pipeline.bench import models
 
     def spec_without_packing(*args, **kwargs) -> str:
@@ -87,7 +87,7 @@ def test_bundle_keeps_the_exported_projections_when_pack_projections_is_off(tmp_
 
     bench_spec = models.bench_spec
     monkeypatch.setenv("CI", "1")
-    monkeypatch.setattr(phi_pipeline.runner, "run_olive", _olive_in_process)
+    monkeypatch.setattr(phi_pipeline.build.runner, "run_olive", _olive_in_process)
     monkeypatch.setattr(models, "bench_spec", spec_without_packing)
     base = build_bench_base(tmp_path / "base", SIZES["tiny"], _tokenizer(tmp_path / "tokenizer"))
     adapter = make_random_adapter(base, tmp_path / "adapter", r=4, seed=0, target_modules=PHI3_MODULES)

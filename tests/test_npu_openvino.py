@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from phi_pipeline.bundle import verify
+from phi_pipeline.bundle.staging import verify
 from phi_pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +20,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         not (PASS_VENV / "bin" / "python").exists() or importlib.util.find_spec("openvino") is None,
-        reason="needs .venv-openvino and the openvino extra in this venv (.ci/npu-venvs.sh, or make venv TARGET=openvino)",
+        reason="needs .venv-openvino and the openvino extra in this venv (make test installs them; or make venv TARGET=openvino)",
     ),
 ]
 
@@ -49,7 +49,7 @@ def test_openvino_bundle_publishes_an_encapsulated_ir_per_adapter_and_verifies(o
 
 
 def test_openvino_gates_ran_on_the_openvino_cpu_device_and_track_pytorch(openvino_bundle):
-    from phi_pipeline import target_runtime
+    from phi_pipeline.runtime import target_models as target_runtime
 
     manifest = json.loads((openvino_bundle / "manifest.json").read_text())
     assert manifest["gates"]["enforced"] is True and manifest["gates"]["passed"] is True

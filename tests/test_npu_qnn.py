@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from phi_pipeline.bundle import verify
+from phi_pipeline.bundle.staging import verify
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         importlib.util.find_spec("onnxruntime_qnn") is None,
-        reason="needs the qnn extra in this venv (.ci/npu-venvs.sh, or make venv TARGET=qnn)",
+        reason="needs the qnn extra in this venv (make test installs it; or make venv TARGET=qnn)",
     ),
     pytest.mark.skipif(platform.machine().lower() in ("arm64", "aarch64"), reason="the x86-64 host path"),
 ]
@@ -58,7 +58,7 @@ def test_qnn_gates_ran_on_the_simulated_htp_against_pytorch(qnn_run, fast_projec
 
 
 def test_qnn_bundle_publishes_context_binaries_per_adapter_and_verifies(qnn_run, fast_project):
-    from phi_pipeline import qnn_graph
+    from phi_pipeline.bundle import qnn_graph
 
     assert qnn_run.returncode == 0, qnn_run.stderr[-3000:]
     bundle = fast_project / "dist/fast/qnn"
@@ -76,7 +76,7 @@ def test_qnn_variant_generates_past_its_prompt_window_on_the_simulated_htp(qnn_r
     """A prompt longer than the prompt graph's window: its first W tokens through the prompt graph, the rest
     through the iterator; the logits of the greedy continuation pick the generated tokens again."""
     probe = (
-        "import json, sys, numpy as np; from phi_pipeline import target_runtime; "
+        "import json, sys, numpy as np; from phi_pipeline.runtime import target_models as target_runtime; "
         "m = target_runtime.load(sys.argv[1], sys.argv[2]); ids = list(range(5, 5 + m.window + 9)); "
         "new = m.generate(ids, 4); logits = m.logits(ids + new[:-1]); "
         "print(json.dumps({'new': new, 'again': [int(t) for t in logits[len(ids) - 1:].argmax(-1)], "

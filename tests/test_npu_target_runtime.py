@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from phi_pipeline import bundle
+from phi_pipeline.bundle import layout, staging as bundle
 from phi_pipeline.errors import PipelineError
 from phi_pipeline.pipeline import _evaluate_and_gate
-from phi_pipeline.plan import make_plan
-from phi_pipeline.progress import Stages
-from phi_pipeline.spec import parse_spec
-from phi_pipeline.target_runtime import (
+from phi_pipeline.spec.plan import make_plan
+from phi_pipeline.build.progress import Stages
+from phi_pipeline.spec.schema import parse_spec
+from phi_pipeline.runtime.target_models import (
     UNEVALUATED_DIR,
     DeviceNeeded,
     cuda_device_problem,
     missing_eval_device,
 )
-from phi_pipeline.targets import TARGETS
+from phi_pipeline.spec.targets import TARGETS
 
 SPEC = """\
 name: nogpu
@@ -57,7 +57,7 @@ def _staged(tmp_path: Path) -> Path:
     staged = tmp_path / "dist/.staging/nogpu-cuda"
     staged.mkdir(parents=True)
     (staged / "model.onnx").write_bytes(b"graph")
-    (staged / bundle.MANIFEST).write_text(json.dumps({"target": "cuda", "files": {}}))
+    (staged / layout.MANIFEST).write_text(json.dumps({"target": "cuda", "files": {}}))
     bundle.finalize_manifest(staged, {})
     return staged
 
@@ -95,7 +95,7 @@ def test_cuda_gates_are_recorded_as_skipped_when_no_gpu_and_no_gate(cuda_plan, t
     staged = _staged(tmp_path)
     out = io.StringIO()
     _evaluate_and_gate(cuda_plan, staged, [], Stages(out), no_gate=True)
-    manifest = json.loads((staged / bundle.MANIFEST).read_text())
+    manifest = json.loads((staged / layout.MANIFEST).read_text())
     assert manifest["gates"]["enforced"] is False and manifest["gates"]["passed"] is None
     assert manifest["gates"]["skipped"].endswith("its gates need a cuda device")
     assert "not evaluated (--no-gate)" in out.getvalue()
@@ -103,7 +103,7 @@ def test_cuda_gates_are_recorded_as_skipped_when_no_gpu_and_no_gate(cuda_plan, t
 
 
 def test_genai_description_names_the_cpu_provider_when_it_stood_in():
-    from phi_pipeline.target_runtime import genai_description
+    from phi_pipeline.runtime.target_models import genai_description
 
     fallback = genai_description("WebGpuExecutionProvider", cpu_fallback=True)
     assert fallback.cpu_fallback is True and fallback.provider == "CPUExecutionProvider" and fallback.device == "cpu"

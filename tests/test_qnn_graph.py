@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from phi_pipeline import qnn_graph
+from phi_pipeline.bundle import qnn_graph
 
 HEADS, HEAD, WINDOW, CACHE = 2, 8, 8, 16
 

@@ -1,7 +1,7 @@
-"""Every output README.md and the model card show is what the default bundle really prints (greedy).
+"""Every output the documentation and the model card show is what the default bundle really prints (greedy).
 
-README lines of the form ``phi-pipeline generate dist/tiny-phi3/cpu ... # -> <output>`` are run
-through the CLI against the ``tiny_bundle`` fixture (the shipped tiny pipeline, built once per
+Lines of README.md and docs/*.md of the form ``phi-pipeline generate dist/tiny-phi3/cpu ... # -> <output>``
+are run through the CLI against the ``tiny_bundle`` fixture (the shipped tiny pipeline, built once per
 session); the model card's Python snippet is executed in the bundle folder.
 """
 
@@ -19,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOC_PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 BUNDLE = "dist/tiny-phi3/cpu"
 SHOWN = "# -> "
 
@@ -28,16 +29,22 @@ class Example:
     line: int
     argv: list[str]
     output: str
+    page: str = "README.md"
 
 
-def shown_examples(text: str) -> list[Example]:
+def shown_examples(text: str, page: str = "README.md") -> list[Example]:
     """`phi-pipeline` command lines that show their output after a `# -> ` comment."""
     found = []
     for n, line in enumerate(text.splitlines(), 1):
         command, sep, output = line.partition(SHOWN)
         if sep and command.lstrip().startswith("phi-pipeline "):
-            found.append(Example(n, shlex.split(command)[1:], output.strip()))
+            found.append(Example(n, shlex.split(command)[1:], output.strip(), page))
     return found
+
+
+def documented_examples() -> list[Example]:
+    """The shown examples of README.md and every docs/*.md page."""
+    return [e for path in DOC_PAGES for e in shown_examples(path.read_text(), path.relative_to(ROOT).as_posix())]
 
 
 def test_shown_examples_are_parsed_with_command_and_output():
@@ -49,20 +56,20 @@ def test_shown_examples_are_parsed_with_command_and_output():
 
 
 def test_readme_shows_an_output_for_each_shipped_adapter_and_the_base():
-    examples = [e for e in shown_examples(README.read_text()) if e.argv[0] == "generate"]
+    examples = [e for e in documented_examples() if e.argv[0] == "generate"]
     adapters = {e.argv[e.argv.index("--adapter") + 1] if "--adapter" in e.argv else None for e in examples}
     assert adapters == {"antonyms", "tone", None}
     assert all(e.argv[1] == BUNDLE and e.output for e in examples)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("example", shown_examples(README.read_text()), ids=lambda e: f"README.md:{e.line}")
+@pytest.mark.parametrize("example", documented_examples(), ids=lambda e: f"{e.page}:{e.line}")
 def test_readme_example_prints_the_output_it_shows(example, tiny_bundle, capsys):
     from phi_pipeline.cli import main
 
     argv = [str(tiny_bundle) if a == BUNDLE else a for a in example.argv]
     assert main(argv) == 0
-    assert capsys.readouterr().out.strip() == example.output, f"README.md:{example.line}: {shlex.join(example.argv)}"
+    assert capsys.readouterr().out.strip() == example.output, f"{example.page}:{example.line}: {shlex.join(example.argv)}"
 
 
 def _card_snippet(card: str) -> str:

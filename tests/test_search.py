@@ -9,7 +9,7 @@ import pytest
 from phi_pipeline.errors import PipelineError, UsageError
 from phi_pipeline.search.space import apply, grid_size
 from phi_pipeline.search.study import TrialFailed, run_study
-from phi_pipeline.spec import SearchSpec, parse_spec
+from phi_pipeline.spec.schema import SearchSpec, parse_spec
 
 SPEC = """\
 name: demo
@@ -198,7 +198,7 @@ def test_search_interrupted_trial_is_asked_again_with_its_settings(tmp_path):
 
 
 def test_search_report_marks_the_best_trial_and_draws_the_chart(tmp_path):
-    from phi_pipeline.report import plot_search, search_markdown
+    from phi_pipeline.evaluate.report import plot_search, search_markdown
 
     outcome = run_study(
         "a", search(trials=4), tmp_path / "s.db", "study", _trainer([], lambda n: n == 2), lambda _: None

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from phi_pipeline.serve.app import ServeSettings
-from phi_pipeline.serve.engine import Engine, EngineSettings, StopText
+from phi_pipeline.runtime.engine import Engine, EngineSettings, StopText
 from serve_support import CHAT_ADAPTER, TEMPLATE_ADAPTER, client, running
 
 BASE = "bench-int4"  # the pipeline name export_bundle gives the random bundle
@@ -125,7 +125,7 @@ def test_seeded_sampling_repeats_and_differs_from_greedy(oa):
 
 def test_concurrent_mixed_adapter_clients_get_their_solo_outputs(server, oa, monkeypatch):
     """8 clients at once, 3 models, chat and completions, streamed and not: each gets what it got alone."""
-    from phi_pipeline import runtime
+    from phi_pipeline.runtime import genai as runtime
 
     real = runtime.Generation.step
 
@@ -201,7 +201,7 @@ def test_errors_come_in_openai_shape(server, oa):
 
 
 def test_engine_failure_is_500_and_ends_a_stream_with_an_error_event(server, oa, monkeypatch):
-    from phi_pipeline import runtime
+    from phi_pipeline.runtime import genai as runtime
 
     real = runtime.Generation.step
 
@@ -262,7 +262,7 @@ def test_queue_full_gets_429_with_retry_after(random_bundle):
 
 
 def test_drain_finishes_running_requests_and_refuses_new_ones(random_bundle, monkeypatch):
-    from phi_pipeline import runtime
+    from phi_pipeline.runtime import genai as runtime
 
     real = runtime.Generation.step
 
@@ -293,7 +293,7 @@ def test_drain_finishes_running_requests_and_refuses_new_ones(random_bundle, mon
 
 
 def test_health_is_503_while_loading_then_200(random_bundle):
-    from phi_pipeline.runtime import BundleModel
+    from phi_pipeline.runtime.genai import BundleModel
 
     release = threading.Event()
 
@@ -341,7 +341,7 @@ def test_serving_bench_reports_every_level_and_the_mixing_cost(random_bundle, tm
 
 
 def test_long_prompt_goes_in_chunks_and_a_short_request_is_not_stuck_behind_a_long_one(random_bundle, monkeypatch):
-    from phi_pipeline import runtime
+    from phi_pipeline.runtime import genai as runtime
 
     feeds = []
     real_feed, real_step = runtime.Generation.feed, runtime.Generation.step
@@ -401,7 +401,7 @@ def test_stop_text_holds_back_what_could_start_a_stop_string():
 
 
 def test_sampling_options_follow_openai_semantics():
-    from phi_pipeline.runtime import Sampling
+    from phi_pipeline.runtime.genai import Sampling
 
     assert Sampling().search_options() == {}
     assert Sampling(temperature=0, seed=3).search_options() == {"do_sample": False}

@@ -22,7 +22,7 @@ def test_chat_page_streams_an_adapter_answer(random_bundle, monkeypatch):
 
     from playwright.sync_api import sync_playwright
 
-    from phi_pipeline import runtime
+    from phi_pipeline.runtime import genai as runtime
 
     real = runtime.Generation.step
 

@@ -1,6 +1,7 @@
-"""README "Serve it" is what the tiny bundle really does: the `phi-pipeline serve` command's first
-lines, the curl example's and the Python example's output, all read from README.md itself (the one
-place to update them when the tiny default's adapters change)."""
+"""docs/serving.md is what the tiny bundle really does: the `phi-pipeline serve` command's first
+lines, the curl example's and the Python example's output, all read from the page itself (the one
+place to update them when the tiny default's adapters change). README "Serve it" shows the first two
+of those examples, and must show them exactly as the page does."""
 
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOWN_BUNDLE, SHOWN_URL = "dist/tiny-phi3/cpu", "127.0.0.1:8000"
+SERVE_PAGE, SERVE_HEADING = "docs/serving.md", "# Serving"
 
 
-def serve_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    return text[text.index("## Serve it"):].split("\n## ", 1)[0]
+def serve_section(page: str = SERVE_PAGE, heading: str = SERVE_HEADING) -> str:
+    """From the heading to the next `## ` heading: the examples, not the API reference after them."""
+    text = (ROOT / page).read_text()
+    return text[text.index(heading):].split("\n## ", 1)[0]
 
 
 def blocks(section: str) -> list[tuple[str, str]]:
@@ -49,8 +52,12 @@ def test_readme_serve_section_has_the_examples_this_test_checks():
     assert kinds == ["console", "console", "python", "text"]
 
 
+def test_readme_serve_example_is_the_one_this_test_checks():
+    assert blocks(serve_section("README.md", "## Serve it")) == blocks(serve_section())[:2]
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")), reason="the README's curl example needs curl and jq")
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")), reason="the serving page's curl example needs curl and jq")
 def test_readme_serve_examples_print_what_the_tiny_bundle_answers(tiny_bundle):
     (_, serve_block), (_, curl_block), (_, python_code), (_, python_output) = blocks(serve_section())
     serve_command, serve_lines = console(serve_block)
@@ -75,7 +82,7 @@ def test_readme_serve_examples_print_what_the_tiny_bundle_answers(tiny_bundle):
 
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            exec(compile(python_code.replace(SHOWN_URL, url), "README.md (Serve it)", "exec"), {})
+            exec(compile(python_code.replace(SHOWN_URL, url), f"{SERVE_PAGE} (python example)", "exec"), {})
         assert printed.getvalue() == python_output
     finally:
         proc.send_signal(signal.SIGTERM)  # drains, then exits 0

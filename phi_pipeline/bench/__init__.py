@@ -17,4 +17,7 @@
 Every figure is a median over repeated runs with its min and max; every ratio is computed from
 runs of one invocation, and the load average is recorded next to it (other work on the machine
 moves the numbers).
+
+May import every stage and the orchestration (``phi_pipeline.pipeline``): it measures them. Only
+``cli.py`` imports it.
 """

@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def bench_cli(args: argparse.Namespace) -> int:
-    from phi_pipeline.bench.run import BenchOptions, run_bench
+    from phi_pipeline.bench.options import BenchOptions
+    from phi_pipeline.bench.run import run_bench
 
     if not (args.bundle / "manifest.json").is_file():
         raise UsageError(str(args.bundle), ["no manifest.json here; give a folder published by phi-pipeline run"])

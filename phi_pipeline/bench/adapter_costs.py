@@ -4,10 +4,10 @@
   the first-token latency of the first request that uses it;
 - switch: seconds to make another adapter active, and the first-token latency right after a
   switch vs with the adapter of the previous request;
-- slowdown: decode tokens/s with no adapter, each adapter, and optionally reference models (the
-  merged variant: the adapter folded into the weights, no LoRA inputs; the unpacked graph: the
-  export as Model Builder leaves it, before lora_packing, with and without an adapter), requests
-  interleaved round-robin so that load from other processes hits every variant alike;
+- slowdown: decode tokens/s with no adapter and with each adapter on one session, requests
+  interleaved round-robin so that load from other processes hits every variant alike (other graphs,
+  such as the merged or unpacked exports, are not measured here: a second session's idle intra-op
+  threads spin beside the one running; the peer's tuning table runs each in its own process);
 - profile: onnxruntime's per-operator times for one request with and without an adapter, to
   show where the slowdown goes.
 """
@@ -20,7 +20,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from phi_pipeline.bench.decode import DecodeConfig, OnnxRunner, Timing, make_runner, random_prompt
+from phi_pipeline.bench.decode import (
+    DecodeConfig,
+    OnnxRunner,
+    Timing,
+    make_runner,
+    random_prompt,
+)
 from phi_pipeline.bench.stats import summary
 
 SWITCH_NEW_TOKENS = 2  # enough to time the first token
@@ -88,8 +94,7 @@ def _interleaved(variants: list[tuple[str, Any, str | None]], ids: list[int], ne
 
 
 def measure_adapters(config: DecodeConfig) -> dict[str, Any]:
-    """extra: adapters {name: path}; reference: model folder of the merged variant; unpacked:
-    {"model": the unpacked export, "adapter": an .onnx_adapter for it} (onnx only)."""
+    """extra: adapters {name: path}; interleave: False skips the slowdown rounds."""
     adapters: dict[str, str] = config.extra["adapters"]
     runner = make_runner(config)
     ids = random_prompt(config.prompt_lens[0], runner.vocab_size)
@@ -98,12 +103,6 @@ def measure_adapters(config: DecodeConfig) -> dict[str, Any]:
     if config.extra.get("interleave", True):
         variants: list[tuple[str, Any, str | None]] = [("none", runner, None)]
         variants += [(name, runner, name) for name in adapters]
-        if config.extra.get("reference"):
-            variants.append(("merged", OnnxRunner(config.extra["reference"], config.threads, config.device), None))
-        if config.extra.get("unpacked"):
-            unpacked = OnnxRunner(config.extra["unpacked"]["model"], config.threads, config.device)
-            unpacked.load_adapter(config.extra["unpacked"]["adapter"], "adapter")
-            variants += [("unpacked", unpacked, None), ("unpacked+adapter", unpacked, "adapter")]
         result["slowdown"] = {
             str(length): _interleaved(variants, random_prompt(length, runner.vocab_size), config.new_tokens, config.reps)
             for length in config.prompt_lens

@@ -85,12 +85,12 @@ def random_prompt(length: int, vocab_size: int, seed: int = 0) -> list[int]:
 
 
 class OnnxRunner:
-    """An ONNX Runtime GenAI model loaded and run through phi_pipeline.runtime, as every command runs it."""
+    """An ONNX Runtime GenAI model loaded and run through phi_pipeline.runtime.genai, as every command runs it."""
 
     def __init__(
         self, model_dir: str, threads: int | None, device: str = "cpu", session_options: dict[str, Any] | None = None
     ):
-        from phi_pipeline.runtime import GenaiModel
+        from phi_pipeline.runtime.genai import GenaiModel
 
         self.runtime = GenaiModel(model_dir, threads=threads, provider="cuda" if device == "cuda" else None,
                                   session_options=session_options)
@@ -215,7 +215,7 @@ class OpenVinoRunner:
     (what the openvino gates run). Adapters are merged into the weights: none to load."""
 
     def __init__(self, model_dir: str, threads: int | None, compile_config: dict[str, str]):
-        from phi_pipeline.target_runtime import OpenVINOModel
+        from phi_pipeline.runtime.target_models import OpenVINOModel
 
         config = dict(compile_config) | ({"INFERENCE_NUM_THREADS": str(threads)} if threads else {})
         self.model = OpenVINOModel(Path(model_dir), config)
@@ -324,7 +324,7 @@ def run_config(config: DecodeConfig, scratch: Path) -> dict[str, Any]:
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(
-            [sys.executable, "-m", "phi_pipeline.bench.decode", str(cfg_path), str(out_path)],
+            [sys.executable, "-m", "phi_pipeline.bench.worker", str(cfg_path), str(out_path)],
             stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"TOKENIZERS_PARALLELISM": "false"},
         )
     wall = time.perf_counter() - start
@@ -334,27 +334,3 @@ def run_config(config: DecodeConfig, scratch: Path) -> dict[str, Any]:
     result = json.loads(out_path.read_text())
     result.update(label=config.label, process_wall_s=round(wall, 2), load_average=load_average())
     return result
-
-
-def measure(config: DecodeConfig) -> dict[str, Any]:
-    """What the subprocess does for one configuration (callable in-process, e.g. by tests)."""
-    if config.mode == "decode":
-        result = measure_decode(config)
-    else:
-        from phi_pipeline.bench import adapter_costs
-
-        result = adapter_costs.MODES[config.mode](config)
-    result["peak_rss_bytes"] = peak_rss_bytes()
-    return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg_path, out_path = (argv if argv is not None else sys.argv[1:])[:2]
-    raw = json.loads(Path(cfg_path).read_text())
-    raw["prompt_lens"] = tuple(raw["prompt_lens"])
-    Path(out_path).write_text(json.dumps(measure(DecodeConfig(**raw)), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

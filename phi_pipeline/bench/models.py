@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from phi_pipeline.bench.decode import TORCH_DTYPES
-from phi_pipeline.cache import file_sha256
+from phi_pipeline.build.cache import file_sha256
 
 PHI3_VOCAB = 32064
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -69,7 +69,12 @@ def build_bench_base(
     the tiny base); its special tokens give the bos/eos/pad ids.
     """
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, Phi3Config, Phi3ForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        GenerationConfig,
+        Phi3Config,
+        Phi3ForCausalLM,
+    )
 
     record = _base_record(arch, seed, dtype)
     if built_from(out, record) is not None:
@@ -216,16 +221,16 @@ def export_bundle(
     """Export `base_dir` at `precision` (and `export_options`, ExportSpec fields) with the pipeline's
     export workflow and publish a bundle holding `adapters` (name -> folder with adapter/), converted
     and verified by bundle.py."""
-    from phi_pipeline import bundle
-    from phi_pipeline.adapters import write_layout_adapter
-    from phi_pipeline.configs import EXPORT_FILE, render, workflow_configs
+    from phi_pipeline.build.configs import EXPORT_FILE, render, workflow_configs
+    from phi_pipeline.build.progress import Stages
+    from phi_pipeline.build.runner import run_olive
+    from phi_pipeline.bundle import staging as bundle
+    from phi_pipeline.bundle.adapters import write_layout_adapter
+    from phi_pipeline.bundle.publish import publish_dir
     from phi_pipeline.errors import PipelineError
     from phi_pipeline.pipeline import TrainedAdapter
-    from phi_pipeline.plan import make_plan
-    from phi_pipeline.progress import Stages
-    from phi_pipeline.publish import publish_dir
-    from phi_pipeline.runner import run_olive
-    from phi_pipeline.spec import parse_spec
+    from phi_pipeline.spec.plan import make_plan
+    from phi_pipeline.spec.schema import parse_spec
     from phi_pipeline.versions import package_versions
 
     work.mkdir(parents=True, exist_ok=True)
@@ -270,10 +275,10 @@ def merged_bundle(base_dir: Path, adapter_dir: Path, rank: int, precision: str, 
     exported by the pipeline's `layout: merged` workflow for `target` with no LoRA inputs. One full
     model per adapter and no run-time LoRA cost: what the multi-adapter graph is compared with; for
     openvino, the target's own chain, run with its pass venv's Python."""
-    from phi_pipeline.configs import export_file, render, workflow_configs
-    from phi_pipeline.plan import make_plan
-    from phi_pipeline.runner import run_olive
-    from phi_pipeline.spec import parse_spec
+    from phi_pipeline.build.configs import export_file, render, workflow_configs
+    from phi_pipeline.build.runner import run_olive
+    from phi_pipeline.spec.plan import make_plan
+    from phi_pipeline.spec.schema import parse_spec
 
     work.mkdir(parents=True, exist_ok=True)
     spec = yaml.safe_load(bench_spec(f"bench-merged-{precision}", base_dir, {"merged": rank}, precision, work))

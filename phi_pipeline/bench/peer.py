@@ -29,16 +29,17 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+
+import tomllib
 
 from phi_pipeline.bench.stats import paired_ratio, summary
 from phi_pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
-    from phi_pipeline.bench.run import BenchOptions
+    from phi_pipeline.bench.options import BenchOptions
 
 PEERS = ("llama.cpp",)
 TOOLS = ("llama-bench", "llama-quantize", "llama-completion")
@@ -398,9 +399,15 @@ def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, An
     """The whole peer section: build, convert, interleaved rounds, sizes and ratios."""
     from phi_pipeline.bench import tuning
     from phi_pipeline.bench.decode import TORCH_PRECISION
-    from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter, merged_bundle
-    from phi_pipeline.bench.run import ADAPTER_RANKS, TABLE_ADAPTER, folder_bytes
-    from phi_pipeline.spec import DEFAULT_TARGET_MODULES
+    from phi_pipeline.bench.models import (
+        SIZES,
+        build_bench_base,
+        export_bundle,
+        make_random_adapter,
+        merged_bundle,
+    )
+    from phi_pipeline.bench.options import ADAPTER_RANKS, TABLE_ADAPTER, folder_bytes
+    from phi_pipeline.spec.schema import DEFAULT_TARGET_MODULES
 
     if opts.device != "cpu":
         return {"skipped": "the llama.cpp peer runs on CPU only"}

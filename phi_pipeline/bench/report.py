@@ -107,10 +107,7 @@ def adapter_tables(costs: dict[str, Any]) -> list[str]:
                              _mm(v["decode_cpu_ms"], 1, 2), _mm(v["decode_cpu_increase_vs_none"], 100, 1)])
     lines += _table(["measured in", "prompt", "variant", "decode tok/s", "slowdown vs none %", "CPU ms/token",
                      "CPU time vs none %"], rows)
-    lines += ["", "`merged`: the r8 adapter folded into the weights, exported with no LoRA inputs (one full model per adapter). "
-              "`unpacked`, `unpacked+adapter`: the export as Model Builder leaves it (q/k/v and gate/up apart), "
-              "without and with r8, i.e. the bundle before `lora_packing`. "
-              "CPU time per token is the contention-robust figure for one-thread rows (`tdefault`); with more threads "
+    lines += ["", "CPU time per token is the contention-robust figure for one-thread rows (`tdefault`); with more threads "
               "it includes spinning.", ""]
     for label, c in costs.items():
         if not label.startswith("profile") or "error" in c:
@@ -213,25 +210,11 @@ def headlines(results: dict[str, Any]) -> list[str]:
         lines.append(accuracy_line(acc))
     lines += openvino_headline(b, threads, short)
     costs = b["adapter_costs"].get(f"adapters-onnx-int4-t{threads}", {}).get("slowdown", {}).get(short)
-    # Other graphs (merged, unpacked) in that process are sessions of their own whose idle intra-op threads
-    # spin beside the one running; the peer's table runs each in its own process, so it speaks for them.
     tried = {t["name"]: t for t in (results.get("peer") or {}).get("tried", [])}
     if costs:
-        merged = costs.get("merged", {}).get("decode_slowdown_vs_none", {}).get("median")
-        if "unpacked" in costs and not tried:
-            tok = {k: v["decode_tok_s"]["median"] for k, v in costs.items()}
-            lines.append(
-                f"Projection packing (lora_packing), int4, threads {threads}, same process: decode "
-                f"{_pct(tok['none'] / tok['unpacked'] - 1)} with no adapter and {_pct(tok['r8'] / tok['unpacked+adapter'] - 1)} "
-                f"with r8 vs the graph as Model Builder exports it; r8's slowdown vs no adapter "
-                f"{_pct(1 - tok['unpacked+adapter'] / tok['unpacked'])} there, {_pct(1 - tok['r8'] / tok['none'])} packed."
-            )
         lines.append(
             f"Adapter cost, int4, threads {threads}, paired: r8 active {_pct(costs['r8']['decode_slowdown_vs_none']['median'])}, "
-            f"r16 {_pct(costs['r16']['decode_slowdown_vs_none']['median'])} decode vs no adapter on the same graph"
-            + ("." if merged is None or tried else
-               f"; the merged variant (no LoRA inputs) decodes {_pct(-merged)} vs that graph with no adapter "
-               "(the price of LoRA inputs in the graph, paid even with no adapter active).")
+            f"r16 {_pct(costs['r16']['decode_slowdown_vs_none']['median'])} decode vs no adapter on the same graph."
         )
     for name in ("no LoRA inputs", "unpacked projections", "block 128"):
         t = tried.get(name)

@@ -13,53 +13,42 @@ import platform
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 from phi_pipeline.bench import roofline
-from phi_pipeline.bench.decode import TORCH_DTYPES, TORCH_PRECISION, DecodeConfig, run_config
-from phi_pipeline.bench.models import SIZES, ExportedBundle, build_bench_base, export_bundle, make_random_adapter, merged_bundle
+from phi_pipeline.bench.decode import (
+    TORCH_DTYPES,
+    TORCH_PRECISION,
+    DecodeConfig,
+    run_config,
+)
+from phi_pipeline.bench.models import (
+    SIZES,
+    build_bench_base,
+    export_bundle,
+    make_random_adapter,
+    merged_bundle,
+)
+from phi_pipeline.bench.options import (
+    ADAPTER_RANKS,
+    PRECISIONS,
+    SCHEMA,
+    TABLE_ADAPTER,
+    BenchOptions,
+    folder_bytes,
+)
 from phi_pipeline.bench.serving import bench_serving
 from phi_pipeline.bench.stats import load_average, ratio
 from phi_pipeline.errors import PipelineError
-from phi_pipeline.target_runtime import OpenVINOModel
-from phi_pipeline.spec import DEFAULT_TARGET_MODULES
-
-SCHEMA = "phi-pipeline-bench/1"
-ADAPTER_RANKS = {"r8": 8, "r16": 16}
-TABLE_ADAPTER = "r8"  # the adapter of the "with an adapter" rows
-PRECISIONS = {"cpu": ("int4", "fp32"), "cuda": ("int4", "fp16")}
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    bundle: Path
-    """A published bundle (dist/<pipeline>/<target>); also lends its tokenizer to the benchmark base."""
-    out_dir: Path = Path("bench")
-    size: str = "150m"
-    reps: int = 3
-    prompt_lens: tuple[int, ...] = (64, 512)
-    new_tokens: int = 128
-    device: str = "cpu"
-    work_dir: Path = Path(".phi-pipeline/bench")
-    project_root: Path = Path(".")
-    pipeline_reps: int = 1
-    """0 skips the pipeline-cost section (it runs the tiny pipeline twice: minutes)."""
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    peer: str | None = None
-    """"llama.cpp": also build llama.cpp and run it against the bundle (peer.py)."""
-    peer_rounds: int = 5
-    """Interleaved rounds of the peer comparison (each runs every row once)."""
+from phi_pipeline.runtime.target_models import OpenVINOModel
+from phi_pipeline.spec.schema import DEFAULT_TARGET_MODULES
 
 
 def _say(message: str) -> None:
     sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {message}\n")
     sys.stderr.flush()
-
-
-def folder_bytes(folder: Path, exclude: tuple[str, ...] = ()) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not any(x in p.parts for x in exclude))
 
 
 def _thread_settings(opts: BenchOptions) -> list[int | None]:
@@ -235,8 +224,7 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
     rows = decode_rows(onnx, table_adapters, base, opts, scratch)
     if isinstance(openvino, Path):
         rows += openvino_rows(openvino, opts, scratch)
-    unpacked = unpacked_reference(exports[int4], peft[TABLE_ADAPTER] / "adapter", work / "unpacked")
-    costs = adapter_costs(onnx, adapter_files, peft, base, merged, unpacked, opts, scratch)
+    costs = adapter_costs(onnx, adapter_files, peft, base, opts, scratch)
     return {
         "size": opts.size,
         "arch": asdict(arch),
@@ -269,7 +257,7 @@ def openvino_problem(project_root: Path) -> str | None:
     """Why this checkout cannot export and run an openvino bundle, or None."""
     import importlib.util
 
-    from phi_pipeline.targets import get_target
+    from phi_pipeline.spec.targets import get_target
 
     python = project_root / (get_target("openvino").export_python or "")
     if not python.exists():
@@ -321,18 +309,6 @@ def accuracy_proxies(onnx: dict[str, Path], opts: BenchOptions) -> dict[str, Any
         return {"error": traceback.format_exc()[-4000:]}
 
 
-def unpacked_reference(export: ExportedBundle, peft_adapter: Path, out: Path) -> dict[str, Path] | None:
-    """The bundle's graph before lora_packing (Olive's export output) and the adapter converted for
-    it: what packing is measured against. None when the export output is gone."""
-    from phi_pipeline.adapters import convert_adapter
-
-    if not (export.export_dir / "model.onnx").is_file():
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    convert_adapter(peft_adapter, export.export_dir / "model.onnx", out / "adapter.onnx_adapter")
-    return {"model": export.export_dir, "adapter": out / "adapter.onnx_adapter"}
-
-
 def torch_size_key(model_dir: Path) -> str:
     """sizes_bytes key of a Hugging Face folder: pytorch_<dtype>_safetensors."""
     dtype = json.loads((model_dir / "config.json").read_text()).get("dtype", "float32")
@@ -346,8 +322,8 @@ def safetensors_bytes(model_dir: Path) -> int:
 
 
 def adapter_costs(
-    onnx: dict[str, Path], files: dict[str, dict[str, Path]], peft: dict[str, Path], base: Path, merged: Path | None,
-    unpacked: dict[str, Path] | None, opts: BenchOptions, scratch: Path,
+    onnx: dict[str, Path], files: dict[str, dict[str, Path]], peft: dict[str, Path], base: Path, opts: BenchOptions,
+    scratch: Path,
 ) -> dict[str, Any]:
     """Paired (interleaved) adapter measurements per engine and thread setting, and an op profile."""
     short = (opts.prompt_lens[0],)
@@ -360,10 +336,6 @@ def adapter_costs(
             label = f"adapters-onnx-{precision}-t{threads or 'default'}"
             _say(label)
             extra = {"adapters": {n: str(f) for n, f in files[precision].items()}}
-            if precision == int4 and merged:
-                extra["reference"] = str(merged)
-            if precision == int4 and unpacked:
-                extra["unpacked"] = {k: str(v) for k, v in unpacked.items()}
             out[label] = run_config(DecodeConfig(label, "onnx", str(model), threads=threads, mode="adapters", extra=extra, **common), scratch)
     _say("adapters-torch")
     extra_torch = {"adapters": {n: str(p / "adapter") for n, p in peft.items()}, "interleave": False}

@@ -29,6 +29,9 @@ training cache) and required by `phi-pipeline run`. The ONNX side runs one examp
 device would; the PyTorch side runs batches (left-padded greedy generation, right-padded
 teacher-forced passes), one intra-op thread for small models. A merged bundle (one model per
 adapter, no base model shipped) is evaluated model by model, its base figures from PyTorch only.
+
+report.py turns eval.json's figures into report.md and charts. May import: ``runtime``, ``bundle``,
+``build``, ``spec``, ``errors``. Never search, serve or the orchestration.
 """
 
 from phi_pipeline.evaluate.cli import eval_cli, evaluate_staged, manifest_summary

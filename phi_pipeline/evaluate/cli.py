@@ -6,20 +6,20 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from phi_pipeline.bundle import MANIFEST
+from phi_pipeline.bundle.layout import MANIFEST
 from phi_pipeline.errors import UsageError
 from phi_pipeline.evaluate.gates import record_gates
 from phi_pipeline.evaluate.run import evaluate_bundle
 from phi_pipeline.evaluate.tasks import tasks_from_manifest, tasks_from_plan
 
 if TYPE_CHECKING:
-    from phi_pipeline.plan import Plan
+    from phi_pipeline.spec.plan import Plan
 
 
 def peft_dirs_from_cache(manifest: Mapping[str, Any], cache_dir: Path) -> dict[str, Path]:
     """PEFT folders of a bundle's adapters in the content cache (cache_key recorded by the manifest); an entry
     that is missing or fails its integrity check is left out (and reported), never used."""
-    from phi_pipeline.cache import Cache
+    from phi_pipeline.build.cache import Cache
 
     cache = Cache(cache_dir)
     entries = {a["name"]: cache.get("adapters", a["cache_key"]) for a in manifest.get("adapters", []) if a.get("cache_key")}
@@ -33,7 +33,7 @@ def evaluate_staged(plan: "Plan", staged: Path, trained: Sequence[Any], *, enfor
     (so a bundle refused by its gates still leaves its report behind). Returns the results."""
     import shutil
 
-    from phi_pipeline.report import CHARTS_DIR, EVAL_JSON, REPORT_MD, write_report
+    from phi_pipeline.evaluate.report import CHARTS_DIR, EVAL_JSON, REPORT_MD, write_report
 
     results = evaluate_bundle(
         staged,
@@ -65,7 +65,7 @@ def evaluate_staged(plan: "Plan", staged: Path, trained: Sequence[Any], *, enfor
 
 
 def _history(folder: Path) -> list[dict[str, Any]]:
-    from phi_pipeline.bundle import training_history
+    from phi_pipeline.bundle.staging import training_history
 
     return training_history(folder)
 
@@ -102,8 +102,8 @@ def eval_cli(
     """`phi-pipeline eval`: evaluate a bundle on demand, print the table; 1 if a gate fails."""
     import json
 
-    from phi_pipeline.report import format_table, write_report
-    from phi_pipeline.spec import load_spec
+    from phi_pipeline.evaluate.report import format_table, write_report
+    from phi_pipeline.spec.schema import load_spec
 
     folder = Path(bundle)
     if not (folder / MANIFEST).is_file():
@@ -160,7 +160,7 @@ def eval_cli(
 
 def _base_changed(manifest: Mapping[str, Any], cache: Path) -> str | None:
     """Why the local base model cannot serve as the PyTorch reference any more, or None."""
-    from phi_pipeline.cache import DigestMemo, tree_sha256
+    from phi_pipeline.build.cache import DigestMemo, tree_sha256
 
     base = manifest.get("base_model", {})
     digest, path = base.get("digest"), base.get("name_or_path")

@@ -1,4 +1,4 @@
-"""The bundle's side: greedy generation and teacher-forced logits through phi_pipeline/runtime.py (no torch)."""
+"""The bundle's side: greedy generation and teacher-forced logits through phi_pipeline/runtime/genai.py (no torch)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from phi_pipeline.target_runtime import RuntimeDescription, genai_description
+from phi_pipeline.runtime.target_models import RuntimeDescription, genai_description
 
 if TYPE_CHECKING:
-    from phi_pipeline.runtime import BundleModel
+    from phi_pipeline.runtime.genai import BundleModel
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

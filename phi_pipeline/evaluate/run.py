@@ -11,8 +11,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from phi_pipeline.bundle import MANIFEST
-from phi_pipeline.data import Example
+from phi_pipeline.bundle.layout import MANIFEST
+from phi_pipeline.spec.data import Example
 from phi_pipeline.errors import PipelineError, UsageError
 from phi_pipeline.evaluate.metrics import DEFINITIONS as METRIC_DEFINITIONS
 from phi_pipeline.evaluate.metrics import LABEL_METRICS, label_report, score
@@ -81,8 +81,8 @@ def evaluate_bundle(
     `require_pytorch`). A merged bundle (one model per adapter, no base model shipped) is evaluated
     model by model; its base figures come from PyTorch only.
     """
-    from phi_pipeline.runtime import BundleModel
-    from phi_pipeline.target_runtime import eval_side
+    from phi_pipeline.runtime.genai import BundleModel
+    from phi_pipeline.runtime.target_models import eval_side
 
     start = time.perf_counter()
     manifest = json.loads((Path(bundle) / MANIFEST).read_text())
@@ -113,7 +113,7 @@ def evaluate_bundle(
     bar = _progress(sum(len(ex) for _, ex in prepared) * len(VARIANTS), progress)
     try:
         for task, examples in prepared:
-            # NPU bundles run on their own runtime (phi_pipeline/target_runtime.py), the others on onnxruntime-genai
+            # NPU bundles run on their own runtime (phi_pipeline/runtime/target_models.py), the others on onnxruntime-genai
             onnx = shared or eval_side(Path(bundle), task.adapter) or OnnxSide(BundleModel(Path(bundle), variant=task.adapter))
             results["adapters"][task.adapter] = _evaluate_task(task, examples, onnx, torch_side, bar, batch_size)
             # which runtime and provider produced the bundle's figures: a CPU fallback is never the target's own

@@ -1,8 +1,11 @@
 """An OpenAI-compatible server for a published bundle, where each request picks its adapter.
 
 - protocol.py: request and response bodies (OpenAI's shapes);
-- engine.py: the one thread that owns the model and interleaves requests round-robin;
+- the engine (``phi_pipeline.runtime.engine``): the one thread that owns the model and interleaves
+  requests round-robin, swappable without touching the HTTP side;
 - app.py: FastAPI routes, authentication, errors in OpenAI's shape;
 - server.py: uvicorn with a draining shutdown, `phi-pipeline serve`;
 - static/index.html: the chat page at `/`.
+
+May import: ``runtime``, ``bundle``, ``spec``, ``errors``.
 """

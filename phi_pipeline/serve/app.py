@@ -22,9 +22,9 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from phi_pipeline.bundle import MANIFEST
-from phi_pipeline.runtime import BundleModel, PromptFormatError, Sampling
-from phi_pipeline.serve.engine import (
+from phi_pipeline.bundle.layout import MANIFEST
+from phi_pipeline.runtime.genai import BundleModel, PromptFormatError, Sampling
+from phi_pipeline.runtime.engine import (
     Delta, Engine, EngineSettings, Failed, Finished, Handle, Job, NotAccepting, QueueFull,
 )
 from phi_pipeline.serve.protocol import (

@@ -16,11 +16,11 @@ from typing import Any
 
 import uvicorn
 
-from phi_pipeline.bundle import MANIFEST
+from phi_pipeline.bundle.layout import MANIFEST
 from phi_pipeline.errors import UsageError
-from phi_pipeline.runtime import decoder_threads
+from phi_pipeline.runtime.genai import decoder_threads
 from phi_pipeline.serve.app import API_KEY_ENV, ServeSettings, create_app
-from phi_pipeline.serve.engine import Engine
+from phi_pipeline.runtime.engine import Engine
 
 log = logging.getLogger("phi_pipeline.serve")
 
@@ -75,7 +75,7 @@ def build_server(settings: ServeSettings, host: str, port: int, log_level: str =
 
 def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key: str | None, max_active: int,
               max_queue: int, max_tokens: int) -> int:
-    from phi_pipeline.serve.engine import EngineSettings
+    from phi_pipeline.runtime.engine import EngineSettings
 
     problems = [f"{name} must be >= 1" for name, v in
                 (("--threads", threads or 1), ("--max-active", max_active), ("--max-tokens", max_tokens)) if v < 1]

@@ -1,0 +1,27 @@
+"""A trained adapter as later stages see it: below both pipeline (which trains) and bundle (which ships)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phi_pipeline.spec.plan import AdapterPlan
+
+
+TRAINER_STATE = "trainer_state.json"
+"""In a fine-tune result: the trainer's state, its log_history the loss curves."""
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    plan: AdapterPlan
+    folder: Path
+    """Cache entry: the PEFT adapter (adapter/), trainer_state.json and tensorboard/ logs."""
+    key: str
+    dataset_sha256: dict[str, str]
+    """sha256 of each local split file the adapter was trained and evaluated on (hub splits: their name)."""
+    validation: dict[str, Any] | None = None
+    """Which rows the trainer validated on: a file, a hub split, or the training rows held out."""
+    search: dict[str, Any] | None = None
+    """The hyperparameter search that picked this adapter (search.study.SearchOutcome.to_dict()), if any."""

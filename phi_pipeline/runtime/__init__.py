@@ -1,0 +1,10 @@
+"""Running a bundle: the one wrapper of onnxruntime-genai, the NPU targets' runtimes, generation.
+
+- genai.py: ``og.Model`` / ``og.Adapters`` / generators behind one class (the only place that calls
+  onnxruntime-genai), sampling settings, decoder threads;
+- target_models.py: targets onnxruntime-genai cannot run here (OpenVINO, QNN HTP), behind one protocol;
+- generate.py: ``phi-pipeline generate``;
+- engine.py: the serving engine, one thread that owns the model and interleaves requests.
+
+May import: ``bundle`` (layout, manifest), ``spec``, ``errors``. Never evaluation, search or serve.
+"""

@@ -1,0 +1,288 @@
+"""The engine: one thread owns the model, its adapters and every generator, and advances the active
+requests round-robin.
+
+Why one thread: onnxruntime-genai is not thread-safe and its Python calls hold the GIL for the
+whole native call. Each round gives every active request one model run: a prompt chunk of at most
+`prefill_chunk` tokens while its prompt is going in, then one new token. So a short request is not
+stuck behind a long one, a long prompt does not stall the streams already running, and requests
+with different adapters run side by side, each generator with its own active adapter.
+
+Requests come in from the server's event loop (`submit`), results go back to it as events on an
+asyncio queue per request. At most `max_active` generators exist at once (each holds a KV cache
+sized prompt + max_tokens); up to `max_queue` more requests wait; beyond that `submit` refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from phi_pipeline.runtime.genai import BundleModel, Generation, Sampling
+
+log = logging.getLogger("phi_pipeline.serve")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    max_active: int = 8
+    """Generators at once (KV caches in memory)."""
+    max_queue: int = 32
+    """Requests waiting beyond max_active before new ones are refused (429)."""
+    prefill_chunk: int = 128
+    """Prompt tokens per model run: a longer prompt goes in over several rounds."""
+
+
+class QueueFull(Exception):
+    """Every generator is busy and the wait queue is full."""
+
+
+class NotAccepting(Exception):
+    """The engine is loading, draining or has failed."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to run: prompt token ids (already formatted), adapter, limits and decoding settings."""
+
+    prompt: list[int]
+    adapter: str | None
+    max_tokens: int
+    sampling: Sampling
+    stop: tuple[str, ...] = ()
+    min_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str
+    """"stop" (end-of-sequence token or a stop string) or "length" (max_tokens reached)."""
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Delta | Finished | Failed
+CANCELLED = Failed("the request was cancelled (its client went away)")
+
+
+class StopText:
+    """Decoded text of one request with its stop strings: text is released only once no stop string
+    can start in it, and cut where one appears."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def add(self, piece: str) -> str:
+        """Append decoded text; the part now safe to send."""
+        self.text += piece
+        # text already sent holds no stop string: it was released only once none could start in it
+        cut = min((i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+            return self.flush()
+        end = max(self.sent, len(self.text) - self.hold)
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
+class Handle:
+    """One submitted request as the server sees it: events arrive on `events`; `cancel()` (a client
+    gone) frees its generator at the engine's next round."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def emit(self, event: Event) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled.set()
+
+
+@dataclass
+class _Slot:
+    job: Job
+    handle: Handle
+    generation: Generation | None = None
+    stream: Any = None
+    text: StopText | None = None
+    produced: int = 0
+
+
+class Engine:
+    """Loads the bundle on its own thread, then runs submitted jobs until stopped."""
+
+    def __init__(self, load: Callable[[], BundleModel], settings: EngineSettings = EngineSettings()):
+        self.settings = settings
+        self._load = load
+        self.model: BundleModel | None = None
+        self.error: str | None = None
+        self.state = "loading"  # loading -> ready -> draining -> stopped; or failed
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[_Slot] = collections.deque()
+        self._active: list[_Slot] = []
+        self._accepted = 0  # waiting + active, under _cv
+        self.peak_active = 0
+        """Most generators that were alive at once (interleaving shows as > 1)."""
+        self._stop = False
+        self.ready = threading.Event()
+        self.idle = threading.Event()
+        self.idle.set()
+        self._thread = threading.Thread(target=self._run, name="phi-pipeline-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def busy(self) -> int:
+        """Requests accepted and not yet finished."""
+        return self._accepted
+
+    def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> Handle:
+        handle = Handle(loop)
+        with self._cv:
+            if self.state != "ready":
+                raise NotAccepting(self.state)
+            if self._accepted >= self.settings.max_active + self.settings.max_queue:
+                raise QueueFull()
+            self._accepted += 1
+            self.idle.clear()
+            self._waiting.append(_Slot(job, handle))
+            self._cv.notify()
+        return handle
+
+    def drain(self) -> None:
+        """Refuse new requests; those accepted run to the end (`idle` is set then)."""
+        with self._cv:
+            if self.state == "ready":
+                self.state = "draining"
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the thread after the current round; unfinished requests get a Failed event."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # --- the engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.model = self._load()
+        except Exception as exc:  # reported by /health and the server's log, which exits
+            log.exception("loading the bundle failed")
+            self.error, self.state = f"{type(exc).__name__}: {exc}", "failed"
+            self.ready.set()
+            return
+        with self._cv:
+            if self.state == "loading":
+                self.state = "ready"
+        self.ready.set()
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not self._active:
+                    self._cv.wait()
+                if self._stop:
+                    break
+                admitted = []
+                while self._waiting and len(self._active) + len(admitted) < self.settings.max_active:
+                    admitted.append(self._waiting.popleft())
+            for slot in admitted:
+                self._admit(slot)
+            for slot in list(self._active):
+                self._advance(slot)
+        for slot in [*self._active, *self._waiting]:
+            self._finish(slot, Failed("the server is shutting down"))
+        with self._cv:
+            self.state = "stopped"
+
+    def _admit(self, slot: _Slot) -> None:
+        if slot.handle.cancelled.is_set():
+            self._finish(slot, CANCELLED)
+            return
+        model = self.model
+        assert model is not None
+        try:
+            job = slot.job
+            slot.generation = model.start(job.prompt, job.adapter, job.max_tokens, job.sampling,
+                                          min_new_tokens=job.min_tokens)
+            slot.stream = model.tokenizer.create_stream()
+            slot.text = StopText(job.stop)
+        except Exception as exc:
+            log.exception("starting a request failed")
+            self._finish(slot, Failed(f"the engine could not start this request: {exc}"))
+            return
+        self._active.append(slot)
+        self.peak_active = max(self.peak_active, len(self._active))
+
+    def _advance(self, slot: _Slot) -> None:
+        """One model run for `slot`: its next prompt chunk, or its next token."""
+        if slot.handle.cancelled.is_set():
+            self._finish(slot, CANCELLED)
+            return
+        generation, text, model = slot.generation, slot.text, self.model
+        assert generation is not None and text is not None and model is not None
+        try:
+            if not generation.prefilled:
+                generation.feed(self.settings.prefill_chunk)
+                return
+            token = generation.step()
+            if token in model.eos_token_ids:
+                self._close(slot, "stop")
+                return
+            slot.produced += 1
+            piece = text.add(slot.stream.decode(token))
+            if piece:
+                slot.handle.emit(Delta(piece))
+            if text.stopped:
+                self._close(slot, "stop")
+            elif generation.done:
+                self._close(slot, "length" if slot.produced >= slot.job.max_tokens else "stop")
+        except Exception as exc:
+            log.exception("a request failed in the engine")
+            self._finish(slot, Failed(f"the engine failed on this request: {exc}"))
+
+    def _close(self, slot: _Slot, reason: str) -> None:
+        assert slot.text is not None
+        rest = slot.text.flush()
+        if rest:
+            slot.handle.emit(Delta(rest))
+        self._finish(slot, Finished(reason, len(slot.job.prompt), slot.produced))
+
+    def _finish(self, slot: _Slot, event: Event) -> None:
+        """Drop the slot's generator (its KV cache goes with it) and tell the waiting client."""
+        if slot in self._active:
+            self._active.remove(slot)
+        slot.generation = slot.stream = None
+        slot.handle.emit(event)
+        with self._cv:
+            self._accepted -= 1
+            if self._accepted == 0:
+                self.idle.set()
