@@ -198,6 +198,17 @@ def test_errors_come_in_openai_shape(server, oa):
     assert exc.value.param == "max_tokens"
     assert _error(_raw(url, "/v1/completions", json.dumps({"model": BASE, "prompt": "a" * (2 << 20)})), 413)
     assert _error(httpx.get(url + "/v1/nothing-here"), 404)
+    for seed in (2**64, -(2**63) - 1):  # wider than OpenAI's 64-bit seed: a 400 naming it, not a 500
+        assert _error(_raw(url, "/v1/completions", {"model": BASE, "prompt": "a", "seed": seed}), 400)["param"] == "seed"
+    assert httpx.get(url + "/openapi.json").status_code == 200  # no key: the API docs are served
+
+
+def test_any_64_bit_seed_samples_and_repeats(oa):
+    def sample(seed):
+        return oa.completions.create(model=BASE, prompt="a b", max_tokens=6, temperature=1, seed=seed).choices[0].text
+
+    for seed in (2**63 - 1, -(2**63), 2**31, -1):
+        assert sample(seed) == sample(seed), seed
 
 
 def test_engine_failure_is_500_and_ends_a_stream_with_an_error_event(server, oa, monkeypatch):
@@ -230,6 +241,9 @@ def test_api_key_required_when_set(random_bundle):
         assert _error(httpx.get(url + "/v1/models"), 401)
         assert [m.id for m in client(url, "s3cret").models.list().data] == MODELS
         assert httpx.get(url + "/health").status_code == 200  # health and the page stay open
+        for docs in ("/docs", "/redoc", "/openapi.json"):  # the generated API docs are not served with a key
+            assert httpx.get(url + docs).status_code == 404, docs
+            assert httpx.get(url + docs, headers={"Authorization": "Bearer s3cret"}).status_code == 404, docs
 
 
 def test_disconnect_mid_stream_frees_the_slot(random_bundle):
@@ -408,6 +422,10 @@ def test_sampling_options_follow_openai_semantics():
     assert Sampling(temperature=0.7).search_options() == {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
     assert Sampling(top_p=0.9, seed=1).search_options() == {"do_sample": True, "temperature": 1.0, "top_k": 0,
                                                              "top_p": 0.9, "random_seed": 1}
+    wide = (2**31, 2**63 - 1, -(2**63), 2**32 + 2**31, -1, -5)
+    folded = [Sampling(temperature=1, seed=s).search_options()["random_seed"] for s in wide]
+    assert all(0 <= s < 2**31 for s in folded) and len(set(folded)) == len(wide)  # genai's range, still distinct
+    assert Sampling(temperature=1, seed=5).search_options()["random_seed"] == 5  # seeds in its range are kept
 
 
 def test_serve_cli_refuses_bad_arguments_with_exit_code_2(tmp_path, capsys):

@@ -15,6 +15,7 @@ thread.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import string
 from dataclasses import dataclass
@@ -47,14 +48,25 @@ class Sampling:
         if self.temperature == 0:
             return {"do_sample": False}
         if self.temperature is None and self.top_p is None and self.top_k is None:
-            return {} if self.seed is None else {"random_seed": self.seed}
+            return {} if self.seed is None else {"random_seed": self.genai_seed}
         options: dict[str, Any] = {"do_sample": True, "temperature": 1.0 if self.temperature is None else self.temperature}
         # genai_config's top_k would otherwise cut the distribution that an OpenAI client expects whole
         options["top_k"] = self.top_k if self.top_k is not None else 0
         options["top_p"] = self.top_p if self.top_p is not None else 1.0
         if self.seed is not None:
-            options["random_seed"] = self.seed
+            options["random_seed"] = self.genai_seed
         return options
+
+    @property
+    def genai_seed(self) -> int | None:
+        """The seed as onnxruntime-genai takes it: a non-negative 32-bit int (its binding refuses a wider one,
+        and it draws a random seed for any negative one). Other seeds (OpenAI's are signed 64-bit) are folded
+        into that range by a hash, so that each stays a seed: the same seed gives the same output, and seeds
+        that differ only in their high bits or sign still differ."""
+        if self.seed is None or 0 <= self.seed < 2**31:
+            return self.seed
+        digest = hashlib.blake2b(self.seed.to_bytes(16, "little", signed=True), digest_size=4).digest()
+        return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 GREEDY = Sampling(temperature=0)

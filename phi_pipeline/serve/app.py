@@ -104,7 +104,10 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
         yield
         engine.stop(timeout=30)
 
-    app = FastAPI(title=f"phi-pipeline serve: {base_id}", lifespan=lifespan)
+    # With a key, the generated API docs would be open to anyone who can reach the port (vLLM's issue #18892):
+    # they are not served then (a browser cannot send the Bearer header the API routes ask for).
+    closed = {"docs_url": None, "redoc_url": None, "openapi_url": None} if settings.api_key else {}
+    app = FastAPI(title=f"phi-pipeline serve: {base_id}", lifespan=lifespan, **closed)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.state.engine = engine  # server.py drains it on Ctrl-C
 

@@ -61,7 +61,8 @@ class _Request(BaseModel):
     top_k: int | None = Field(None, ge=0, description="sample among the k most likely tokens (extension; 0: all)")
     min_tokens: int = Field(0, ge=0, description="generate at least this many tokens, end-of-text ignored before "
                                                   "(extension, as vLLM's; benchmarks use it for fixed lengths)")
-    seed: int | None = Field(None, description="seed of the sampler: same seed, same output")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1,
+                             description="seed of the sampler (a signed 64-bit integer, as OpenAI's): same seed, same output")
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end the answer (not included)")
     stream: bool = Field(False, description="stream server-sent events")
     stream_options: "StreamOptions | None" = Field(None, description="streaming options (include_usage)")
