@@ -143,7 +143,16 @@ def test_int4_export_settings_reach_model_builder_when_changed(monkeypatch, tmp_
 
 def test_fp32_export_has_no_int4_settings(monkeypatch):
     builder = workflow_configs(_tiny_plan_with_export(monkeypatch, precision="fp32"))[EXPORT_FILE]["passes"]["builder"]
-    assert not any(k.startswith("int4_") for k in builder) and "extra_options" not in builder
+    assert not any(k.startswith("int4_") for k in builder) and builder["extra_options"] == {"prune_lm_head": True}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_model_builder_exports_prune_the_lm_head_only_on_model_builder_targets(target, monkeypatch):
+    """Model Builder targets compute prefill logits for the last position only; the NPU chains keep every one."""
+    configs = workflow_configs(plan_for(ROOT / "pipelines/tiny-phi3.yaml", target, monkeypatch))
+    builders = [p for c in configs.values() for p in c["passes"].values() if p["type"] == "ModelBuilder"]
+    pruned = {bool(b.get("extra_options", {}).get("prune_lm_head")) for b in builders}
+    assert pruned == ({True} if TARGETS[target].export_route == "model_builder" else {False} if builders else set())
 
 
 def test_unknown_lm_head_precision_is_refused_naming_the_field(monkeypatch):

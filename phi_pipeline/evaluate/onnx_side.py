@@ -40,9 +40,9 @@ class OnnxSide:
         """New token ids, the end-of-sequence token included when one was produced."""
         return self.bm.generate_ids(prompt, adapter, max_new_tokens)
 
-    def logits(self, ids: Sequence[int], adapter: str | None) -> np.ndarray:
-        """(len(ids), vocab) logits of one teacher-forced pass over `ids`."""
-        return self.bm.logits(ids, adapter)
+    def logits(self, ids: Sequence[int], adapter: str | None, first: int = 0) -> np.ndarray:
+        """(len(ids) - first, vocab) teacher-forced logits at positions first.. of `ids` (GenaiModel.logits)."""
+        return self.bm.logits(ids, adapter, first)
 
     def describe(self) -> RuntimeDescription:
         return genai_description(self.bm.manifest.get("execution_provider", "CPUExecutionProvider"), self.bm.cpu_fallback)

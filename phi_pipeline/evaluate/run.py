@@ -200,7 +200,7 @@ def _evaluate_task(
                 t.answer_tokens += len(it.answer)
                 if run_onnx:
                     onnx_new.append(onnx.generate(it.prompt, adapter, max_new))
-                    onnx_ref.append(onnx.logits(it.context + it.answer, adapter)[n - 1 : n - 1 + len(it.answer)])
+                    onnx_ref.append(onnx.logits(it.context + it.answer[:-1], adapter, n - 1))  # a row per answer token
                     t.onnx_text.append(_decode(onnx, onnx_new[-1]))
                     t.onnx_nll += token_nll(onnx_ref[-1], it.answer)
                 bar.update(1)
@@ -218,7 +218,7 @@ def _evaluate_task(
                 t.diff(onnx_ref[k], p_ref)
                 if p_new:
                     m = len(it.prompt)
-                    forced = onnx.logits(it.prompt + p_new[:-1], adapter)[m - 1 :]
+                    forced = onnx.logits(it.prompt + p_new[:-1], adapter, m - 1)
                     t.agree += int((forced.argmax(axis=-1) == np.asarray(p_new)).sum())
                     t.positions += len(p_new)
                     t.diff(forced, p_steps)

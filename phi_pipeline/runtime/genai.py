@@ -157,11 +157,42 @@ class GenaiModel:
             generation.step()
         return generation.new_tokens
 
-    def logits(self, ids: Sequence[int], adapter: str | None) -> np.ndarray:
-        """(len(ids), vocab) logits of one teacher-forced pass over `ids`."""
+    @cached_property
+    def prunes_logits(self) -> bool:
+        """True when the graph gives logits for the last position of a run only (Model Builder's
+        `prune_lm_head`: the logits output is [batch, 1, vocab])."""
+        import onnx
+
+        decoder = json.loads((self.model_dir / "genai_config.json").read_text())["model"]["decoder"]
+        graph = onnx.load(str(self.model_dir / decoder["filename"]), load_external_data=False).graph
+        logits = next(o for o in graph.output if o.name == "logits")
+        return logits.type.tensor_type.shape.dim[1].dim_value == 1
+
+    def logits(self, ids: Sequence[int], adapter: str | None, first: int = 0) -> np.ndarray:
+        """(len(ids) - first, vocab): the teacher-forced logits at positions first.. of `ids`, row i
+        predicting the token after ids[first + i].
+
+        A full graph gives them in one run over `ids`. A pruned graph (prefill computes the LM head for
+        the last position only) runs ids[:first + 1] and then each later token on its own, reading the
+        last position after each run: the same graph the bundle ships, the same causal attention over
+        the same ids, so the same figures (within float rounding: cached keys and values instead of one
+        pass)."""
+        if not 0 <= first < len(ids):
+            raise ValueError(f"first={first} is outside the {len(ids)} ids")
         generation = self.start(ids, adapter, 1)
-        generation.feed()
-        return np.asarray(generation.generator.get_output("logits"))[0].astype(np.float32)
+        if not self.prunes_logits:
+            generation.feed()
+            return np.asarray(generation.generator.get_output("logits"))[0, first:].astype(np.float32)
+        generation.feed(first + 1)
+        rows = [self._last_logits(generation)]
+        while not generation.prefilled:
+            generation.feed(1)
+            rows.append(self._last_logits(generation))
+        return np.stack(rows)
+
+    @staticmethod
+    def _last_logits(generation: "Generation") -> np.ndarray:
+        return np.asarray(generation.generator.get_output("logits"))[0, -1].astype(np.float32)
 
 
 def decoder_threads(model_dir: Path, threads: int | None) -> str:

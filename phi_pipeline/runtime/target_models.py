@@ -458,7 +458,8 @@ class TargetSide:
         except RuntimeError as exc:  # the runtime's own error, e.g. a kernel refusing the graph's shapes
             raise self._failed(exc) from None
 
-    def logits(self, ids: Sequence[int], adapter: str | None) -> np.ndarray:
+    def logits(self, ids: Sequence[int], adapter: str | None, first: int = 0) -> np.ndarray:
+        """(len(ids) - first, vocab) teacher-forced logits at positions first.. of `ids`."""
         self._check(adapter)
         try:
             logits = self.model.logits(list(ids))
@@ -466,7 +467,7 @@ class TargetSide:
             raise self._failed(exc) from None
         if logits is None:
             raise PipelineError(f"{self.model.describe().runtime} gives no logits: perplexity cannot be measured")
-        return logits
+        return logits[first:]
 
     def describe(self) -> RuntimeDescription:
         return self.model.describe()

@@ -82,6 +82,12 @@ class Target:
         return f"{self.pass_venv}/bin/python" if self.pass_venv else None
 
 
+# Prefill computes the LM head for the last position only (logits [batch, 1, vocab]), as llama.cpp
+# does: the model's largest MatMul runs once per prompt instead of once per prompt token. The
+# evaluation, which needs every position's logits, feeds the tokens it scores one at a time
+# (GenaiModel.logits). The NPU chains build their own graphs and keep every position.
+PRUNED_LM_HEAD: dict[str, object] = {"prune_lm_head": True}
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -95,6 +101,7 @@ TARGETS: dict[str, Target] = {
             install_extras=("cpu",),
             multi_lora=True,
             training_device="cpu",
+            model_builder_options=PRUNED_LM_HEAD,
             # 0: one intra-op thread per core; onnxruntime-genai's default when none is named is one thread
             # (1.6x slower decode on 2 cores, bench/report.md). --threads / a config overlay still override it.
             decoder_session_options={"intra_op_num_threads": 0},
@@ -110,6 +117,7 @@ TARGETS: dict[str, Target] = {
             install_extras=("cuda", "qlora"),
             multi_lora=True,
             training_device="cuda",
+            model_builder_options=PRUNED_LM_HEAD,
             # The CUDA build of onnxruntime-genai cannot load a model without the CUDA libraries and a GPU.
             eval_device_required="cuda",
         ),
@@ -123,6 +131,7 @@ TARGETS: dict[str, Target] = {
             install_extras=("cpu",),
             multi_lora=True,
             training_device="cpu",
+            model_builder_options=PRUNED_LM_HEAD,
             note="WebGPU ships in the Windows and macOS onnxruntime-genai wheels and in onnxruntime-web.",
         ),
         Target(
@@ -136,6 +145,7 @@ TARGETS: dict[str, Target] = {
             # The runtime skips adapters on DirectML ("EP DML does not support adapters").
             multi_lora=False,
             training_device="cpu",
+            model_builder_options=PRUNED_LM_HEAD,
         ),
         Target(
             name="qnn",
