@@ -94,3 +94,48 @@ def test_fit_check_names_wrong_names_shapes_and_dtypes(peft_adapter, tmp_path, m
     assert "qkv_proj.lora_A.weight: not an input of the model" in problems
     assert "o_proj.lora_B.MatMul.weight: shape [2, 9], the model expects ['lora_r', 8]" in problems
     assert "o_proj.lora_A.MatMul.weight: dtype float16, the model expects float32" in problems
+
+
+def _split_adapter(tmp_path, modules):
+    """A PEFT adapter with LoRA on separate projections (Llama's layout) of layer 0; name -> (A, B) as PEFT stores them."""
+    rng = np.random.default_rng(1)
+    widths = {"q_proj": Q, "k_proj": KV, "v_proj": KV, "o_proj": HIDDEN, "gate_proj": INTER, "up_proj": INTER}
+    weights = {}
+    for proj in modules:
+        block = "mlp" if proj in ("gate_proj", "up_proj") else "self_attn"
+        p = f"base_model.model.model.layers.0.{block}.{proj}"
+        weights[f"{p}.lora_A.weight"] = rng.standard_normal((R, HIDDEN)).astype(np.float32)
+        weights[f"{p}.lora_B.weight"] = rng.standard_normal((widths[proj], R)).astype(np.float32)
+    save_file(weights, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": R, "lora_alpha": 8}))
+    return weights
+
+
+def _packed_inputs():
+    inputs = {k: v for k, v in graph_inputs().items() if ".o_proj." in k}
+    f32 = np.dtype(np.float32)
+    inputs["model.layers.0.attn.qkv_proj.lora_A.MatMul.weight"] = ((HIDDEN, "lora_r_x3"), f32)
+    inputs["model.layers.0.attn.qkv_proj.lora_B.MatMul.weight"] = (("lora_r_x3", Q + 2 * KV), f32)
+    inputs["model.layers.0.mlp.gate_up_proj.lora_A.MatMul.weight"] = ((HIDDEN, "lora_r_x2"), f32)
+    inputs["model.layers.0.mlp.gate_up_proj.lora_B.MatMul.weight"] = (("lora_r_x2", 2 * INTER), f32)
+    return inputs
+
+
+def test_separate_projections_fill_a_packed_group_with_side_by_side_a_and_block_diagonal_b(tmp_path):
+    peft = _split_adapter(tmp_path, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
+    out = peft_to_graph_weights(tmp_path, _packed_inputs())
+    a, b = out["model.layers.0.attn.qkv_proj.lora_A.MatMul.weight"], out["model.layers.0.attn.qkv_proj.lora_B.MatMul.weight"]
+    assert a.shape == (HIDDEN, 3 * R) and b.shape == (3 * R, Q + 2 * KV)
+    x = np.random.default_rng(2).standard_normal((5, HIDDEN)).astype(np.float32)
+    p = "base_model.model.model.layers.0.self_attn"
+    expected = [x @ peft[f"{p}.{proj}.lora_A.weight"].T @ peft[f"{p}.{proj}.lora_B.weight"].T * (8 / R)
+                for proj in ("q_proj", "k_proj", "v_proj")]
+    np.testing.assert_allclose(x @ a @ b, np.concatenate(expected, axis=1), rtol=1e-5, atol=1e-5)
+    assert not b[:R, Q:].any() and not b[R:, :Q].any()  # block-diagonal: q's rank feeds q's columns only
+    assert out["model.layers.0.mlp.gate_up_proj.lora_B.MatMul.weight"].shape == (2 * R, 2 * INTER)
+
+
+def test_separate_projections_missing_a_member_of_a_packed_group_are_refused(tmp_path):
+    _split_adapter(tmp_path, ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
+    with pytest.raises(ValueError, match=r"layer 0 adapts \['q_proj', 'v_proj'\], the model packs"):
+        peft_to_graph_weights(tmp_path, _packed_inputs())

@@ -26,8 +26,16 @@ if TYPE_CHECKING:
 _GRAPH_NAME = re.compile(r"^model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.lora_([AB])\.MatMul\.weight$")
 # PEFT's name: base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight
 _PEFT_NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
-# Fused PEFT modules and the Model Builder projections they are split into, in row order.
+# Fused PEFT modules and the Model Builder projections they are split into, in row order; also the
+# groups lora_packing packs separate projections into.
 FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_MEMBER_OF = {proj: fused for fused, projs in FUSED_MODULES.items() for proj in projs}
+
+
+def split_rank_dim(rank_dim: str, members: int) -> str:
+    """The rank dimension of a group packed from `members` separately adapted projections (their
+    ranks side by side), named after the members' own `rank_dim`."""
+    return f"{rank_dim}_x{members}"
 
 
 def lora_input_name(layer: int | str, block: str, proj: str, ab: str) -> str:
@@ -80,7 +88,9 @@ def _peft_scale(adapter_config: dict[str, Any]) -> float:
 
 
 def peft_to_graph_weights(adapter_dir: Path, inputs: dict[str, tuple[tuple[Any, ...], np.dtype]]) -> dict[str, np.ndarray]:
-    """Map a PEFT adapter onto the graph's LoRA inputs (transposed, B scaled by alpha/r, fused rows split)."""
+    """Map a PEFT adapter onto the graph's LoRA inputs (transposed, B scaled by alpha/r): a fused module's
+    rows split over its projections, or kept whole for a packed input; separate projections of a packed
+    group (lora_packing) joined: A side by side along the rank axis, B block-diagonal."""
     from safetensors.numpy import load_file
 
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -88,6 +98,7 @@ def peft_to_graph_weights(adapter_dir: Path, inputs: dict[str, tuple[tuple[Any, 
         raise ValueError(f"{adapter_dir}: only LoRA adapters can be converted (found {adapter_config['peft_type']})")
     scale = np.float32(_peft_scale(adapter_config))
     out: dict[str, np.ndarray] = {}
+    members: dict[tuple[str, str, str], dict[str, dict[str, np.ndarray]]] = {}  # packed group -> A/B -> projection -> weight
     for key, value in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
         m = _PEFT_NAME.match(key)
         if m is None:
@@ -95,6 +106,10 @@ def peft_to_graph_weights(adapter_dir: Path, inputs: dict[str, tuple[tuple[Any, 
         layer, block, module, ab = m.groups()
         block = "attn" if block == "self_attn" else block
         value = value.astype(np.float32)
+        group = _MEMBER_OF.get(module)
+        if group and lora_input_name(layer, block, module, ab) not in inputs and lora_input_name(layer, block, group, ab) in inputs:
+            members.setdefault((layer, block, group), {}).setdefault(ab, {})[module] = value.T if ab == "A" else (value * scale).T
+            continue
         # a fused module is one input of a packed graph (lora_packing), or split into its projections
         packed = lora_input_name(layer, block, module, ab) in inputs
         parts = (module,) if packed else FUSED_MODULES.get(module, (module,))
@@ -113,6 +128,19 @@ def peft_to_graph_weights(adapter_dir: Path, inputs: dict[str, tuple[tuple[Any, 
             raise ValueError(f"{adapter_dir}: {key} has {value.shape[0]} rows, the graph expects {sizes} (sum)")
         for name, chunk in zip(names, np.split(value, np.cumsum(sizes)[:-1], axis=0)):
             out[name] = chunk.T
+    for (layer, block, group), weights in members.items():
+        a, b = weights.get("A", {}), weights.get("B", {})
+        projs = FUSED_MODULES[group]
+        if set(a) != set(projs) or set(b) != set(projs):
+            raise ValueError(f"{adapter_dir}: layer {layer} adapts {sorted(set(a) | set(b))}, the model packs {list(projs)}")
+        out[lora_input_name(layer, block, group, "A")] = np.concatenate([a[p] for p in projs], axis=1)
+        blocks = np.zeros((sum(b[p].shape[0] for p in projs), sum(b[p].shape[1] for p in projs)), np.float32)
+        row = col = 0
+        for p in projs:
+            r, n = b[p].shape
+            blocks[row : row + r, col : col + n] = b[p]
+            row, col = row + r, col + n
+        out[lora_input_name(layer, block, group, "B")] = blocks
     missing = sorted(set(inputs) - set(out))
     extra = sorted(set(out) - set(inputs))
     if missing or extra:
@@ -154,7 +182,7 @@ def check_adapter_fits(model_onnx: Path, adapter_file: Path) -> list[str]:
         problems.append(f"{name}: not an input of the model (Invalid input name at run time)")
     for name in sorted(set(inputs) - set(weights)):
         problems.append(f"{name}: model input with no weight in the adapter")
-    ranks = set()
+    ranks: dict[Any, set[int]] = {}  # the graph's rank dimension -> the adapter's ranks on it
     for name in sorted(set(weights) & set(inputs)):
         shape, dtype = inputs[name]
         w = weights[name]
@@ -164,7 +192,9 @@ def check_adapter_fits(model_onnx: Path, adapter_file: Path) -> list[str]:
             isinstance(d, int) and d > 0 and d != s for d, s in zip(shape, w.shape)
         ):
             problems.append(f"{name}: shape {list(w.shape)}, the model expects {list(shape)}")
-        ranks.add(w.shape[-1] if "lora_A" in name else w.shape[0])
-    if len(ranks) > 1:
-        problems.append(f"LoRA rank differs between weights: {sorted(ranks)}")
+        axis = -1 if "lora_A" in name else 0
+        ranks.setdefault(shape[axis], set()).add(w.shape[axis])
+    for dim, found in ranks.items():
+        if len(found) > 1:
+            problems.append(f"LoRA rank differs between weights: {sorted(found)} on the graph's dimension {dim!r}")
     return problems

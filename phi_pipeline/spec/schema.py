@@ -541,8 +541,9 @@ class ExportSpec(_Model):
     pack_projections: bool = Field(
         True,
         description="Multi-adapter layout: pack q/k/v and gate/up (base MatMul and LoRA) back into one MatMul each "
-        "when the adapters are on fused modules (Phi-3): fewer, larger kernels, and a larger activation peak on "
-        "long prompts (phi_pipeline/bundle/lora_packing.py; bench/report.md measures it as `unpacked projections`).",
+        "when the adapters are on fused modules (Phi-3) or on every projection of a group (Llama, Qwen2, Mistral): "
+        "fewer, larger kernels, and a larger activation peak on long prompts (phi_pipeline/bundle/lora_packing.py; "
+        "bench/report.md measures it as `unpacked projections`).",
     )
 
 
