@@ -84,7 +84,8 @@ def test_cpu_and_openvino_come_from_one_training_and_the_package_holds_the_cpu_b
 def test_bench_times_an_openvino_variant_on_the_cpu_device_token_by_token(openvino_bundle):
     """The bench's openvino rows (bench/run.py openvino_rows): the variant as the gates run it (f32) and
     with the CPU plugin's defaults, exactly `new_tokens` tokens each (EOS ignored)."""
-    from phi_pipeline.bench.decode import DecodeConfig, measure
+    from phi_pipeline.bench.decode import DecodeConfig
+    from phi_pipeline.bench.worker import measure
     from phi_pipeline.bench.run import OPENVINO_CONFIGS
 
     manifest = json.loads((openvino_bundle / "manifest.json").read_text())
