@@ -181,7 +181,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from phi_pipeline.serve.server import serve_cli
 
     return serve_cli(args.bundle, host=args.host, port=args.port, threads=args.threads, api_key=args.api_key,
-                     max_active=args.max_active, max_queue=args.max_queue, max_tokens=args.max_tokens)
+                     max_active=args.max_active, max_queue=args.max_queue, max_tokens=args.max_tokens,
+                     engine=args.engine)
 
 
 def _cmd_tiny_base(args: argparse.Namespace) -> int:
@@ -312,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
     p.add_argument("--threads", type=int, help="intra-op threads of the decoder (default: onnxruntime-genai's, one on CPU)")
     p.add_argument("--max-active", type=int, default=8,
-                   help="requests decoded at once, each with its own KV cache (default 8)")
+                   help="requests decoded at once, each with its own KV cache (default 8); with the batched engine, "
+                   "the largest batch of a decode step")
+    p.add_argument("--engine", choices=("auto", "batched", "genai"), default="auto",
+                   help="auto (default): batched (continuous batching on onnxruntime, an adapter per row) where the "
+                   "bundle runs on CPU, else genai (a generator per request, round-robin)")
     p.add_argument("--max-queue", type=int, default=32,
                    help="requests waiting beyond --max-active before new ones get 429 (default 32)")
     p.add_argument("--max-tokens", type=int, default=1024,

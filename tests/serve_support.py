@@ -84,3 +84,19 @@ def client(url: str, api_key: str = "none", **kwargs):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=60, **kwargs)
+
+
+def pace(monkeypatch, seconds: float) -> None:
+    """Every decode step of either engine takes `seconds` longer: requests long enough to overlap however
+    the client threads get scheduled, or tokens far enough apart to be seen one by one."""
+    from phi_pipeline.runtime.batched import BatchedDecoder
+    from phi_pipeline.runtime.genai import Generation
+
+    for cls, name in ((Generation, "step"), (BatchedDecoder, "decode")):
+        real = getattr(cls, name)
+
+        def slow(self, *args, _real=real, **kwargs):
+            time.sleep(seconds)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, slow)

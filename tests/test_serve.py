@@ -17,15 +17,17 @@ import pytest
 
 from phi_pipeline.serve.app import ServeSettings
 from phi_pipeline.runtime.engine import Engine, EngineSettings, StopText
-from serve_support import CHAT_ADAPTER, TEMPLATE_ADAPTER, client, running
+from serve_support import CHAT_ADAPTER, TEMPLATE_ADAPTER, client, pace, running
 
 BASE = "bench-int4"  # the pipeline name export_bundle gives the random bundle
 MODELS = [BASE, CHAT_ADAPTER, TEMPLATE_ADAPTER]
+# both engines behind the same API: batched (the default here) and onnxruntime-genai's generators
+ENGINES = ["batched", "genai"]
 
 
-@pytest.fixture(scope="module")
-def server(random_bundle):
-    with running(ServeSettings(random_bundle, max_tokens=64)) as (url, srv):
+@pytest.fixture(scope="module", params=ENGINES)
+def server(random_bundle, request):
+    with running(ServeSettings(random_bundle, max_tokens=64, engine_kind=request.param)) as (url, srv):
         yield url, srv
 
 
@@ -125,15 +127,7 @@ def test_seeded_sampling_repeats_and_differs_from_greedy(oa):
 
 def test_concurrent_mixed_adapter_clients_get_their_solo_outputs(server, oa, monkeypatch):
     """8 clients at once, 3 models, chat and completions, streamed and not: each gets what it got alone."""
-    from phi_pipeline.runtime import genai as runtime
-
-    real = runtime.Generation.step
-
-    def paced(self):  # requests long enough to overlap however the client threads get scheduled
-        time.sleep(0.002)
-        return real(self)
-
-    monkeypatch.setattr(runtime.Generation, "step", paced)
+    pace(monkeypatch, 0.002)  # requests long enough to overlap however the client threads get scheduled
     jobs = [(MODELS[i % 3], f"{'abcdefgh'[i]} {'hgfedcba'[i]} c", i % 2 == 0, i % 4 < 2) for i in range(8)]
 
     def run(job):
@@ -213,6 +207,7 @@ def test_any_64_bit_seed_samples_and_repeats(oa):
 
 def test_engine_failure_is_500_and_ends_a_stream_with_an_error_event(server, oa, monkeypatch):
     from phi_pipeline.runtime import genai as runtime
+    from phi_pipeline.runtime.batched import BatchedDecoder
 
     real = runtime.Generation.step
 
@@ -221,7 +216,11 @@ def test_engine_failure_is_500_and_ends_a_stream_with_an_error_event(server, oa,
             raise RuntimeError("boom")
         return real(self)
 
+    def failing_step(self, *args):  # a decode step: every request had its first token from the prompt
+        raise RuntimeError("boom")
+
     monkeypatch.setattr(runtime.Generation, "step", failing)
+    monkeypatch.setattr(BatchedDecoder, "decode", failing_step)
     with pytest.raises(openai.InternalServerError) as exc:
         oa.completions.create(model=BASE, prompt="a b", max_tokens=8, temperature=0)
     assert "boom" in exc.value.message
@@ -246,8 +245,10 @@ def test_api_key_required_when_set(random_bundle):
             assert httpx.get(url + docs, headers={"Authorization": "Bearer s3cret"}).status_code == 404, docs
 
 
-def test_disconnect_mid_stream_frees_the_slot(random_bundle):
-    settings = ServeSettings(random_bundle, max_tokens=1000, engine=EngineSettings(max_active=1, max_queue=0))
+@pytest.mark.parametrize("kind", ENGINES)
+def test_disconnect_mid_stream_frees_the_slot(random_bundle, kind):
+    settings = ServeSettings(random_bundle, max_tokens=1000, engine=EngineSettings(max_active=1, max_queue=0),
+                             engine_kind=kind)
     with running(settings) as (url, srv):
         body = {"model": BASE, "prompt": "a", "max_tokens": 1000, "min_tokens": 1000, "stream": True}
         with httpx.Client(timeout=30) as http:
@@ -261,8 +262,10 @@ def test_disconnect_mid_stream_frees_the_slot(random_bundle):
         assert client(url).completions.create(model=BASE, prompt="a", max_tokens=2).choices[0].text
 
 
-def test_queue_full_gets_429_with_retry_after(random_bundle):
-    settings = ServeSettings(random_bundle, max_tokens=1000, engine=EngineSettings(max_active=1, max_queue=1))
+@pytest.mark.parametrize("kind", ENGINES)
+def test_queue_full_gets_429_with_retry_after(random_bundle, kind):
+    settings = ServeSettings(random_bundle, max_tokens=1000, engine=EngineSettings(max_active=1, max_queue=1),
+                             engine_kind=kind)
     with running(settings) as (url, _):
         oa = client(url)
         # one request decoding, one waiting: the queue is full
@@ -275,17 +278,10 @@ def test_queue_full_gets_429_with_retry_after(random_bundle):
             s.close()
 
 
-def test_drain_finishes_running_requests_and_refuses_new_ones(random_bundle, monkeypatch):
-    from phi_pipeline.runtime import genai as runtime
-
-    real = runtime.Generation.step
-
-    def slow(self):  # a model slow enough that the stream is still running when the signal comes
-        time.sleep(0.005)
-        return real(self)
-
-    monkeypatch.setattr(runtime.Generation, "step", slow)
-    with running(ServeSettings(random_bundle, max_tokens=400)) as (url, srv):
+@pytest.mark.parametrize("kind", ENGINES)
+def test_drain_finishes_running_requests_and_refuses_new_ones(random_bundle, monkeypatch, kind):
+    pace(monkeypatch, 0.005)  # a model slow enough that the stream is still running when the signal comes
+    with running(ServeSettings(random_bundle, max_tokens=400, engine_kind=kind)) as (url, srv):
         oa = client(url)
         kw = dict(model=CHAT_ADAPTER, prompt="a", max_tokens=400, temperature=0, extra_body={"min_tokens": 400})
         alone = oa.completions.create(**kw).choices[0].text
@@ -354,29 +350,34 @@ def test_serving_bench_reports_every_level_and_the_mixing_cost(random_bundle, tm
     assert "| mixed, 2 | 4 |" in report and f"| {CHAT_ADAPTER} only, 2 |" in report and "Cost of mixing" in report
 
 
-def test_long_prompt_goes_in_chunks_and_a_short_request_is_not_stuck_behind_a_long_one(random_bundle, monkeypatch):
+@pytest.mark.parametrize("kind", ENGINES)
+def test_long_prompt_goes_in_chunks_and_a_short_request_is_not_stuck_behind_a_long_one(random_bundle, monkeypatch, kind):
     from phi_pipeline.runtime import genai as runtime
+    from phi_pipeline.runtime.batched import BatchedDecoder
 
-    feeds = []
-    real_feed, real_step = runtime.Generation.feed, runtime.Generation.step
+    feeds = []  # prompt tokens of each model run that fed a prompt
+    real_feed, real_prefill = runtime.Generation.feed, BatchedDecoder.prefill
 
     def counted(self, chunk=None):
-        feeds.append(len(self.prompt))
-        return real_feed(self, chunk)
+        before = self.fed
+        done = real_feed(self, chunk)
+        feeds.append(self.fed - before)
+        return done
 
-    def paced(self):
-        time.sleep(0.002)
-        return real_step(self)
+    def counted_prefill(self, ids, start, adapter):
+        feeds.append(len(ids))
+        return real_prefill(self, ids, start, adapter)
 
     monkeypatch.setattr(runtime.Generation, "feed", counted)
-    monkeypatch.setattr(runtime.Generation, "step", paced)
-    settings = ServeSettings(random_bundle, max_tokens=1000, engine=EngineSettings(prefill_chunk=16))
+    monkeypatch.setattr(BatchedDecoder, "prefill", counted_prefill)
+    pace(monkeypatch, 0.002)
+    settings = ServeSettings(random_bundle, max_tokens=1000, engine=EngineSettings(prefill_chunk=16), engine_kind=kind)
     with running(settings) as (url, srv):
         oa = client(url)
         prompt = " ".join("abcdefgh"[i % 8] for i in range(300))
         whole = oa.completions.create(model=TEMPLATE_ADAPTER, prompt=prompt, max_tokens=8, temperature=0)
         n = whole.usage.prompt_tokens
-        assert feeds.count(n) == -(-n // 16)  # ceil(n / 16) model runs for the prompt
+        assert len(feeds) == -(-n // 16) and sum(feeds) == n and max(feeds) == 16  # ceil(n / 16) runs for the prompt
 
         long = oa.completions.create(model=BASE, prompt="a", max_tokens=1000, temperature=0, stream=True,
                                      extra_body={"min_tokens": 1000})
@@ -386,8 +387,11 @@ def test_long_prompt_goes_in_chunks_and_a_short_request_is_not_stuck_behind_a_lo
         assert short.usage.completion_tokens == 2
         assert srv.engine.busy == 1  # the long one is still decoding
         assert sum(1 for _ in chunks) > 100
+        # the short request joined the long one's batch and got what it gets alone
+        alone = oa.completions.create(model=CHAT_ADAPTER, prompt="b", max_tokens=2, temperature=0, extra_body={"min_tokens": 2})
+        assert short.choices[0].text == alone.choices[0].text
     # chunked prefill gives the answer one model run over the whole prompt gives
-    with running(ServeSettings(random_bundle, max_tokens=8)) as (url, _):
+    with running(ServeSettings(random_bundle, max_tokens=8, engine_kind=kind)) as (url, _):
         again = client(url).completions.create(model=TEMPLATE_ADAPTER, prompt=prompt, max_tokens=8, temperature=0)
     assert again.choices[0].text == whole.choices[0].text
 
@@ -451,3 +455,24 @@ def test_serving_bench_view_names_every_id_of_the_vocabulary(tmp_path):
     assert [(t["id"], t["content"], t["special"]) for t in added[1:]] == [(3, " t3", False), (4, " t4", False), (5, " t5", False)]
     assert (view / "adapters").resolve() == (bundle / "adapters").resolve() and (view / "genai_config.json").is_symlink()
     assert json.loads((bundle / "tokenizer.json").read_text())["added_tokens"] == added[:1]  # the bundle is untouched
+
+
+def test_client_leaving_a_running_batch_frees_its_row_and_the_others_keep_their_answers(random_bundle, monkeypatch):
+    pace(monkeypatch, 0.003)
+    settings = ServeSettings(random_bundle, max_tokens=40, engine=EngineSettings(max_active=3, max_queue=0))
+    with running(settings) as (url, srv):
+        oa = client(url)
+        kw = dict(prompt="a b", max_tokens=40, temperature=0, extra_body={"min_tokens": 40})
+        solo = {m: oa.completions.create(model=m, **kw).choices[0].text for m in MODELS}
+        streams = {m: iter(oa.completions.create(model=m, stream=True, **kw)) for m in MODELS}
+        firsts = {m: next(s).choices[0].text for m, s in streams.items()}
+        assert srv.engine.busy == 3
+        streams.pop(BASE).close()  # the first row leaves mid-batch: the last one moves into its place
+        deadline = time.monotonic() + 10
+        while srv.engine.busy > 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert srv.engine.busy <= 2
+        for m, s in streams.items():
+            assert firsts[m] + "".join(c.choices[0].text for c in s) == solo[m], m
+        # its row is free again: a fourth request is decoded, not refused
+        assert oa.completions.create(model=BASE, prompt="a", max_tokens=2).usage.completion_tokens

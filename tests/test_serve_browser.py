@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from phi_pipeline.serve.app import ServeSettings
-from serve_support import CHAT_ADAPTER, client, running
+from serve_support import CHAT_ADAPTER, client, pace, running
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -22,15 +22,7 @@ def test_chat_page_streams_an_adapter_answer(random_bundle, monkeypatch):
 
     from playwright.sync_api import sync_playwright
 
-    from phi_pipeline.runtime import genai as runtime
-
-    real = runtime.Generation.step
-
-    def paced(self):  # tokens far enough apart that the page shows each one as it comes
-        time.sleep(0.02)
-        return real(self)
-
-    monkeypatch.setattr(runtime.Generation, "step", paced)
+    pace(monkeypatch, 0.02)  # tokens far enough apart that the page shows each one as it comes
     with running(ServeSettings(random_bundle, max_tokens=32)) as (url, _):
         reply = client(url).chat.completions.create(
             model=CHAT_ADAPTER, messages=[{"role": "user", "content": "a b c"}], temperature=0)  # the server default: 32

@@ -1,5 +1,15 @@
-"""The engine: one thread owns the model, its adapters and every generator, and advances the active
-requests round-robin.
+"""The serving engines: one thread owns the model and advances the requests; the server only submits.
+
+Two engines share the request bookkeeping (queue, limits, events, stop strings, draining):
+
+- `BatchedEngine` (the default for multi-adapter CPU bundles): continuous batching on plain onnxruntime
+  (batched.py). Every round feeds one prompt chunk of the request being prefilled, then runs one decode
+  step for all the requests already decoding, each row with its own adapter; a request joins the batch as
+  soon as its prompt is in, and leaves it (freeing its row) when it ends.
+- `Engine`: one onnxruntime-genai generator per request, advanced round-robin (below); for the bundles
+  the batched engine cannot run (merged layout, other execution providers).
+
+The genai engine:
 
 Why one thread: onnxruntime-genai is not thread-safe and its Python calls hold the GIL for the
 whole native call. Each round gives every active request one model run: a prompt chunk of at most
@@ -16,11 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
+import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
+from phi_pipeline.bundle.layout import MANIFEST
+
+from phi_pipeline.runtime.batched import BatchedDecoder, RowSampler
 from phi_pipeline.runtime.genai import BundleModel, Generation, Sampling
 
 log = logging.getLogger("phi_pipeline.serve")
@@ -34,6 +50,9 @@ class EngineSettings:
     """Requests waiting beyond max_active before new ones are refused (429)."""
     prefill_chunk: int = 128
     """Prompt tokens per model run: a longer prompt goes in over several rounds."""
+    kv_tokens: int | None = None
+    """Batched engine: tokens of KV cache per row (prompt + answer); None: the model's context length,
+    capped so that the max_active + 1 rows fit a quarter of the machine's memory."""
 
 
 class QueueFull(Exception):
@@ -133,6 +152,11 @@ class _Slot:
     stream: Any = None
     text: StopText | None = None
     produced: int = 0
+    # batched engine: the row's sampler, tokens in its KV cache, prompt tokens fed, the token to feed next
+    sampler: RowSampler | None = None
+    length: int = 0
+    fed: int = 0
+    last: int = 0
 
 
 class Engine:
@@ -158,6 +182,12 @@ class Engine:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def context_length(self) -> int:
+        """The most prompt + answer tokens one request may have."""
+        assert self.model is not None
+        return self.model.context_length
 
     @property
     def busy(self) -> int:
@@ -286,3 +316,188 @@ class Engine:
             self._accepted -= 1
             if self._accepted == 0:
                 self.idle.set()
+
+
+def kv_row_bytes(decoder_config: dict[str, Any], tokens: int, itemsize: int = 4) -> int:
+    """Bytes of one row's KV cache (keys and values of every layer) for `tokens` tokens."""
+    return 2 * decoder_config["num_hidden_layers"] * decoder_config["num_key_value_heads"] * decoder_config["head_size"] \
+        * tokens * itemsize
+
+
+class BatchedEngine(Engine):
+    """Continuous batching with a different adapter in every row (module docstring)."""
+
+    def __init__(self, load: Callable[[], BundleModel], make_decoder: Callable[[BundleModel], BatchedDecoder],
+                 settings: EngineSettings = EngineSettings()):
+        super().__init__(load, settings)
+        self._make_decoder = make_decoder
+        self.decoder: BatchedDecoder | None = None
+        self._rows: list[_Slot] = []
+        """Requests decoding; row i of the KV buffers is self._rows[i]'s."""
+        self._prefilling: _Slot | None = None
+        self._defaults: dict[str, Any] = {}
+
+    @property
+    def context_length(self) -> int:
+        assert self.decoder is not None
+        return self.decoder.kv_len
+
+    def _run(self) -> None:
+        try:
+            self.model = self._load()
+            self.decoder = self._make_decoder(self.model)
+            self._defaults = json.loads((self.decoder.model_dir / "genai_config.json").read_text()).get("search", {})
+        except Exception as exc:  # reported by /health and the server's log, which exits
+            log.exception("loading the bundle failed")
+            self.error, self.state = f"{type(exc).__name__}: {exc}", "failed"
+            self.ready.set()
+            return
+        with self._cv:
+            if self.state == "loading":
+                self.state = "ready"
+        self.ready.set()
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not self._active:
+                    self._cv.wait()
+                if self._stop:
+                    break
+                admitted = None
+                if self._prefilling is None and self._waiting and len(self._rows) < self.settings.max_active:
+                    admitted = self._waiting.popleft()
+            if admitted is not None:
+                self._begin(admitted)
+            try:
+                self._round()
+            except Exception as exc:  # a failed model run fails the requests in it, not the server
+                log.exception("a batched step failed")
+                for slot in [*self._rows, *([self._prefilling] if self._prefilling else [])]:
+                    self._finish(slot, Failed(f"the engine failed on this request: {exc}"))
+                self._rows, self._prefilling = [], None
+        for slot in [*self._active, *self._waiting]:
+            self._finish(slot, Failed("the server is shutting down"))
+        with self._cv:
+            self.state = "stopped"
+
+    def _begin(self, slot: _Slot) -> None:
+        if slot.handle.cancelled.is_set():
+            self._finish(slot, CANCELLED)
+            return
+        assert self.model is not None
+        job = slot.job
+        try:
+            self.model.check_adapter(job.adapter)
+            slot.sampler = RowSampler(job.sampling.search_options(), self._defaults, job.sampling.seed)
+            slot.stream = self.model.tokenizer.create_stream()
+            slot.text = StopText(job.stop)
+        except Exception as exc:
+            log.exception("starting a request failed")
+            self._finish(slot, Failed(f"the engine could not start this request: {exc}"))
+            return
+        self._prefilling = slot
+        self._active.append(slot)
+        self.peak_active = max(self.peak_active, len(self._active))
+
+    def _round(self) -> None:
+        decoder = self.decoder
+        assert decoder is not None
+        for i in reversed(range(len(self._rows))):  # clients gone: their rows go before the step
+            if self._rows[i].handle.cancelled.is_set():
+                self._finish(self._leave(i), CANCELLED)
+        slot = self._prefilling
+        if slot is not None:
+            if slot.handle.cancelled.is_set():
+                self._prefilling = None
+                self._finish(slot, CANCELLED)
+            else:
+                prompt = slot.job.prompt
+                chunk = prompt[slot.fed : slot.fed + self.settings.prefill_chunk]
+                logits = decoder.prefill(chunk, slot.fed, slot.job.adapter)
+                slot.fed += len(chunk)
+                if slot.fed == len(prompt):
+                    self._prefilling = None
+                    slot.length = len(prompt)
+                    if not self._take(slot, logits):
+                        decoder.join(len(self._rows), slot.length)
+                        self._rows.append(slot)
+        if self._rows:
+            rows = self._rows
+            logits = decoder.decode([r.last for r in rows], [r.length for r in rows], [r.job.adapter for r in rows])
+            done = []
+            for i, row in enumerate(rows):
+                row.length += 1
+                if self._take(row, logits[i]):
+                    done.append(i)
+            for i in reversed(done):
+                self._leave(i)
+
+    def _take(self, slot: _Slot, logits: Any) -> bool:
+        """Choose the slot's next token from its logits, send what it adds to the answer; True when the
+        request has ended (and been told so)."""
+        assert slot.sampler is not None and slot.text is not None and self.model is not None
+        eos = self.model.eos_token_ids
+        token = slot.sampler.pick(logits, eos if slot.produced < slot.job.min_tokens else frozenset())
+        if token in eos:
+            self._close(slot, "stop")
+            return True
+        slot.produced += 1
+        slot.last = token
+        piece = slot.text.add(slot.stream.decode(token))
+        if piece:
+            slot.handle.emit(Delta(piece))
+        if slot.text.stopped:
+            self._close(slot, "stop")
+            return True
+        if slot.produced >= slot.job.max_tokens:
+            self._close(slot, "length")
+            return True
+        return False
+
+    def _leave(self, i: int) -> _Slot:
+        """Take row i out of the batch: the last row moves into its place (rows stay a prefix)."""
+        assert self.decoder is not None
+        slot, last = self._rows[i], len(self._rows) - 1
+        if i != last:
+            moved = self._rows[last]
+            self.decoder.move(last, i, moved.length)
+            self._rows[i] = moved
+        self._rows.pop()
+        return slot
+
+
+
+def batched_problem(manifest: dict[str, Any]) -> str | None:
+    """Why the batched engine cannot serve this bundle here (None: it can)."""
+    from phi_pipeline.runtime.genai import needs_cpu_fallback
+
+    if manifest.get("layout") == "merged":
+        return "the bundle has one model per adapter (merged layout)"
+    provider = manifest.get("execution_provider", "CPUExecutionProvider")
+    if provider != "CPUExecutionProvider" and not needs_cpu_fallback(provider):
+        return f"the bundle runs on {provider}; the batched engine runs onnxruntime's CPU kernels"
+    return None
+
+
+def default_kv_tokens(model_dir: Path, rows: int) -> int:
+    """The model's context length, capped so that `rows` KV rows take at most a quarter of the memory."""
+    genai = json.loads((model_dir / "genai_config.json").read_text())["model"]
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    per_token = kv_row_bytes(genai["decoder"], 1)
+    return max(1, min(genai["context_length"], memory // 4 // (rows * per_token)))
+
+
+def serving_engine(bundle: Path, threads: int | None, settings: EngineSettings, kind: str = "auto") -> Engine:
+    """The engine `phi-pipeline serve` runs: batched where the bundle allows it (auto), else the genai one."""
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    problem = batched_problem(manifest)
+    if kind == "batched" and problem:
+        raise ValueError(f"--engine batched: {problem}; use --engine genai")
+    if kind == "genai" or problem:
+        return Engine(lambda: BundleModel(bundle, threads=threads), settings)
+    files = {a["name"]: bundle / a["file"] for a in manifest["adapters"] if "file" in a}
+    kv = settings.kv_tokens or default_kv_tokens(bundle, settings.max_active + 1)
+
+    def make_decoder(model: BundleModel) -> BatchedDecoder:
+        return BatchedDecoder(bundle, files, max_batch=settings.max_active, kv_len=kv, threads=threads)
+
+    return BatchedEngine(lambda: BundleModel(bundle, threads=1), make_decoder, settings)

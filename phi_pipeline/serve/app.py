@@ -23,9 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phi_pipeline.bundle.layout import MANIFEST
-from phi_pipeline.runtime.genai import BundleModel, PromptFormatError, Sampling
+from phi_pipeline.runtime.genai import PromptFormatError, Sampling
 from phi_pipeline.runtime.engine import (
-    Delta, Engine, EngineSettings, Failed, Finished, Handle, Job, NotAccepting, QueueFull,
+    Delta, Engine, EngineSettings, Failed, Finished, Handle, Job, NotAccepting, QueueFull, serving_engine,
 )
 from phi_pipeline.serve.protocol import (
     ChatCompletionRequest, Completion, CompletionRequest, UnsupportedOption, error_body, model_card, now,
@@ -47,6 +47,8 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20
     """Request bodies past this get 413."""
     engine: EngineSettings = field(default_factory=EngineSettings)
+    engine_kind: str = "auto"
+    """Which engine serves: auto (the batched one where the bundle allows it), batched or genai."""
 
 
 class APIError(Exception):
@@ -96,7 +98,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
     adapters = [a["name"] for a in manifest["adapters"]]
     models = {base_id: None, **{a: a for a in adapters}}
     created = now()
-    engine = engine or Engine(lambda: BundleModel(settings.bundle, threads=settings.threads), settings.engine)
+    engine = engine or serving_engine(settings.bundle, settings.threads, settings.engine, settings.engine_kind)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -181,7 +183,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
         except PromptFormatError as exc:
             raise APIError(400, str(exc), param="messages") from None
         prompt = model.encode(text)
-        context, limit = model.context_length, body.token_limit
+        context, limit = engine.context_length, body.token_limit
         param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
         if limit is not None and limit > settings.max_tokens:
             raise APIError(400, f"{param}={limit} is more than this server allows ({settings.max_tokens}; "

@@ -65,6 +65,10 @@ def _check_bundle(bundle: Path) -> dict[str, Any]:
     return manifest
 
 
+ENGINE_WORDS = {"batched": "batched (continuous batching, an adapter per row)",
+                "genai": "onnxruntime-genai (a generator per request, round-robin)"}
+
+
 def build_server(settings: ServeSettings, host: str, port: int, log_level: str = "info",
                  engine: Engine | None = None) -> DrainingServer:
     """The server, not started: tests run it in a thread, the CLI in the foreground."""
@@ -74,8 +78,8 @@ def build_server(settings: ServeSettings, host: str, port: int, log_level: str =
 
 
 def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key: str | None, max_active: int,
-              max_queue: int, max_tokens: int) -> int:
-    from phi_pipeline.runtime.engine import EngineSettings
+              max_queue: int, max_tokens: int, engine: str = "auto") -> int:
+    from phi_pipeline.runtime.engine import EngineSettings, batched_problem
 
     problems = [f"{name} must be >= 1" for name, v in
                 (("--threads", threads or 1), ("--max-active", max_active), ("--max-tokens", max_tokens)) if v < 1]
@@ -85,16 +89,20 @@ def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key
     path = Path(bundle)
     manifest = _check_bundle(path)
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    problem = batched_problem(manifest)
+    if engine == "batched" and problem:
+        raise UsageError("phi-pipeline serve", [f"--engine batched: {problem}; use --engine genai or auto"])
+    kind = "genai" if engine == "genai" or problem else "batched"
     settings = ServeSettings(path, threads=threads, api_key=api_key, max_tokens=max_tokens,
-                             engine=EngineSettings(max_active=max_active, max_queue=max_queue))
+                             engine=EngineSettings(max_active=max_active, max_queue=max_queue), engine_kind=kind)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # uvicorn's look
     server = build_server(settings, host, port)
     ids = [manifest["pipeline"], *(a["name"] for a in manifest["adapters"])]
     shown = f"[{host}]" if ":" in host else host
     print(f"phi-pipeline serve: http://{shown}:{port} (OpenAI API at /v1, chat page at /)", file=sys.stderr)
     print(f"  models: {', '.join(ids)} (base: {ids[0]})", file=sys.stderr)
-    print(f"  decoder threads: {decoder_threads(path, threads)}; max active {max_active}, "
-          f"queue {max_queue}; API key {'required' if api_key else 'off'}", file=sys.stderr)
+    print(f"  engine: {ENGINE_WORDS[kind]}; decoder threads: {decoder_threads(path, threads)}", file=sys.stderr)
+    print(f"  max active {max_active}, queue {max_queue}; API key {'required' if api_key else 'off'}", file=sys.stderr)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"  warning: --host {host} takes requests from other machines and no --api-key is set", file=sys.stderr)
     threading.Thread(target=_exit_if_load_fails, args=(server,), daemon=True).start()

@@ -1,0 +1,255 @@
+"""Batched decoding of a multi-adapter bundle on plain onnxruntime: every row its own adapter.
+
+onnxruntime-genai applies one adapter to a whole generator and batches continuously only with paged
+attention on CUDA, so serving many requests with different adapters on CPU needs its own driver of the
+bundle's graph. This module is that driver; the serving engine (engine.py) schedules requests onto it.
+
+- The serving graph: the bundle's model.onnx with each LoRA input given a leading batch axis
+  (`A: [batch, in, r]`, `B: [batch, r, out]`). Nothing else changes: the LoRA MatMuls read 3-D
+  activations `[batch, seq, in]`, and ONNX MatMul broadcasts `[b, s, in] @ [b, in, r]` row by row, so
+  each row is multiplied by its own adapter's weights (zeros for the base model), ranks padded with zeros
+  to the largest in the batch. Made in memory when the server starts (the weights are read from the
+  bundle): the published bundle stays what onnxruntime-genai loads, and its signature holds.
+- One KV buffer per layer, `[max_batch, kv_heads, kv_len, head]`, shared by past and present
+  (GroupQueryAttention's shared-buffer mode, as onnxruntime-genai runs it). Rows `0..n-1` are the
+  requests decoding; a step runs on that prefix, which is a contiguous block because the batch is the
+  outer axis. GroupQueryAttention reads each row's own length from the attention mask (`seqlens_k`).
+- A prompt goes in alone (GroupQueryAttention refuses batch > 1 when a call has several tokens and a
+  past), in chunks, into a staging buffer of one row; `join` copies it to the end of the prefix.
+  `remove` moves the last row into a finished row's place, so the prefix stays contiguous.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from phi_pipeline.bundle.layout import MODEL_FILE
+
+_LORA_INPUT = re.compile(r"lora_[AB]\b|\.lora_[AB]\.")
+
+
+def is_lora_input(name: str) -> bool:
+    return bool(_LORA_INPUT.search(name))
+
+
+def make_serving_graph(model_dir: Path) -> bytes:
+    """The bundle's graph with a leading batch axis on every LoRA input, serialized; its weights stay in
+    the bundle's external data file, which the session reads from `model_dir`."""
+    import onnx
+
+    model = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
+    changed = 0
+    for value in model.graph.input:
+        if is_lora_input(value.name):
+            dims = value.type.tensor_type.shape.dim
+            if len(dims) != 2:
+                raise ValueError(f"{model_dir / MODEL_FILE}: LoRA input {value.name} has {len(dims)} axes, expected 2")
+            dims.insert(0, onnx.TensorShapeProto.Dimension(dim_param="batch_size"))
+            changed += 1
+    if not changed:
+        raise ValueError(f"{model_dir / MODEL_FILE} has no LoRA inputs: nothing to batch per row")
+    # every row's LoRA weights are fed, so the inputs' defaults (rank 0: no adapter) go: an input with a
+    # default is an overridable initializer, which IO binding cannot bind
+    defaults = [init for init in model.graph.initializer if is_lora_input(init.name)]
+    for init in defaults:
+        model.graph.initializer.remove(init)
+    return model.SerializeToString()
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapter's LoRA weights by graph input name, and its rank."""
+
+    name: str
+    weights: dict[str, np.ndarray]
+    rank: int
+
+
+def read_adapter(name: str, path: Path) -> Adapter:
+    import onnxruntime
+
+    params = onnxruntime.AdapterFormat.read_adapter(str(path)).get_parameters()
+    # copied: the arrays would otherwise view memory the adapter's reader frees
+    weights = {k: np.array(v.numpy(), copy=True) for k, v in params.items()}
+    ranks = {w.shape[1] for k, w in weights.items() if ".lora_A." in k or "lora_A" in k}
+    if len(ranks) != 1:
+        raise ValueError(f"{path}: LoRA A matrices of several ranks {sorted(ranks)}")
+    return Adapter(name, weights, ranks.pop())
+
+
+class BatchedDecoder:
+    """The serving graph in one onnxruntime session, its KV buffers and the adapters' weights."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        adapters: dict[str, Path],
+        *,
+        max_batch: int,
+        kv_len: int | None = None,
+        threads: int | None = None,
+    ):
+        import onnxruntime
+
+        self.model_dir = Path(model_dir)
+        genai = json.loads((self.model_dir / "genai_config.json").read_text())["model"]
+        decoder = genai["decoder"]
+        self.layers: int = decoder["num_hidden_layers"]
+        self.kv_heads: int = decoder["num_key_value_heads"]
+        self.head: int = decoder["head_size"]
+        self.vocab_size: int = genai["vocab_size"]
+        self.kv_len = min(kv_len or genai["context_length"], genai["context_length"])
+        self.max_batch = max_batch
+        names = decoder["inputs"]
+        self._past = [(names["past_key_names"] % i, names["past_value_names"] % i) for i in range(self.layers)]
+        outs = decoder["outputs"]
+        self._present = [(outs["present_key_names"] % i, outs["present_value_names"] % i) for i in range(self.layers)]
+
+        options = onnxruntime.SessionOptions()
+        # the graph comes from memory: its external weights are read from the folder model.onnx really is in
+        # (onnxruntime refuses weights reached through a link out of the folder it is given)
+        weights_dir = (self.model_dir / MODEL_FILE).resolve().parent
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
+        configured = decoder.get("session_options", {}).get("intra_op_num_threads")
+        options.intra_op_num_threads = threads if threads else (configured or 0)
+        self.session = onnxruntime.InferenceSession(make_serving_graph(self.model_dir), options,
+                                                    providers=["CPUExecutionProvider"])
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.lora_inputs = sorted(n for n in inputs if is_lora_input(n))
+        # [in, r] for A, [r, out] for B: the non-rank axis of each input, read from the graph
+        self._lora_dims = {n: inputs[n].shape[1] if "lora_A" in n else inputs[n].shape[2] for n in self.lora_inputs}
+        dtype = np.float16 if "float16" in inputs[self._past[0][0]].type else np.float32
+        self.dtype = dtype
+        shape = (max_batch, self.kv_heads, self.kv_len, self.head)
+        self.kv = [(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(self.layers)]
+        self.staging = [(np.zeros(shape[1:], dtype)[None], np.zeros(shape[1:], dtype)[None]) for _ in range(self.layers)]
+        self.adapters = {name: read_adapter(name, path) for name, path in adapters.items()}
+        for adapter in self.adapters.values():
+            missing = set(self.lora_inputs) - set(adapter.weights)
+            if missing:
+                raise ValueError(f"adapter {adapter.name}: no weights for {len(missing)} LoRA inputs (e.g. {min(missing)})")
+        self._lora_cache: dict[tuple[str | None, ...], dict[str, np.ndarray]] = {}
+
+    # --- LoRA inputs ---------------------------------------------------------------------------
+
+    def lora_feed(self, rows: Sequence[str | None]) -> dict[str, np.ndarray]:
+        """Per-row LoRA inputs for a batch whose row i runs adapter rows[i] (None: the base model): each
+        input stacked along a new batch axis, ranks zero-padded to the batch's largest. Kept until the
+        batch's rows change (a decode step reuses them)."""
+        key = tuple(rows)
+        cached = self._lora_cache.get(key)
+        if cached is not None:
+            return cached
+        rank = max((self.adapters[a].rank for a in rows if a is not None), default=0)
+        feed = {}
+        for name in self.lora_inputs:
+            is_a = "lora_A" in name
+            other = self._lora_dims[name]
+            shape = (len(rows), other, rank) if is_a else (len(rows), rank, other)
+            stacked = np.zeros(shape, self.dtype)
+            for i, a in enumerate(rows):
+                if a is None:
+                    continue
+                w = self.adapters[a].weights[name]
+                if is_a:
+                    stacked[i, :, : w.shape[1]] = w
+                else:
+                    stacked[i, : w.shape[0], :] = w
+            feed[name] = stacked
+        if len(self._lora_cache) > 64:  # batches change as requests come and go: keep the recent ones
+            self._lora_cache.clear()
+        self._lora_cache[key] = feed
+        return feed
+
+    # --- model runs ----------------------------------------------------------------------------
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, kv: list[tuple[np.ndarray, np.ndarray]],
+             lora: dict[str, np.ndarray]) -> np.ndarray:
+        import onnxruntime
+
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_output("logits")  # first: outputs come back in the order they were bound
+        for name, value in lora.items():
+            binding.bind_cpu_input(name, value)
+        for (past_k, past_v), (present_k, present_v), (k, v) in zip(self._past, self._present, kv):
+            # one buffer for past and present: GroupQueryAttention writes the new positions in place
+            for past, present, buf in ((past_k, present_k, k), (past_v, present_v, v)):
+                value = onnxruntime.OrtValue.ortvalue_from_numpy(buf)
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def prefill(self, ids: Sequence[int], start: int, adapter: str | None) -> np.ndarray:
+        """Feed `ids` at positions start.. of the staging row (the request being prefilled); the logits of
+        its last position."""
+        n = len(ids)
+        if start + n > self.kv_len:
+            raise ValueError(f"{start + n} tokens do not fit the KV cache of {self.kv_len}")
+        mask = np.ones((1, start + n), np.int64)
+        logits = self._run(np.asarray([ids], np.int64), mask, self.staging, self.lora_feed([adapter]))
+        return np.asarray(logits[0, -1], np.float32)
+
+    def join(self, row: int, length: int) -> None:
+        """Copy the staging row's first `length` positions into decode row `row`."""
+        for (k, v), (sk, sv) in zip(self.kv, self.staging):
+            k[row, :, :length] = sk[0, :, :length]
+            v[row, :, :length] = sv[0, :, :length]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Row `src`'s first `length` positions to row `dst` (keeps the decoding rows a prefix)."""
+        for k, v in self.kv:
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+    def decode(self, tokens: Sequence[int], lengths: Sequence[int], adapters: Sequence[str | None]) -> np.ndarray:
+        """One step for rows 0..n-1: row i holds lengths[i] tokens and gets tokens[i]; (n, vocab) logits."""
+        n = len(tokens)
+        total = max(lengths) + 1
+        if total > self.kv_len:
+            raise ValueError(f"{total} tokens do not fit the KV cache of {self.kv_len}")
+        mask = (np.arange(total)[None, :] <= np.asarray(lengths)[:, None]).astype(np.int64)
+        kv = [(k[:n], v[:n]) for k, v in self.kv]
+        logits = self._run(np.asarray(tokens, np.int64)[:, None], mask, kv, self.lora_feed(adapters))
+        return np.asarray(logits[:, -1], np.float32)
+
+
+class RowSampler:
+    """One request's next-token choice from its logits row: greedy, or sampled with temperature, top-k
+    and top-p from its own seeded generator (the same seed gives the same tokens on this engine)."""
+
+    def __init__(self, options: dict[str, object], defaults: dict[str, object], seed: int | None):
+        """options: Sampling.search_options() of the request ({} for the bundle's defaults); defaults:
+        the bundle's genai_config.json search section."""
+        resolved = {**defaults, **options} if options else dict(defaults)
+        self.greedy = not resolved.get("do_sample", False)
+        self.temperature = float(resolved.get("temperature", 1.0) or 1.0)
+        self.top_k = int(resolved.get("top_k", 0) or 0)
+        self.top_p = float(resolved.get("top_p", 1.0) or 1.0)
+        # numpy seeds are non-negative: a negative 64-bit seed is taken as its two's complement
+        self.rng = np.random.default_rng(None if seed is None else seed % 2**64)
+
+    def pick(self, logits: np.ndarray, banned: frozenset[int] = frozenset()) -> int:
+        if banned:
+            logits = logits.copy()
+            logits[list(banned)] = -np.inf
+        if self.greedy:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / self.temperature
+        order = np.argsort(-scaled, kind="stable")
+        if 0 < self.top_k < len(order):
+            order = order[: self.top_k]
+        probs = np.exp(scaled[order] - scaled[order[0]])
+        probs /= probs.sum()
+        if self.top_p < 1.0:  # the smallest prefix whose mass reaches top_p
+            keep = int(np.searchsorted(np.cumsum(probs), self.top_p) + 1)
+            order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+        return int(order[self.rng.choice(len(order), p=probs)])

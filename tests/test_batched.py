@@ -1,0 +1,137 @@
+"""The batched decoder (runtime/batched.py): per-row adapters of any rank, the KV rows' bookkeeping and
+the sampler, on the tiny random multi-adapter bundle, against the bundle's own graph run one request at a
+time by plain onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phi_pipeline.runtime.batched import BatchedDecoder, RowSampler, make_serving_graph, read_adapter
+from serve_support import CHAT_ADAPTER, TEMPLATE_ADAPTER
+
+RANK8 = "rank8"
+
+
+def _write_adapter(like: Path, out: Path, rank: int, seed: int) -> Path:
+    """An .onnx_adapter with the inputs of `like`, random weights at another rank."""
+    import onnxruntime
+
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, w in read_adapter("like", like).weights.items():
+        shape = (w.shape[0], rank) if "lora_A" in name else (rank, w.shape[1])
+        params[name] = onnxruntime.OrtValue.ortvalue_from_numpy((rng.standard_normal(shape) * 0.05).astype(np.float32))
+    adapter = onnxruntime.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters(params)
+    adapter.export_adapter(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(random_bundle, tmp_path_factory) -> dict[str, Path]:
+    files = {a: random_bundle / "adapters" / f"{a}.onnx_adapter" for a in (CHAT_ADAPTER, TEMPLATE_ADAPTER)}
+    files[RANK8] = _write_adapter(files[CHAT_ADAPTER], tmp_path_factory.mktemp("rank8") / "r8.onnx_adapter", 8, 1)
+    return files
+
+
+@pytest.fixture(scope="module")
+def reference(random_bundle, adapters):
+    """The bundle's unchanged graph, one request at a time: (ids, adapter) -> logits of every position."""
+    import onnxruntime
+
+    import json
+
+    session = onnxruntime.InferenceSession(str(random_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    config = json.loads((random_bundle / "genai_config.json").read_text())["model"]["decoder"]
+    inputs = session.get_inputs()
+    weights = {name: read_adapter(name, path).weights for name, path in adapters.items()}
+    lora = [i for i in session.get_overridable_initializers() if "lora" in i.name]
+
+    def run(ids, adapter):
+        feed = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+        for i in inputs:
+            if i.name.startswith("past_key_values"):
+                feed[i.name] = np.zeros((1, config["num_key_value_heads"], 0, config["head_size"]), np.float32)
+        if adapter is not None:
+            feed.update(weights[adapter])
+        else:
+            feed.update({i.name: np.zeros([0 if isinstance(d, str) else d for d in i.shape], np.float32) for i in lora})
+        return session.run(["logits"], feed)[0][0]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def decoder(random_bundle, adapters):
+    return BatchedDecoder(random_bundle, adapters, max_batch=4, kv_len=64, threads=1)
+
+
+def _prefill(decoder, row, ids, adapter, chunk=5):
+    for start in range(0, len(ids), chunk):
+        logits = decoder.prefill(ids[start : start + chunk], start, adapter)
+    decoder.join(row, len(ids))
+    return logits
+
+
+def test_serving_graph_gives_every_lora_input_a_batch_axis_and_no_default(random_bundle):
+    import onnx
+
+    graph = onnx.load_model_from_string(make_serving_graph(random_bundle)).graph
+    lora = [i for i in graph.input if "lora" in i.name]
+    assert lora and all(len(i.type.tensor_type.shape.dim) == 3 for i in lora)
+    assert all(i.type.tensor_type.shape.dim[0].dim_param == "batch_size" for i in lora)
+    assert not [i for i in graph.initializer if "lora" in i.name]
+
+
+def test_rows_of_different_ranks_and_the_base_decode_as_each_alone(decoder, reference):
+    rows = [([5, 17, 99, 12, 7, 300, 2], RANK8), ([9, 8, 7], TEMPLATE_ADAPTER), ([40, 41, 42, 43, 44], None),
+            ([3, 1, 4, 1, 5, 9], CHAT_ADAPTER)]
+    tokens = [[5], [6], [7], [8]]
+    for row, (ids, adapter) in enumerate(rows):
+        first = _prefill(decoder, row, ids, adapter)
+        np.testing.assert_allclose(first, reference(ids, adapter)[-1], atol=1e-4)
+    lengths = [len(ids) for ids, _ in rows]
+    for _ in range(3):
+        logits = decoder.decode([t[-1] for t in tokens], lengths, [a for _, a in rows])
+        for i, (ids, adapter) in enumerate(rows):
+            alone = reference(ids + tokens[i], adapter)[-1]
+            np.testing.assert_allclose(logits[i], alone, atol=1e-4, err_msg=f"row {i} ({adapter})")
+            lengths[i] += 1
+            tokens[i].append(int(np.argmax(logits[i])))
+
+
+def test_a_moved_row_keeps_its_cache_and_the_batch_shrinks(decoder, reference):
+    rows = [([11, 12, 13], CHAT_ADAPTER), ([21, 22, 23, 24], None), ([31, 32], RANK8)]
+    for row, (ids, adapter) in enumerate(rows):
+        _prefill(decoder, row, ids, adapter)
+    # row 0 leaves: the last row takes its place, and the batch is rows 0..1
+    decoder.move(2, 0, len(rows[2][0]))
+    kept = [rows[2], rows[1]]
+    logits = decoder.decode([7, 7], [len(kept[0][0]), len(kept[1][0])], [kept[0][1], kept[1][1]])
+    for i, (ids, adapter) in enumerate(kept):
+        np.testing.assert_allclose(logits[i], reference(ids + [7], adapter)[-1], atol=1e-4)
+
+
+def test_lora_inputs_are_stacked_once_per_batch_composition(decoder):
+    first = decoder.lora_feed([CHAT_ADAPTER, None, RANK8])
+    assert decoder.lora_feed([CHAT_ADAPTER, None, RANK8]) is first
+    a = next(v for k, v in first.items() if "lora_A" in k)
+    assert a.shape[0] == 3 and a.shape[2] == 8 and not a[1].any() and not a[0, :, 4:].any()
+
+
+def test_sampler_is_greedy_by_the_bundles_default_and_repeats_with_a_seed():
+    logits = np.array([0.1, 3.0, 2.9, -1.0], np.float32)
+    assert RowSampler({}, {"do_sample": False}, None).pick(logits) == 1
+    assert RowSampler({"do_sample": False}, {"do_sample": True}, 3).pick(logits) == 1
+    assert RowSampler({}, {}, None).pick(logits, banned=frozenset({1})) == 2  # min_tokens bans end-of-text
+    sampled = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    draws = [RowSampler(sampled, {}, 2**63 + 5) for _ in range(2)]
+    assert [draws[0].pick(logits) for _ in range(20)] == [draws[1].pick(logits) for _ in range(20)]
+    assert {RowSampler({**sampled, "top_k": 1}, {}, s).pick(logits) for s in range(10)} == {1}
+    assert {RowSampler({**sampled, "top_p": 0.5}, {}, s).pick(logits) for s in range(10)} == {1}
+    assert len({RowSampler(sampled, {}, s).pick(logits) for s in range(40)}) > 1
