@@ -334,20 +334,28 @@ def test_health_answers_promptly_while_streams_run(server, oa):
         assert list(s)[-1].choices[0].finish_reason
 
 
-def test_serving_bench_reports_every_level_and_the_mixing_cost(random_bundle, tmp_path):
+def test_serving_bench_reports_every_level_of_every_engine_over_rounds_and_the_mixing_cost(random_bundle, tmp_path):
     from phi_pipeline.bench.serving import bench_serving, report_lines
 
-    result = bench_serving(random_bundle, tmp_path, threads=None, prompt_len=8, new_tokens=4, concurrency=(1, 2))
-    assert list(result["mixed"]) == ["1", "2"] and list(result["one_model"]) == MODELS
-    for level in [*result["mixed"].values(), *result["one_model"].values()]:
-        assert level["failed"] == 0 and level["requests"] == 4
-        assert level["output_tokens"] == 4 * level["requests"]  # min_tokens: exactly new_tokens each
-        assert level["output_tok_s"] == pytest.approx(level["output_tokens"] / level["wall_s"], rel=0.05)
-        assert 0 < level["ttft_s"]["p50"] <= level["latency_s"]["p50"] and level["latency_s"]["p95"] > 0
-    assert all(4 <= n <= 12 for n in result["prompt_tokens"]) and result["speedup_vs_sequential"]["1"] == 1.0
-    assert isinstance(result["mixing_cost"], float)
+    result = bench_serving(random_bundle, tmp_path, threads=None, prompt_len=8, new_tokens=4, concurrency=(1, 2),
+                           rounds=2)
+    assert list(result["engines"]) == ENGINES and result["models"] == MODELS
+    for engine in result["engines"].values():
+        assert list(engine["mixed"]) == ["1", "2"] and list(engine["one_model"]) == MODELS
+        for level in [*engine["mixed"].values(), *engine["one_model"].values()]:
+            assert level["failed"] == 0 and level["requests"] == 4
+            assert level["output_tokens"] == 4 * level["requests"]  # min_tokens: exactly new_tokens each
+            assert level["output_tok_s"] == pytest.approx(level["output_tokens"] / level["wall_s"], rel=0.05)
+            assert 0 < level["ttft_s"]["p50"] <= level["latency_s"]["p50"] and level["latency_s"]["p95"] > 0
+        for level in engine["mixed"].values():  # the median round, with both rounds' spread
+            rounds = level["output_tok_s_rounds"]
+            assert rounds["n"] == 2 and rounds["min"] <= level["output_tok_s"] <= rounds["max"]
+        assert engine["speedup_vs_sequential"]["1"]["median"] == 1.0 and engine["speedup_vs_sequential"]["2"]["n"] == 2
+        assert isinstance(engine["mixing_cost"], float)
+    assert all(4 <= n <= 12 for n in result["prompt_tokens"])
     report = "\n".join(report_lines(result))
-    assert "| mixed, 2 | 4 |" in report and f"| {CHAT_ADAPTER} only, 2 |" in report and "Cost of mixing" in report
+    assert "| batched | mixed, 2 | 4 |" in report and f"| genai | {CHAT_ADAPTER} only, 2 |" in report
+    assert "Cost of mixing (batched)" in report and "2 round(s) per engine" in report
 
 
 @pytest.mark.parametrize("kind", ENGINES)

@@ -391,7 +391,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             results["serving"] = _section("serving", lambda: bench_serving(
                 Path(bundles[PRECISIONS[opts.device][0]]), opts.work_dir / opts.size / "runs" / "serving",
                 threads=_thread_settings(opts)[-1], prompt_len=opts.prompt_lens[0], new_tokens=opts.new_tokens,
-                reps=opts.reps))
+                reps=opts.reps, rounds=opts.reps))
         if opts.peer:
             from phi_pipeline.bench.peer import bench_peer
 

@@ -9,13 +9,19 @@ Mixed: requests cycle through the base model and every adapter; the highest leve
 once per model with every request on it, which prices the mixing.
 
 Per level: requests/s, output tokens/s, time to first token (request sent -> first content event)
-and latency (-> [DONE]), p50 and p95 over the requests.
+and latency (-> [DONE]), p50 and p95 over the requests. Each engine (`serve --engine`: batched, genai)
+gets its own server; its levels run in `rounds` rounds, in a shuffled order each round, and every
+figure is the median over the rounds with its spread (the machine's speed drifts within minutes).
+
+Standalone: `python -m phi_pipeline.bench.serving [--size 150m] [--rounds 3]` builds the benchmark base
+with random r8 and r16 adapters (bench/models.py) and writes serving.json and serving.md.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import random
 import shutil
 import socket
 import statistics
@@ -29,9 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline.bench.stats import load_average
+from phi_pipeline.bench.stats import load_average, summary
 
 CONCURRENCY = (1, 2, 4, 8)
+ENGINES = ("batched", "genai")
 REQUESTS_PER_CLIENT = 2  # per level and repetition: each client sends this many requests
 
 
@@ -75,11 +82,13 @@ def prompts(bundle: Path, length: int, count: int) -> list[tuple[str, int]]:
 class Server:
     """`phi-pipeline serve BUNDLE` in a subprocess, ready when /health says so."""
 
-    def __init__(self, bundle: Path, threads: int | None, max_active: int, max_tokens: int, log: Path):
+    def __init__(self, bundle: Path, threads: int | None, max_active: int, max_tokens: int, log: Path,
+                 engine: str = "auto"):
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "phi_pipeline.cli", "serve", str(bundle), "--port", str(self.port),
-                "--max-active", str(max_active), "--max-queue", str(4 * max_active), "--max-tokens", str(max_tokens)]
+                "--max-active", str(max_active), "--max-queue", str(4 * max_active), "--max-tokens", str(max_tokens),
+                "--engine", engine]
         if threads:
             args += ["--threads", str(threads)]
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -229,43 +238,58 @@ def every_id_spoken(bundle: Path, out: Path) -> Path:
 
 def bench_serving(
     bundle: Path, scratch: Path, *, threads: int | None, prompt_len: int, new_tokens: int, reps: int = 1,
-    concurrency: tuple[int, ...] = CONCURRENCY,
+    concurrency: tuple[int, ...] = CONCURRENCY, engines: tuple[str, ...] = ENGINES, rounds: int = 1, seed: int = 0,
 ) -> dict[str, Any]:
-    """Every concurrency level with mixed models, then the highest with one model at a time, on a view of
-    `bundle` whose tokenizer names every id (every_id_spoken)."""
+    """Per engine: every concurrency level with mixed models in `rounds` shuffled rounds, then the highest
+    level with one model at a time, on a view of `bundle` whose tokenizer names every id (every_id_spoken)."""
     top = max(concurrency)
     bundle = every_id_spoken(bundle, scratch / "bundle")
-    server = Server(bundle, threads, max_active=top, max_tokens=new_tokens, log=scratch / "serve.log")
-    try:
-        server.wait_ready()
-        models = [m["id"] for m in server.models()]
-        count = REQUESTS_PER_CLIENT * top * reps
-        texts = prompts(bundle, prompt_len, count)
-        mixed = [Request(models[i % len(models)], t, n) for i, (t, n) in enumerate(texts)]
-        send(server.url, mixed[0], 2)  # warm-up: first-request allocations are not served to users twice
-        levels = {}
-        for clients in concurrency:
-            levels[str(clients)] = run_level(server.url, mixed, clients, new_tokens)
-        singles = {m: run_level(server.url, [Request(m, r.prompt, r.prompt_tokens) for r in mixed], top, new_tokens)
-                   for m in models}
-    finally:
-        server.close()
-    sequential = levels[str(min(concurrency))]
-    return {
-        "bundle": str(bundle),
-        "every_id_spoken": True,
-        "models": models,
-        "threads": threads or "default",
-        "prompt_tokens": sorted({r.prompt_tokens for r in mixed}),
-        "new_tokens": new_tokens,
-        "mixed": levels,
-        "one_model": singles,
-        "speedup_vs_sequential": {
-            k: round(v["output_tok_s"] / sequential["output_tok_s"], 3) if sequential["output_tok_s"] else None
-            for k, v in levels.items()
-        },
-        "mixing_cost": mixing_cost(levels[str(top)], list(singles.values())),
+    texts = prompts(bundle, prompt_len, REQUESTS_PER_CLIENT * top * reps)
+    order = random.Random(seed)
+    out: dict[str, Any] = {
+        "bundle": str(bundle), "every_id_spoken": True, "threads": threads or "default",
+        "prompt_tokens": sorted({n for _, n in texts}), "new_tokens": new_tokens, "rounds": rounds, "engines": {},
     }
+    for engine in engines:
+        server = Server(bundle, threads, max_active=top, max_tokens=new_tokens, log=scratch / f"serve-{engine}.log",
+                        engine=engine)
+        try:
+            server.wait_ready()
+            models = [m["id"] for m in server.models()]
+            mixed = [Request(models[i % len(models)], t, n) for i, (t, n) in enumerate(texts)]
+            send(server.url, mixed[0], 2)  # warm-up: first-request allocations are not served to users twice
+            runs: dict[str, list[dict[str, Any]]] = {str(c): [] for c in concurrency}
+            for _ in range(rounds):
+                for clients in order.sample(list(concurrency), len(concurrency)):
+                    runs[str(clients)].append(run_level(server.url, mixed, clients, new_tokens))
+            singles = {m: run_level(server.url, [Request(m, r.prompt, r.prompt_tokens) for r in mixed], top, new_tokens)
+                       for m in models}
+        finally:
+            server.close()
+        levels = {k: _median_run(v) for k, v in runs.items()}
+        base = runs[str(min(concurrency))]
+        out["models"] = models
+        out["engines"][engine] = {
+            "mixed": levels,
+            "one_model": singles,
+            # per round: this level's output tokens/s over the same round's one-client level
+            "speedup_vs_sequential": {
+                k: summary([r["output_tok_s"] / b["output_tok_s"] for r, b in zip(v, base) if b["output_tok_s"]], digits=3)
+                for k, v in runs.items()
+            },
+            "mixing_cost": mixing_cost(levels[str(top)], list(singles.values())),
+        }
+    return out
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One level over its rounds: the round of median output tokens/s, with every round's spread beside it."""
+    ranked = sorted(runs, key=lambda r: r["output_tok_s"])
+    median = dict(ranked[(len(ranked) - 1) // 2])
+    median["output_tok_s_rounds"] = summary([r["output_tok_s"] for r in runs], digits=2)
+    median["ttft_p95_s_rounds"] = summary([r["ttft_s"]["p95"] for r in runs if r["ttft_s"]["p95"] is not None])
+    median["failed"] = sum(r["failed"] for r in runs)
+    return median
 
 
 def mixing_cost(mixed: dict[str, Any], singles: list[dict[str, Any]]) -> float | None:
@@ -286,31 +310,96 @@ def report_lines(s: dict[str, Any]) -> list[str]:
     def ms(p: dict[str, Any], key: str) -> str:
         return "-" if p[key] is None else f"{1000 * p[key]:.0f}"
 
-    rows = [[f"mixed, {k}", v["requests"], f"{v['requests_per_s']:.2f}", f"{v['output_tok_s']:.1f}",
-             f"{s['speedup_vs_sequential'][k]:.2f}x" if s["speedup_vs_sequential"][k] else "-",
-             ms(v["ttft_s"], "p50"), ms(v["ttft_s"], "p95"), ms(v["latency_s"], "p50"), ms(v["latency_s"], "p95"),
-             v["failed"]] for k, v in s["mixed"].items()]
-    top = max(s["mixed"], key=int)
-    for model, one in s["one_model"].items():
-        rows.append([f"{model} only, {one['clients']}", one["requests"], f"{one['requests_per_s']:.2f}",
-                     f"{one['output_tok_s']:.1f}", "", ms(one["ttft_s"], "p50"), ms(one["ttft_s"], "p95"),
-                     ms(one["latency_s"], "p50"), ms(one["latency_s"], "p95"), one["failed"]])
-    header = ["requests, clients", "requests", "requests/s", "output tok/s", "vs one after another",
-              "TTFT p50 ms", "TTFT p95 ms", "latency p50 ms", "latency p95 ms", "failed"]
+    def spread(x: dict[str, Any], scale: float = 1, digits: int = 1) -> str:
+        return f"{scale * x['median']:.{digits}f} [{scale * x['min']:.{digits}f}-{scale * x['max']:.{digits}f}]"
+
+    header = ["engine", "requests, clients", "requests/s", "output tok/s [rounds min-max]", "vs 1 client [min-max]",
+              "TTFT p50 ms", "TTFT p95 ms [min-max]", "latency p50 ms", "latency p95 ms", "failed"]
+    rows = []
+    for engine, e in s["engines"].items():
+        for k, v in e["mixed"].items():
+            up = e["speedup_vs_sequential"][k]
+            rows.append([engine, f"mixed, {k}", v["requests"], f"{v['requests_per_s']:.2f}", spread(v["output_tok_s_rounds"]),
+                         f"{spread(up, digits=2)}x" if up["n"] else "-", ms(v["ttft_s"], "p50"),
+                         spread(v["ttft_p95_s_rounds"], 1000, 0) if v["ttft_p95_s_rounds"]["n"] else "-",
+                         ms(v["latency_s"], "p50"), ms(v["latency_s"], "p95"), v["failed"]])
+        for model, one in e["one_model"].items():
+            rows.append([engine, f"{model} only, {one['clients']}", one["requests"], f"{one['requests_per_s']:.2f}",
+                         f"{one['output_tok_s']:.1f}", "", ms(one["ttft_s"], "p50"), ms(one["ttft_s"], "p95"),
+                         ms(one["latency_s"], "p50"), ms(one["latency_s"], "p95"), one["failed"]])
     lines = [
         f"`phi-pipeline serve` on `{s['bundle']}` (models {', '.join(s['models'])}; decoder threads {s['threads']}"
         f"{'; a view of the benchmark bundle whose tokenizer names every id, so every token streams text' if s.get('every_id_spoken') else ''}), "
         f"streamed completions of {s['prompt_tokens']} prompt tokens and exactly {s['new_tokens']} new ones, greedy; "
         "clients send their next request when the last one ends. Mixed: requests cycle through the base model and "
-        "every adapter. Clients 1 = the same requests one after another.",
+        f"every adapter. Clients 1 = the same requests one after another. {s['rounds']} round(s) per engine, levels "
+        "in a shuffled order each round; each mixed row is the round of median output tok/s, with the rounds' spread.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
         *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
         "",
     ]
-    if s["mixing_cost"] is not None:
-        lines += [f"Cost of mixing at {top} clients: {100 * s['mixing_cost']:.1f}% fewer output tokens/s mixed than "
-                  "the same requests would give with each model's share run apart (from the one-model rows; "
-                  "negative: mixing was faster).", ""]
+    for engine, e in s["engines"].items():
+        if e["mixing_cost"] is not None:
+            top = max(e["mixed"], key=int)
+            lines += [f"Cost of mixing ({engine}) at {top} clients: {100 * e['mixing_cost']:.1f}% fewer output tokens/s "
+                      "mixed than the same requests would give with each model's share run apart (from the one-model "
+                      "rows; negative: mixing was faster).", ""]
     return lines
+
+
+def serving_bundle(size: str, work: Path) -> Path:
+    """The benchmark base of `size` with random r8 and r16 adapters as an int4 bundle (built once under `work`)."""
+    from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter
+    from phi_pipeline.bench.options import ADAPTER_RANKS
+    from phi_pipeline.spec.schema import DEFAULT_TARGET_MODULES
+    from phi_pipeline.tiny.base_model import train_tokenizer
+
+    arch = SIZES[size]
+    tokenizer = work / "tokenizer"
+    if not (tokenizer / "tokenizer.json").is_file():
+        train_tokenizer(min(arch.vocab_size, 1024)).save_pretrained(tokenizer)
+    base = work / "base"
+    if not (base / "config.json").is_file():
+        build_bench_base(base, arch, tokenizer)
+    bundle = work / "serving-int4" / "dist"
+    if not (bundle / "manifest.json").is_file():
+        peft = {n: make_random_adapter(base, work / "adapters" / n, r=r, seed=r, target_modules=DEFAULT_TARGET_MODULES["phi3"])
+                for n, r in ADAPTER_RANKS.items()}
+        exported = export_bundle(base, peft, ADAPTER_RANKS, "int4", work / "serving-int4" / "export")
+        shutil.rmtree(bundle, ignore_errors=True)
+        shutil.copytree(exported.bundle, bundle)
+    return bundle
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the benchmark base with random adapters, serve it with each engine, write serving.json/.md."""
+    import argparse
+
+    from phi_pipeline.bench.models import SIZES
+
+    p = argparse.ArgumentParser(prog="python -m phi_pipeline.bench.serving", description=main.__doc__)
+    p.add_argument("--size", default="150m", choices=list(SIZES))
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every level per engine (default 3)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated (default batched,genai)")
+    p.add_argument("--work-dir", type=Path, default=Path(".phi-pipeline/bench"))
+    p.add_argument("--out", type=Path, default=Path("bench"))
+    args = p.parse_args(argv)
+    work = args.work_dir / args.size
+    bundle = serving_bundle(args.size, work)
+    result = bench_serving(bundle, work / "runs" / "serving", threads=None, prompt_len=args.prompt_len,
+                           new_tokens=args.new_tokens, engines=tuple(args.engines.split(",")), rounds=args.rounds)
+    result |= {"size": args.size, "load_average_end": load_average(), "command": " ".join(["python -m phi_pipeline.bench.serving", *(argv or sys.argv[1:])])}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = "\n".join(["# Serving benchmark", "", *report_lines(result)])
+    (args.out / "serving.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -117,7 +117,8 @@ class BatchedDecoder:
         weights_dir = (self.model_dir / MODEL_FILE).resolve().parent
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
         configured = decoder.get("session_options", {}).get("intra_op_num_threads")
-        options.intra_op_num_threads = threads if threads else (configured or 0)
+        # as onnxruntime-genai would run this folder (genai.decoder_threads says it): its default is one thread
+        options.intra_op_num_threads = threads or (1 if configured is None else configured)
         self.session = onnxruntime.InferenceSession(make_serving_graph(self.model_dir), options,
                                                     providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
