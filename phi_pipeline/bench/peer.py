@@ -42,13 +42,14 @@ if TYPE_CHECKING:
     from phi_pipeline.bench.options import BenchOptions
 
 PEERS = ("llama.cpp",)
-TOOLS = ("llama-bench", "llama-quantize", "llama-completion")
+# llama-server: the serving bench's peer (bench/serving.py)
+TOOLS = ("llama-bench", "llama-quantize", "llama-completion", "llama-server")
 QUANTS = ("Q4_0", "Q4_K_M")
 LORA_QUANT = "Q4_0"  # the llama.cpp quantization the adapter rows run on
 BUILD_STAMP = "built.json"
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
 )
 
 
@@ -244,10 +245,17 @@ def convert(peer: LlamaCpp, base: Path, peft_adapter: Path, work: Path, say: Cal
         _run([str(peer.tool("llama-quantize")), str(f32), str(path), q], work / f"quantize-{q}.log")
     f32.unlink()
     say("converting the r8 adapter with convert_lora_to_gguf.py")
-    _run([sys.executable, str(peer.source / "convert_lora_to_gguf.py"), str(peft_adapter), "--base", str(hf),
-          "--outtype", "f32", "--outfile", str(models.lora)], work / "convert-lora.log", env=env)
+    convert_lora(peer, hf, peft_adapter, models.lora)
     stamp(work, record)
     return models
+
+
+def convert_lora(peer: LlamaCpp, hf: Path, peft_adapter: Path, out: Path) -> Path:
+    """A PEFT adapter as a GGUF LoRA (f32, like the bundle's .onnx_adapter) for the base in `hf` (gguf_input)."""
+    env = os.environ | {"PYTHONPATH": str(peer.source / "gguf-py")}
+    _run([sys.executable, str(peer.source / "convert_lora_to_gguf.py"), str(peft_adapter), "--base", str(hf),
+          "--outtype", "f32", "--outfile", str(out)], out.with_suffix(".log"), env=env)
+    return out
 
 
 # --- measurements -----------------------------------------------------------------------------------

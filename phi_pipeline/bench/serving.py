@@ -31,7 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class Request:
     model: str
     prompt: str
     prompt_tokens: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More body fields: how this server is told to generate exactly new_tokens, and which adapter."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,9 @@ class Server:
         with urllib.request.urlopen(f"http://{self.url}/v1/models", timeout=30) as resp:
             return json.loads(resp.read())["data"]
 
+    def extra(self, model: str, new_tokens: int) -> dict[str, Any]:
+        return {"min_tokens": new_tokens}  # exactly new_tokens: end-of-text is ignored before
+
     def close(self) -> None:
         self.proc.terminate()  # SIGTERM: the server drains, then exits
         try:
@@ -128,13 +133,12 @@ class Server:
 def send(url: str, request: Request, new_tokens: int) -> Outcome:
     """One streamed completion; times measured at this client."""
     body = json.dumps({"model": request.model, "prompt": request.prompt, "max_tokens": new_tokens,
-                       "min_tokens": new_tokens, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}})
+                       "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **request.extra})
     host, port = url.split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=600)
     start = time.perf_counter()
     first = None
-    tokens = 0
+    tokens = events = 0
     try:
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -150,14 +154,17 @@ def send(url: str, request: Request, new_tokens: int) -> Outcome:
             event = json.loads(data)
             if "error" in event:
                 raise RuntimeError(event["error"]["message"])
-            if event["choices"] and event["choices"][0]["text"] and first is None:
-                first = time.perf_counter()
+            if event["choices"]:
+                events += 1
+                if event["choices"][0]["text"] and first is None:
+                    first = time.perf_counter()
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
         end = time.perf_counter()
     finally:
         conn.close()
-    return Outcome((first or end) - start, end - start, tokens)
+    # a server that sends no usage (llama-server without include_usage): one event per token
+    return Outcome((first or end) - start, end - start, tokens or events)
 
 
 def run_level(url: str, requests: list[Request], clients: int, new_tokens: int) -> dict[str, Any]:
@@ -202,6 +209,49 @@ def run_level(url: str, requests: list[Request], clients: int, new_tokens: int) 
     }
 
 
+class LlamaServer(Server):
+    """llama-server in a subprocess: the same base as GGUF, every adapter as a GGUF LoRA loaded at scale 0,
+    each request naming its own (`lora` per request, llama-server's own API)."""
+
+    def __init__(self, peer: "PeerServer", slots: int, log: Path):
+        self.peer = peer
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        args = [str(peer.tool), "-m", str(peer.model), "--host", "127.0.0.1", "--port", str(self.port),
+                "-np", str(slots), "-c", str(slots * peer.ctx_per_slot), "-t", str(peer.threads), "-tb", str(peer.threads),
+                "--lora-init-without-apply"]
+        for gguf in peer.loras.values():
+            args += ["--lora", str(gguf)]
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        self.log = log
+
+    def models(self) -> list[dict[str, Any]]:
+        return [{"id": self.peer.base_name}, *({"id": name} for name in self.peer.loras)]
+
+    def extra(self, model: str, new_tokens: int) -> dict[str, Any]:
+        scales = [{"id": i, "scale": 1.0 if name == model else 0.0} for i, name in enumerate(self.peer.loras)]
+        return {"ignore_eos": True, "lora": scales}
+
+
+@dataclass(frozen=True)
+class PeerServer:
+    """How to start llama-server on the benchmark model (the serving bench's peer rows)."""
+
+    tool: Path
+    model: Path
+    loras: dict[str, Path]
+    """adapter name -> GGUF LoRA, in --lora order (a request's `lora` ids)"""
+    base_name: str
+    threads: int
+    ctx_per_slot: int
+    name: str = "llama-server"
+
+    def start(self, slots: int, log: Path) -> LlamaServer:
+        return LlamaServer(self, slots, log)
+
+
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p95": None, "n": 0}
@@ -239,9 +289,11 @@ def every_id_spoken(bundle: Path, out: Path) -> Path:
 def bench_serving(
     bundle: Path, scratch: Path, *, threads: int | None, prompt_len: int, new_tokens: int, reps: int = 1,
     concurrency: tuple[int, ...] = CONCURRENCY, engines: tuple[str, ...] = ENGINES, rounds: int = 1, seed: int = 0,
+    peer: "PeerServer | None" = None,
 ) -> dict[str, Any]:
-    """Per engine: every concurrency level with mixed models in `rounds` shuffled rounds, then the highest
-    level with one model at a time, on a view of `bundle` whose tokenizer names every id (every_id_spoken)."""
+    """Per engine (and the peer, if given): every concurrency level with mixed models in `rounds` shuffled
+    rounds, then the highest level with one model at a time, on a view of `bundle` whose tokenizer names
+    every id (every_id_spoken)."""
     top = max(concurrency)
     bundle = every_id_spoken(bundle, scratch / "bundle")
     texts = prompts(bundle, prompt_len, REQUESTS_PER_CLIENT * top * reps)
@@ -250,19 +302,25 @@ def bench_serving(
         "bundle": str(bundle), "every_id_spoken": True, "threads": threads or "default",
         "prompt_tokens": sorted({n for _, n in texts}), "new_tokens": new_tokens, "rounds": rounds, "engines": {},
     }
-    for engine in engines:
-        server = Server(bundle, threads, max_active=top, max_tokens=new_tokens, log=scratch / f"serve-{engine}.log",
-                        engine=engine)
+    for engine in [*engines, *([peer.name] if peer else [])]:
+        log = scratch / f"serve-{engine}.log"
+        if peer and engine == peer.name:
+            server: Any = peer.start(top, log)
+        else:
+            server = Server(bundle, threads, max_active=top, max_tokens=new_tokens, log=log, engine=engine)
         try:
             server.wait_ready()
             models = [m["id"] for m in server.models()]
-            mixed = [Request(models[i % len(models)], t, n) for i, (t, n) in enumerate(texts)]
-            send(server.url, mixed[0], 2)  # warm-up: first-request allocations are not served to users twice
+            mixed = [Request(models[i % len(models)], t, n, server.extra(models[i % len(models)], new_tokens))
+                     for i, (t, n) in enumerate(texts)]
+            warm = mixed[0]  # warm-up: first-request allocations are not served to users twice
+            send(server.url, replace(warm, extra=server.extra(warm.model, 2)), 2)
             runs: dict[str, list[dict[str, Any]]] = {str(c): [] for c in concurrency}
             for _ in range(rounds):
                 for clients in order.sample(list(concurrency), len(concurrency)):
                     runs[str(clients)].append(run_level(server.url, mixed, clients, new_tokens))
-            singles = {m: run_level(server.url, [Request(m, r.prompt, r.prompt_tokens) for r in mixed], top, new_tokens)
+            singles = {m: run_level(server.url, [Request(m, r.prompt, r.prompt_tokens, server.extra(m, new_tokens))
+                                                  for r in mixed], top, new_tokens)
                        for m in models}
         finally:
             server.close()
@@ -373,6 +431,28 @@ def serving_bundle(size: str, work: Path) -> Path:
     return bundle
 
 
+def llama_server(work: Path, bundle: Path, tokens: int) -> PeerServer:
+    """llama-server (built once) on serving_bundle's base at Q4_0 with its adapters as GGUF LoRAs."""
+    import os
+
+    from phi_pipeline.bench import peer as llama
+
+    project = Path(".")
+    home = llama.build(work.parent, llama.pinned_version(project), lambda m: sys.stderr.write(m + "\n"))
+    names = [a["name"] for a in json.loads((bundle / "manifest.json").read_text())["adapters"]]
+    adapters = {n: work / "adapters" / n / "adapter" for n in names}
+    gguf = work / "gguf"
+    models = llama.convert(home, work / "base", adapters[names[0]], gguf, lambda m: sys.stderr.write(m + "\n"))
+    loras = {names[0]: models.lora}
+    for name in names[1:]:
+        out = gguf / f"lora-{name}-f32.gguf"
+        loras[name] = out if out.is_file() else llama.convert_lora(home, gguf / "hf", adapters[name], out)
+    base_name = json.loads((bundle / "manifest.json").read_text())["pipeline"]
+    # twice the tokens a request needs: llama.cpp's tokenizer (trained for the GGUF) splits the text otherwise
+    return PeerServer(home.tool("llama-server"), models.gguf[llama.LORA_QUANT], loras, base_name,
+                      os.cpu_count() or 1, 2 * tokens)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build the benchmark base with random adapters, serve it with each engine, write serving.json/.md."""
     import argparse
@@ -385,13 +465,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated (default batched,genai)")
+    p.add_argument("--peer", choices=["llama.cpp"], help="also llama-server on the same model and adapters "
+                   "(built from the pinned llama.cpp source, as make bench-peer does)")
     p.add_argument("--work-dir", type=Path, default=Path(".phi-pipeline/bench"))
     p.add_argument("--out", type=Path, default=Path("bench"))
     args = p.parse_args(argv)
     work = args.work_dir / args.size
     bundle = serving_bundle(args.size, work)
+    peer = llama_server(work, bundle, args.prompt_len + args.new_tokens) if args.peer else None
     result = bench_serving(bundle, work / "runs" / "serving", threads=None, prompt_len=args.prompt_len,
-                           new_tokens=args.new_tokens, engines=tuple(args.engines.split(",")), rounds=args.rounds)
+                           new_tokens=args.new_tokens, engines=tuple(args.engines.split(",")), rounds=args.rounds,
+                           peer=peer)
     result |= {"size": args.size, "load_average_end": load_average(), "command": " ".join(["python -m phi_pipeline.bench.serving", *(argv or sys.argv[1:])])}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serving.json").write_text(json.dumps(result, indent=2) + "\n")

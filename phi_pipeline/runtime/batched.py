@@ -187,7 +187,7 @@ class BatchedDecoder:
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.get_outputs()[0].numpy()  # the logits alone: copying every output would copy the KV buffers
 
     def prefill(self, ids: Sequence[int], start: int, adapter: str | None) -> np.ndarray:
         """Feed `ids` at positions start.. of the staging row (the request being prefilled); the logits of
