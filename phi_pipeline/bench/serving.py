@@ -398,6 +398,12 @@ def report_lines(s: dict[str, Any]) -> list[str]:
         *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
         "",
     ]
+    steps = s.get("batched_steps")
+    if steps:
+        cells = ", ".join(f"batch {b}: {v['median']:.1f} ms ({steps['decode_tok_s'][b]['median']:.0f} tok/s)"
+                          for b, v in steps["decode_step_ms"].items())
+        lines += [f"The batched engine's decode step in-process (no HTTP, rows of mixed adapters): {cells}; a 64-token "
+                  f"prefill {steps['prefill_ms']['median']:.1f} ms (medians of {steps['prefill_ms']['n']} rounds).", ""]
     for engine, e in s["engines"].items():
         if e["mixing_cost"] is not None:
             top = max(e["mixed"], key=int)
@@ -453,6 +459,36 @@ def llama_server(work: Path, bundle: Path, tokens: int) -> PeerServer:
                       os.cpu_count() or 1, 2 * tokens)
 
 
+def step_times(bundle: Path, batches: tuple[int, ...] = CONCURRENCY, prompt_len: int = 64, steps: int = 30,
+               rounds: int = 3) -> dict[str, Any]:
+    """What limits batched serving: ms per decode step of the batched engine's decoder at each batch size
+    (rows of mixed adapters), and per 64-token prefill, in this process (no HTTP), `rounds` interleaved rounds."""
+    from phi_pipeline.runtime.batched import BatchedDecoder
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    names = [None, *(a["name"] for a in manifest["adapters"])]
+    decoder = BatchedDecoder(bundle, {a["name"]: bundle / a["file"] for a in manifest["adapters"]},
+                             max_batch=max(batches), kv_len=prompt_len + steps + 8)
+    ids = list(range(100, 100 + prompt_len))
+    times: dict[str, list[float]] = {"prefill": [], **{str(b): [] for b in batches}}
+    for _ in range(rounds):
+        for b in batches:
+            rows = [names[i % len(names)] for i in range(b)]
+            start = time.perf_counter()
+            for row, adapter in enumerate(rows):
+                decoder.prefill(ids, 0, adapter)
+                decoder.join(row, prompt_len)
+            times["prefill"].append((time.perf_counter() - start) / b)
+            decoder.decode([5] * b, [prompt_len] * b, rows)  # warm-up of this batch's LoRA inputs
+            start = time.perf_counter()
+            for s in range(steps):
+                decoder.decode([5] * b, [prompt_len + 1 + s] * b, rows)
+            times[str(b)].append((time.perf_counter() - start) / steps)
+    return {"prefill_ms": summary([1000 * x for x in times["prefill"]], digits=2),
+            "decode_step_ms": {str(b): summary([1000 * x for x in times[str(b)]], digits=2) for b in batches},
+            "decode_tok_s": {str(b): summary([b / x for x in times[str(b)]], digits=1) for b in batches}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build the benchmark base with random adapters, serve it with each engine, write serving.json/.md."""
     import argparse
@@ -476,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     result = bench_serving(bundle, work / "runs" / "serving", threads=None, prompt_len=args.prompt_len,
                            new_tokens=args.new_tokens, engines=tuple(args.engines.split(",")), rounds=args.rounds,
                            peer=peer)
+    result["batched_steps"] = step_times(bundle)
     result |= {"size": args.size, "load_average_end": load_average(), "command": " ".join(["python -m phi_pipeline.bench.serving", *(argv or sys.argv[1:])])}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
