@@ -154,3 +154,25 @@ def test_a_build_stamped_with_another_record_is_not_built(tmp_path):
     assert not home.built
     (home.home / peer.BUILD_STAMP).write_text(json.dumps(home.build_record()))
     assert home.built
+
+
+@pytest.mark.slow
+def test_serving_bench_runs_llama_server_with_an_adapter_per_request(random_bundle, tmp_path):
+    """The serving bench's peer rows on the tiny random bundle: llama-server on the same base and adapters,
+    each request naming its adapter; every request generates exactly new_tokens."""
+    from phi_pipeline.bench.serving import PeerServer, bench_serving
+    from serve_support import CHAT_ADAPTER, TEMPLATE_ADAPTER
+
+    home = peer.LlamaCpp(_built_llama_cpp() / peer.pinned_version(ROOT))
+    work = random_bundle.parents[3]  # build_random_bundle's folder: base/, one folder per adapter
+    gguf = tmp_path / "gguf"
+    models = peer.convert(home, work / "base", work / CHAT_ADAPTER / "adapter", gguf, lambda m: None)
+    loras = {CHAT_ADAPTER: models.lora,
+             TEMPLATE_ADAPTER: peer.convert_lora(home, gguf / "hf", work / TEMPLATE_ADAPTER / "adapter", gguf / "t.gguf")}
+    server = PeerServer(home.tool("llama-server"), models.gguf[peer.LORA_QUANT], loras, "bench-int4", 2, 128)
+    result = bench_serving(random_bundle, tmp_path / "run", threads=None, prompt_len=8, new_tokens=4,
+                           concurrency=(1, 2), engines=(), rounds=1, peer=server)
+    rows = result["engines"]["llama-server"]
+    assert result["models"] == ["bench-int4", CHAT_ADAPTER, TEMPLATE_ADAPTER]
+    for level in [*rows["mixed"].values(), *rows["one_model"].values()]:
+        assert level["failed"] == 0 and level["output_tokens"] == 4 * level["requests"], level
