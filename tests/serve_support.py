@@ -13,6 +13,8 @@ from pathlib import Path
 PHI3_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 # random_bundle's adapters: "chatty" is declared a chat adapter, "templ" keeps its text template
 CHAT_ADAPTER, TEMPLATE_ADAPTER = "chatty", "templ"
+# different ranks: the batched engine's rows pad each adapter to the largest rank in the batch
+RANKS = {CHAT_ADAPTER: 4, TEMPLATE_ADAPTER: 8}
 
 
 def _olive_in_process(config_path: Path, log_path: Path, expected_outputs, **_kwargs) -> float:
@@ -40,12 +42,12 @@ def build_random_bundle(work: Path) -> Path:
     train_tokenizer(SIZES["tiny"].vocab_size).save_pretrained(tokenizer)
     base = build_bench_base(work / "base", SIZES["tiny"], tokenizer)
     adapters = {
-        name: make_random_adapter(base, work / name, r=4, seed=seed, target_modules=PHI3_MODULES)
+        name: make_random_adapter(base, work / name, r=RANKS[name], seed=seed, target_modules=PHI3_MODULES)
         for seed, name in enumerate((CHAT_ADAPTER, TEMPLATE_ADAPTER))
     }
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(phi_pipeline.build.runner, "run_olive", _olive_in_process)
-        bundle = export_bundle(base, adapters, {a: 4 for a in adapters}, "int4", work / "export").bundle
+        bundle = export_bundle(base, adapters, RANKS, "int4", work / "export").bundle
     # The bench spec trains every adapter from a text template; declare one a chat adapter so both
     # prompt formats are served (the weights are random either way).
     manifest_path = bundle / "manifest.json"
