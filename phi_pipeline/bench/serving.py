@@ -404,6 +404,10 @@ def report_lines(s: dict[str, Any]) -> list[str]:
                           for b, v in steps["decode_step_ms"].items())
         lines += [f"The batched engine's decode step in-process (no HTTP, rows of mixed adapters): {cells}; a 64-token "
                   f"prefill {steps['prefill_ms']['median']:.1f} ms (medians of {steps['prefill_ms']['n']} rounds).", ""]
+        for b, prof in steps.get("profile", {}).items():
+            ops = ", ".join(f"{g} {v['ms_per_step']:.2f} ms ({100 * v['share']:.0f} %)" for g, v in list(prof["by_op"].items())[:6])
+            lines += [f"Kernel time per decode step at batch {b} (onnxruntime profiler): {prof['kernel_ms_per_step']:.2f} ms of "
+                      f"{prof['run_ms_per_step']:.2f} ms a run; {ops}.", ""]
     for engine, e in s["engines"].items():
         if e["mixing_cost"] is not None:
             top = max(e["mixed"], key=int)
@@ -486,7 +490,33 @@ def step_times(bundle: Path, batches: tuple[int, ...] = CONCURRENCY, prompt_len:
             times[str(b)].append((time.perf_counter() - start) / steps)
     return {"prefill_ms": summary([1000 * x for x in times["prefill"]], digits=2),
             "decode_step_ms": {str(b): summary([1000 * x for x in times[str(b)]], digits=2) for b in batches},
-            "decode_tok_s": {str(b): summary([b / x for x in times[str(b)]], digits=1) for b in batches}}
+            "decode_tok_s": {str(b): summary([b / x for x in times[str(b)]], digits=1) for b in batches},
+            "profile": {str(b): step_profile(bundle, b, prompt_len, steps) for b in (min(batches), max(batches))}}
+
+
+def step_profile(bundle: Path, batch: int, prompt_len: int = 64, steps: int = 30) -> dict[str, Any]:
+    """Kernel time per decode step by operator (LoRA nodes apart) at one batch size, rows of mixed adapters:
+    onnxruntime's profiler over `steps` steps (adapter_costs' aggregation)."""
+    import tempfile
+
+    from phi_pipeline.bench.adapter_costs import _aggregate
+    from phi_pipeline.runtime.batched import BatchedDecoder
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    names = [None, *(a["name"] for a in manifest["adapters"])]
+    rows = [names[i % len(names)] for i in range(batch)]
+    with tempfile.TemporaryDirectory() as tmp:
+        decoder = BatchedDecoder(bundle, {a["name"]: bundle / a["file"] for a in manifest["adapters"]},
+                                 max_batch=batch, kv_len=prompt_len + steps + 8,
+                                 session_options={"enable_profiling": True, "profile_file_prefix": f"{tmp}/step"})
+        ids = list(range(100, 100 + prompt_len))
+        for row, adapter in enumerate(rows):
+            decoder.prefill(ids, 0, adapter)
+            decoder.join(row, prompt_len)
+        for s in range(steps):
+            decoder.decode([5] * batch, [prompt_len + s] * batch, rows)
+        trace = Path(decoder.session.end_profiling())
+        return _aggregate(json.loads(trace.read_text()), steps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,9 @@ class BatchedDecoder:
         max_batch: int,
         kv_len: int | None = None,
         threads: int | None = None,
+        session_options: dict[str, object] | None = None,
     ):
+        """session_options: onnxruntime SessionOptions attributes to set (e.g. enable_profiling for the bench)."""
         import onnxruntime
 
         self.model_dir = Path(model_dir)
@@ -119,6 +121,8 @@ class BatchedDecoder:
         configured = decoder.get("session_options", {}).get("intra_op_num_threads")
         # as onnxruntime-genai would run this folder (genai.decoder_threads says it): its default is one thread
         options.intra_op_num_threads = threads or (1 if configured is None else configured)
+        for key, value in (session_options or {}).items():
+            setattr(options, key, value)
         self.session = onnxruntime.InferenceSession(make_serving_graph(self.model_dir), options,
                                                     providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
