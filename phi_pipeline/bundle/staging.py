@@ -1,13 +1,6 @@
 """Staging a bundle: copying the export, converting adapters, the manifest, model card and verification.
 
-Layout of dist/<pipeline>/<target>/ (names in layout.py):
-    genai_config.json, model.onnx, model.onnx.data, tokenizer files   ONNX Runtime GenAI model folder
-    adapters/<name>.onnx_adapter                                      one per adapter (multi-adapter layout)
-    variants/<name>/ (model.onnx, genai_config.json, tokenizer ...)   one model per adapter (merged layout)
-    manifest.json                                                     what, from what, with what, sha256 of every file
-    model.sig                                                         optional: OpenSSF model-signing signature of every other file
-    README.md                                                         model card: how to load it
-    eval.json, report.md, report/*.png                                evaluation figures, publish gates, charts
+The bundle's layout (the files of dist/<pipeline>/<target>/) is in layout.py.
 """
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            self.model = self._load()
+            self._start_up()
         except Exception as exc:  # reported by /health and the server's log, which exits
             log.exception("loading the bundle failed")
             self.error, self.state = f"{type(exc).__name__}: {exc}", "failed"
@@ -241,17 +241,29 @@ class Engine:
                     self._cv.wait()
                 if self._stop:
                     break
-                admitted = []
-                while self._waiting and len(self._active) + len(admitted) < self.settings.max_active:
-                    admitted.append(self._waiting.popleft())
-            for slot in admitted:
-                self._admit(slot)
-            for slot in list(self._active):
-                self._advance(slot)
+                admitted = self._take_waiting()
+            self._step(admitted)
         for slot in [*self._active, *self._waiting]:
             self._finish(slot, Failed("the server is shutting down"))
         with self._cv:
             self.state = "stopped"
+
+    def _start_up(self) -> None:
+        self.model = self._load()
+
+    def _take_waiting(self) -> list[_Slot]:
+        """Under the lock: the waiting requests that start now (as many as there are free generators)."""
+        admitted = []
+        while self._waiting and len(self._active) + len(admitted) < self.settings.max_active:
+            admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _step(self, admitted: list[_Slot]) -> None:
+        """One round: start the admitted requests, then one model run for each active one."""
+        for slot in admitted:
+            self._admit(slot)
+        for slot in list(self._active):
+            self._advance(slot)
 
     def _admit(self, slot: _Slot) -> None:
         if slot.handle.cancelled.is_set():
@@ -342,42 +354,27 @@ class BatchedEngine(Engine):
         assert self.decoder is not None
         return self.decoder.kv_len
 
-    def _run(self) -> None:
+    def _start_up(self) -> None:
+        self.model = self._load()
+        self.decoder = self._make_decoder(self.model)
+        self._defaults = json.loads((self.decoder.model_dir / "genai_config.json").read_text()).get("search", {})
+
+    def _take_waiting(self) -> list[_Slot]:
+        """Under the lock: the next waiting request, when no prompt is going in and a row is free."""
+        if self._prefilling is None and self._waiting and len(self._rows) < self.settings.max_active:
+            return [self._waiting.popleft()]
+        return []
+
+    def _step(self, admitted: list[_Slot]) -> None:
+        for slot in admitted:
+            self._begin(slot)
         try:
-            self.model = self._load()
-            self.decoder = self._make_decoder(self.model)
-            self._defaults = json.loads((self.decoder.model_dir / "genai_config.json").read_text()).get("search", {})
-        except Exception as exc:  # reported by /health and the server's log, which exits
-            log.exception("loading the bundle failed")
-            self.error, self.state = f"{type(exc).__name__}: {exc}", "failed"
-            self.ready.set()
-            return
-        with self._cv:
-            if self.state == "loading":
-                self.state = "ready"
-        self.ready.set()
-        while True:
-            with self._cv:
-                while not self._stop and not self._waiting and not self._active:
-                    self._cv.wait()
-                if self._stop:
-                    break
-                admitted = None
-                if self._prefilling is None and self._waiting and len(self._rows) < self.settings.max_active:
-                    admitted = self._waiting.popleft()
-            if admitted is not None:
-                self._begin(admitted)
-            try:
-                self._round()
-            except Exception as exc:  # a failed model run fails the requests in it, not the server
-                log.exception("a batched step failed")
-                for slot in [*self._rows, *([self._prefilling] if self._prefilling else [])]:
-                    self._finish(slot, Failed(f"the engine failed on this request: {exc}"))
-                self._rows, self._prefilling = [], None
-        for slot in [*self._active, *self._waiting]:
-            self._finish(slot, Failed("the server is shutting down"))
-        with self._cv:
-            self.state = "stopped"
+            self._round()
+        except Exception as exc:  # a failed model run fails the requests in it, not the server
+            log.exception("a batched step failed")
+            for slot in [*self._rows, *([self._prefilling] if self._prefilling else [])]:
+                self._finish(slot, Failed(f"the engine failed on this request: {exc}"))
+            self._rows, self._prefilling = [], None
 
     def _begin(self, slot: _Slot) -> None:
         if slot.handle.cancelled.is_set():
