@@ -181,3 +181,17 @@ def test_split_projection_adapter_changes_the_logits(exported_split):
     """The comparison above is not vacuous: the converted adapter moves the packed graph's logits."""
     _, bundle, _ = exported_split
     assert np.abs(_logits(bundle, "a") - _logits(bundle, None)).max() > 1e-2
+
+
+def test_batched_decoder_runs_a_packed_split_projection_bundle_as_genai_does(exported_split):
+    """The serving engine's per-row LoRA on packed groups (rank axis 3r for q/k/v, 2r for gate/up, r elsewhere):
+    rows with and without the adapter in one batch give the logits onnxruntime-genai gives each alone."""
+    from phi_pipeline.runtime.batched import BatchedDecoder
+
+    _, bundle, _ = exported_split
+    decoder = BatchedDecoder(bundle, {"a": bundle / "adapters" / "a.onnx_adapter"}, max_batch=2, kv_len=32)
+    for row, adapter in enumerate(("a", None)):
+        first = decoder.prefill(PROMPT, 0, adapter)
+        np.testing.assert_allclose(first, _logits(bundle, adapter).reshape(-1), atol=1e-4)
+        decoder.join(row, len(PROMPT))
+    decoder.decode([5, 5], [len(PROMPT)] * 2, ["a", None])  # one mixed step runs

@@ -64,11 +64,15 @@ def make_serving_graph(model_dir: Path) -> bytes:
 
 @dataclass(frozen=True)
 class Adapter:
-    """One adapter's LoRA weights by graph input name, and its rank."""
+    """One adapter's LoRA weights by graph input name."""
 
     name: str
     weights: dict[str, np.ndarray]
-    rank: int
+
+    def rank(self, name: str) -> int:
+        """The rank axis of input `name` (a packed group's is the sum of its projections' ranks)."""
+        w = self.weights[name]
+        return w.shape[1] if "lora_A" in name else w.shape[0]
 
 
 def read_adapter(name: str, path: Path) -> Adapter:
@@ -76,11 +80,7 @@ def read_adapter(name: str, path: Path) -> Adapter:
 
     params = onnxruntime.AdapterFormat.read_adapter(str(path)).get_parameters()
     # copied: the arrays would otherwise view memory the adapter's reader frees
-    weights = {k: np.array(v.numpy(), copy=True) for k, v in params.items()}
-    ranks = {w.shape[1] for k, w in weights.items() if ".lora_A." in k or "lora_A" in k}
-    if len(ranks) != 1:
-        raise ValueError(f"{path}: LoRA A matrices of several ranks {sorted(ranks)}")
-    return Adapter(name, weights, ranks.pop())
+    return Adapter(name, {k: np.array(v.numpy(), copy=True) for k, v in params.items()})
 
 
 class BatchedDecoder:
@@ -151,9 +151,9 @@ class BatchedDecoder:
         cached = self._lora_cache.get(key)
         if cached is not None:
             return cached
-        rank = max((self.adapters[a].rank for a in rows if a is not None), default=0)
         feed = {}
         for name in self.lora_inputs:
+            rank = max((self.adapters[a].rank(name) for a in rows if a is not None), default=0)
             is_a = "lora_A" in name
             other = self._lora_dims[name]
             shape = (len(rows), other, rank) if is_a else (len(rows), rank, other)
