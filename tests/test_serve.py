@@ -484,3 +484,15 @@ def test_client_leaving_a_running_batch_frees_its_row_and_the_others_keep_their_
             assert firsts[m] + "".join(c.choices[0].text for c in s) == solo[m], m
         # its row is free again: a fourth request is decoded, not refused
         assert oa.completions.create(model=BASE, prompt="a", max_tokens=2).usage.completion_tokens
+
+
+def test_batched_step_times_and_profile_cover_each_batch_size(random_bundle):
+    from phi_pipeline.bench.serving import step_times
+
+    result = step_times(random_bundle, batches=(1, 2), prompt_len=8, steps=3, rounds=2)
+    assert result["prefill_ms"]["n"] == 4 and result["prefill_ms"]["min"] > 0
+    for b in ("1", "2"):
+        assert result["decode_step_ms"][b]["n"] == 2 and result["decode_step_ms"][b]["min"] > 0
+        profile = result["profile"][b]
+        assert profile["decode_steps"] == 3 and "MatMulNBits" in profile["by_op"]
+        assert any(g.startswith("LoRA") for g in profile["by_op"])

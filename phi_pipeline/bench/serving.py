@@ -463,25 +463,36 @@ def llama_server(work: Path, bundle: Path, tokens: int) -> PeerServer:
                       os.cpu_count() or 1, 2 * tokens)
 
 
+def _decoder(bundle: Path, max_batch: int, kv_len: int, **session_options: object) -> tuple[Any, list[str | None]]:
+    """The bundle's batched decoder with every adapter, and the adapters rows cycle through (None: the base)."""
+    from phi_pipeline.runtime.batched import BatchedDecoder
+
+    adapters = json.loads((bundle / "manifest.json").read_text())["adapters"]
+    decoder = BatchedDecoder(bundle, {a["name"]: bundle / a["file"] for a in adapters}, max_batch=max_batch,
+                             kv_len=kv_len, session_options=session_options)
+    return decoder, [None, *(a["name"] for a in adapters)]
+
+
+def _fill(decoder: Any, names: list[str | None], batch: int, ids: list[int]) -> list[str | None]:
+    """Prefill rows 0..batch-1 with `ids`, row i with adapter names[i % len(names)]; the rows' adapters."""
+    rows = [names[i % len(names)] for i in range(batch)]
+    for row, adapter in enumerate(rows):
+        decoder.prefill(ids, 0, adapter)
+        decoder.join(row, len(ids))
+    return rows
+
+
 def step_times(bundle: Path, batches: tuple[int, ...] = CONCURRENCY, prompt_len: int = 64, steps: int = 30,
                rounds: int = 3) -> dict[str, Any]:
     """What limits batched serving: ms per decode step of the batched engine's decoder at each batch size
     (rows of mixed adapters), and per 64-token prefill, in this process (no HTTP), `rounds` interleaved rounds."""
-    from phi_pipeline.runtime.batched import BatchedDecoder
-
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    names = [None, *(a["name"] for a in manifest["adapters"])]
-    decoder = BatchedDecoder(bundle, {a["name"]: bundle / a["file"] for a in manifest["adapters"]},
-                             max_batch=max(batches), kv_len=prompt_len + steps + 8)
+    decoder, names = _decoder(bundle, max(batches), prompt_len + steps + 8)
     ids = list(range(100, 100 + prompt_len))
     times: dict[str, list[float]] = {"prefill": [], **{str(b): [] for b in batches}}
     for _ in range(rounds):
         for b in batches:
-            rows = [names[i % len(names)] for i in range(b)]
             start = time.perf_counter()
-            for row, adapter in enumerate(rows):
-                decoder.prefill(ids, 0, adapter)
-                decoder.join(row, prompt_len)
+            rows = _fill(decoder, names, b, ids)
             times["prefill"].append((time.perf_counter() - start) / b)
             decoder.decode([5] * b, [prompt_len] * b, rows)  # warm-up of this batch's LoRA inputs
             start = time.perf_counter()
@@ -500,19 +511,11 @@ def step_profile(bundle: Path, batch: int, prompt_len: int = 64, steps: int = 30
     import tempfile
 
     from phi_pipeline.bench.adapter_costs import _aggregate
-    from phi_pipeline.runtime.batched import BatchedDecoder
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    names = [None, *(a["name"] for a in manifest["adapters"])]
-    rows = [names[i % len(names)] for i in range(batch)]
     with tempfile.TemporaryDirectory() as tmp:
-        decoder = BatchedDecoder(bundle, {a["name"]: bundle / a["file"] for a in manifest["adapters"]},
-                                 max_batch=batch, kv_len=prompt_len + steps + 8,
-                                 session_options={"enable_profiling": True, "profile_file_prefix": f"{tmp}/step"})
-        ids = list(range(100, 100 + prompt_len))
-        for row, adapter in enumerate(rows):
-            decoder.prefill(ids, 0, adapter)
-            decoder.join(row, prompt_len)
+        decoder, names = _decoder(bundle, batch, prompt_len + steps + 8, enable_profiling=True,
+                                  profile_file_prefix=f"{tmp}/step")
+        rows = _fill(decoder, names, batch, list(range(100, 100 + prompt_len)))
         for s in range(steps):
             decoder.decode([5] * batch, [prompt_len + s] * batch, rows)
         trace = Path(decoder.session.end_profiling())

@@ -31,7 +31,7 @@ import numpy as np
 
 from phi_pipeline.bundle.layout import MODEL_FILE
 
-_LORA_INPUT = re.compile(r"lora_[AB]\b|\.lora_[AB]\.")
+_LORA_INPUT = re.compile(r"lora_[AB]\b")
 
 
 def is_lora_input(name: str) -> bool:

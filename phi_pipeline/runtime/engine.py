@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from phi_pipeline.bundle.layout import MANIFEST
-
 from phi_pipeline.runtime.batched import BatchedDecoder, RowSampler
 from phi_pipeline.runtime.genai import BundleModel, Generation, Sampling
 
@@ -50,9 +49,6 @@ class EngineSettings:
     """Requests waiting beyond max_active before new ones are refused (429)."""
     prefill_chunk: int = 128
     """Prompt tokens per model run: a longer prompt goes in over several rounds."""
-    kv_tokens: int | None = None
-    """Batched engine: tokens of KV cache per row (prompt + answer); None: the model's context length,
-    capped so that the max_active + 1 rows fit a quarter of the machine's memory."""
 
 
 class QueueFull(Exception):
@@ -265,51 +261,63 @@ class Engine:
         for slot in list(self._active):
             self._advance(slot)
 
-    def _admit(self, slot: _Slot) -> None:
+    def _admit(self, slot: _Slot) -> bool:
+        """Start a request (False: it was cancelled or could not start, and has been told so)."""
         if slot.handle.cancelled.is_set():
             self._finish(slot, CANCELLED)
-            return
-        model = self.model
-        assert model is not None
+            return False
+        assert self.model is not None
         try:
-            job = slot.job
-            slot.generation = model.start(job.prompt, job.adapter, job.max_tokens, job.sampling,
-                                          min_new_tokens=job.min_tokens)
-            slot.stream = model.tokenizer.create_stream()
-            slot.text = StopText(job.stop)
+            self._open(slot)
+            slot.stream = self.model.tokenizer.create_stream()
+            slot.text = StopText(slot.job.stop)
         except Exception as exc:
             log.exception("starting a request failed")
             self._finish(slot, Failed(f"the engine could not start this request: {exc}"))
-            return
+            return False
         self._active.append(slot)
         self.peak_active = max(self.peak_active, len(self._active))
+        return True
+
+    def _open(self, slot: _Slot) -> None:
+        """The request's own generator (its KV cache sized prompt + max_tokens)."""
+        assert self.model is not None
+        job = slot.job
+        slot.generation = self.model.start(job.prompt, job.adapter, job.max_tokens, job.sampling,
+                                           min_new_tokens=job.min_tokens)
 
     def _advance(self, slot: _Slot) -> None:
         """One model run for `slot`: its next prompt chunk, or its next token."""
         if slot.handle.cancelled.is_set():
             self._finish(slot, CANCELLED)
             return
-        generation, text, model = slot.generation, slot.text, self.model
-        assert generation is not None and text is not None and model is not None
+        generation = slot.generation
+        assert generation is not None
         try:
             if not generation.prefilled:
                 generation.feed(self.settings.prefill_chunk)
                 return
-            token = generation.step()
-            if token in model.eos_token_ids:
-                self._close(slot, "stop")
-                return
-            slot.produced += 1
-            piece = text.add(slot.stream.decode(token))
-            if piece:
-                slot.handle.emit(Delta(piece))
-            if text.stopped:
-                self._close(slot, "stop")
-            elif generation.done:
+            if not self._deliver(slot, generation.step()) and generation.done:
                 self._close(slot, "length" if slot.produced >= slot.job.max_tokens else "stop")
         except Exception as exc:
             log.exception("a request failed in the engine")
             self._finish(slot, Failed(f"the engine failed on this request: {exc}"))
+
+    def _deliver(self, slot: _Slot, token: int) -> bool:
+        """A new token of `slot`: send the text it adds; True when it ended the request (end-of-sequence
+        or a stop string), which has then been told so."""
+        assert self.model is not None and slot.text is not None
+        if token in self.model.eos_token_ids:
+            self._close(slot, "stop")
+            return True
+        slot.produced += 1
+        piece = slot.text.add(slot.stream.decode(token))
+        if piece:
+            slot.handle.emit(Delta(piece))
+        if slot.text.stopped:
+            self._close(slot, "stop")
+            return True
+        return False
 
     def _close(self, slot: _Slot, reason: str) -> None:
         assert slot.text is not None
@@ -330,16 +338,10 @@ class Engine:
                 self.idle.set()
 
 
-def kv_row_bytes(decoder_config: dict[str, Any], tokens: int, itemsize: int = 4) -> int:
-    """Bytes of one row's KV cache (keys and values of every layer) for `tokens` tokens."""
-    return 2 * decoder_config["num_hidden_layers"] * decoder_config["num_key_value_heads"] * decoder_config["head_size"] \
-        * tokens * itemsize
-
-
 class BatchedEngine(Engine):
     """Continuous batching with a different adapter in every row (module docstring)."""
 
-    def __init__(self, load: Callable[[], BundleModel], make_decoder: Callable[[BundleModel], BatchedDecoder],
+    def __init__(self, load: Callable[[], BundleModel], make_decoder: Callable[[], BatchedDecoder],
                  settings: EngineSettings = EngineSettings()):
         super().__init__(load, settings)
         self._make_decoder = make_decoder
@@ -356,7 +358,7 @@ class BatchedEngine(Engine):
 
     def _start_up(self) -> None:
         self.model = self._load()
-        self.decoder = self._make_decoder(self.model)
+        self.decoder = self._make_decoder()
         self._defaults = json.loads((self.decoder.model_dir / "genai_config.json").read_text()).get("search", {})
 
     def _take_waiting(self) -> list[_Slot]:
@@ -367,7 +369,8 @@ class BatchedEngine(Engine):
 
     def _step(self, admitted: list[_Slot]) -> None:
         for slot in admitted:
-            self._begin(slot)
+            if self._admit(slot):
+                self._prefilling = slot
         try:
             self._round()
         except Exception as exc:  # a failed model run fails the requests in it, not the server
@@ -376,24 +379,12 @@ class BatchedEngine(Engine):
                 self._finish(slot, Failed(f"the engine failed on this request: {exc}"))
             self._rows, self._prefilling = [], None
 
-    def _begin(self, slot: _Slot) -> None:
-        if slot.handle.cancelled.is_set():
-            self._finish(slot, CANCELLED)
-            return
+    def _open(self, slot: _Slot) -> None:
+        """No generator: the request's row sampler; its prompt goes in by chunks in the coming rounds."""
         assert self.model is not None
         job = slot.job
-        try:
-            self.model.check_adapter(job.adapter)
-            slot.sampler = RowSampler(job.sampling.search_options(), self._defaults, job.sampling.seed)
-            slot.stream = self.model.tokenizer.create_stream()
-            slot.text = StopText(job.stop)
-        except Exception as exc:
-            log.exception("starting a request failed")
-            self._finish(slot, Failed(f"the engine could not start this request: {exc}"))
-            return
-        self._prefilling = slot
-        self._active.append(slot)
-        self.peak_active = max(self.peak_active, len(self._active))
+        self.model.check_adapter(job.adapter)
+        slot.sampler = RowSampler(job.sampling.search_options(), self._defaults, job.sampling.seed)
 
     def _round(self) -> None:
         decoder = self.decoder
@@ -429,22 +420,13 @@ class BatchedEngine(Engine):
                 self._leave(i)
 
     def _take(self, slot: _Slot, logits: Any) -> bool:
-        """Choose the slot's next token from its logits, send what it adds to the answer; True when the
-        request has ended (and been told so)."""
-        assert slot.sampler is not None and slot.text is not None and self.model is not None
+        """Choose the slot's next token from its logits and deliver it; True when the request has ended."""
+        assert slot.sampler is not None and self.model is not None
         eos = self.model.eos_token_ids
         token = slot.sampler.pick(logits, eos if slot.produced < slot.job.min_tokens else frozenset())
-        if token in eos:
-            self._close(slot, "stop")
+        if self._deliver(slot, token):
             return True
-        slot.produced += 1
         slot.last = token
-        piece = slot.text.add(slot.stream.decode(token))
-        if piece:
-            slot.handle.emit(Delta(piece))
-        if slot.text.stopped:
-            self._close(slot, "stop")
-            return True
         if slot.produced >= slot.job.max_tokens:
             self._close(slot, "length")
             return True
@@ -479,22 +461,31 @@ def default_kv_tokens(model_dir: Path, rows: int) -> int:
     """The model's context length, capped so that `rows` KV rows take at most a quarter of the memory."""
     genai = json.loads((model_dir / "genai_config.json").read_text())["model"]
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    per_token = kv_row_bytes(genai["decoder"], 1)
+    decoder = genai["decoder"]
+    # keys and values of every layer, fp32 (a CPU bundle's KV cache)
+    per_token = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 4
     return max(1, min(genai["context_length"], memory // 4 // (rows * per_token)))
 
 
-def serving_engine(bundle: Path, threads: int | None, settings: EngineSettings, kind: str = "auto") -> Engine:
-    """The engine `phi-pipeline serve` runs: batched where the bundle allows it (auto), else the genai one."""
-    manifest = json.loads((bundle / MANIFEST).read_text())
+def engine_kind(manifest: dict[str, Any], requested: str) -> str:
+    """The engine that serves a bundle for `--engine requested` (auto: batched where it can); ValueError
+    when batched is asked for a bundle it cannot serve."""
     problem = batched_problem(manifest)
-    if kind == "batched" and problem:
-        raise ValueError(f"--engine batched: {problem}; use --engine genai")
-    if kind == "genai" or problem:
+    if requested == "batched" and problem:
+        raise ValueError(f"--engine batched: {problem}; use --engine genai or auto")
+    return "genai" if requested == "genai" or problem else "batched"
+
+
+def serving_engine(bundle: Path, threads: int | None, settings: EngineSettings, kind: str = "auto") -> Engine:
+    """The engine `phi-pipeline serve` runs (engine_kind)."""
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    if engine_kind(manifest, kind) == "genai":
         return Engine(lambda: BundleModel(bundle, threads=threads), settings)
     files = {a["name"]: bundle / a["file"] for a in manifest["adapters"] if "file" in a}
-    kv = settings.kv_tokens or default_kv_tokens(bundle, settings.max_active + 1)
+    kv = default_kv_tokens(bundle, settings.max_active + 1)
 
-    def make_decoder(model: BundleModel) -> BatchedDecoder:
+    def make_decoder() -> BatchedDecoder:
         return BatchedDecoder(bundle, files, max_batch=settings.max_active, kv_len=kv, threads=threads)
 
+    # its onnxruntime-genai model is only the tokenizer and prompt formats: one thread
     return BatchedEngine(lambda: BundleModel(bundle, threads=1), make_decoder, settings)

@@ -79,7 +79,7 @@ def build_server(settings: ServeSettings, host: str, port: int, log_level: str =
 
 def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key: str | None, max_active: int,
               max_queue: int, max_tokens: int, engine: str = "auto") -> int:
-    from phi_pipeline.runtime.engine import EngineSettings, batched_problem
+    from phi_pipeline.runtime.engine import EngineSettings, engine_kind
 
     problems = [f"{name} must be >= 1" for name, v in
                 (("--threads", threads or 1), ("--max-active", max_active), ("--max-tokens", max_tokens)) if v < 1]
@@ -89,10 +89,10 @@ def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key
     path = Path(bundle)
     manifest = _check_bundle(path)
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    problem = batched_problem(manifest)
-    if engine == "batched" and problem:
-        raise UsageError("phi-pipeline serve", [f"--engine batched: {problem}; use --engine genai or auto"])
-    kind = "genai" if engine == "genai" or problem else "batched"
+    try:
+        kind = engine_kind(manifest, engine)
+    except ValueError as exc:
+        raise UsageError("phi-pipeline serve", [str(exc)]) from None
     settings = ServeSettings(path, threads=threads, api_key=api_key, max_tokens=max_tokens,
                              engine=EngineSettings(max_active=max_active, max_queue=max_queue), engine_kind=kind)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # uvicorn's look
