@@ -331,9 +331,12 @@ class Engine:
         if slot in self._active:
             self._active.remove(slot)
         slot.generation = slot.stream = None
-        slot.handle.emit(event)
+        # `busy` drops before the client can see the answer; `idle` is set only once the answer is on
+        # its way, so a draining server never closes before it
         with self._cv:
             self._accepted -= 1
+        slot.handle.emit(event)
+        with self._cv:
             if self._accepted == 0:
                 self.idle.set()
 
