@@ -45,6 +45,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             no_wait=args.no_wait,
             launch=launch,
             executor=executor,
+            remeasure=args.remeasure,
         )
         for target in args.target
     ]
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="also assemble the targets' bundles into one ORT model package (olive generate-model-package)",
     )
     p.add_argument("--sign-key", help="sign each bundle before publishing it, with this EC private key (PEM; model-signing)")
+    p.add_argument("--remeasure", action="store_true", help="export search: gate and time every variant again "
+                   "instead of reading their figures from the cache (e.g. on a quieter machine)")
     p.add_argument(
         "--no-wait", action="store_true", help="exit 1 at once if another run of the same pipeline and target holds the lock"
     )

@@ -48,8 +48,8 @@ from phi_pipeline.bundle.publish import publish_dir
 from phi_pipeline.errors import PipelineError, UsageError
 from phi_pipeline.spec.data import check_data
 from phi_pipeline.spec.inputs import check_safetensors, in_hf_cache
-from phi_pipeline.spec.plan import AdapterPlan, Plan, is_local_path, make_plan
-from phi_pipeline.spec.schema import load_spec
+from phi_pipeline.spec.plan import AdapterPlan, Plan, export_search, is_local_path, make_plan
+from phi_pipeline.spec.schema import SPEC_VARIANT, ExportSearchSpec, load_spec
 from phi_pipeline.versions import package_versions
 
 
@@ -341,7 +341,12 @@ def train_adapters(
     return trained
 
 
-def export_base(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool, executor: Executor | None = None) -> Path:
+def export_base(
+    plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool, executor: Executor | None = None,
+    config_file: str = EXPORT_FILE, variant: str | None = None,
+) -> tuple[Path, str]:
+    """The multi-adapter export (or one export-search `variant` of it, from its `config_file`): the cache
+    entry and its key."""
     from phi_pipeline.build.configs import workflow_configs
     from phi_pipeline.bundle.adapters import write_layout_adapter
 
@@ -349,22 +354,25 @@ def export_base(plan: Plan, stages: Stages, cache: Cache, base: str, echo: bool,
         {
             "stage": "export",
             "base": base,
-            "workflow": content_form(workflow_configs(plan)[EXPORT_FILE], plan),
+            "workflow": content_form(workflow_configs(plan)[config_file], plan),
             "packages": package_versions(),
         }
     )
-    with stages.stage("export", f"exporting the base model ({plan.target.name}, {plan.precision})"):
+    name = f"export:{variant}" if variant else "export"
+    what = f" variant {variant!r}" if variant else ""
+    with stages.stage(name, f"exporting the base model{what} ({plan.target.name}, {plan.precision})"):
         entry = cache.get("exports", key)
         if entry is None:
             write_layout_adapter(plan)
             out = plan.paths.export_dir
             shutil.rmtree(out, ignore_errors=True)
             executor = executor or LocalExecutor()
-            executor.submit(olive_job(plan, EXPORT_FILE, [out / "model.onnx", out / "genai_config.json"], executor), echo).result()
-            entry = cache.put("exports", key, out, {"pipeline": plan.spec.name, "target": plan.target.name})
+            executor.submit(olive_job(plan, config_file, [out / "model.onnx", out / "genai_config.json"], executor), echo).result()
+            entry = cache.put("exports", key, out, {"pipeline": plan.spec.name, "target": plan.target.name,
+                                                    **({"variant": variant} if variant else {})})
         else:
-            stages.mark_cached("export")
-    return entry
+            stages.mark_cached(name)
+    return entry, key
 
 
 def export_merged(
@@ -434,7 +442,7 @@ def export_merged(
 
 def _evaluate_and_gate(plan: Plan, staged: Path, trained: list[TrainedAdapter], stages: Stages, no_gate: bool) -> None:
     """Evaluate the staged bundle and record the figures; a failed gate raises unless `no_gate`."""
-    from phi_pipeline.evaluate import evaluate_staged, manifest_summary
+    from phi_pipeline.evaluate import evaluate_staged
     from phi_pipeline.runtime.target_models import (
         keep_unevaluated,
         missing_eval_device,
@@ -450,6 +458,15 @@ def _evaluate_and_gate(plan: Plan, staged: Path, trained: list[TrainedAdapter], 
         return
     with stages.stage("evaluate", "evaluating the base model and each adapter (ONNX bundle vs PyTorch+PEFT)"):
         results = evaluate_staged(plan, staged, trained, enforced=not no_gate)
+    _record_evaluation(plan, staged, results, stages, no_gate)
+
+
+def _record_evaluation(
+    plan: Plan, staged: Path, results: dict[str, Any], stages: Stages, no_gate: bool, more: dict[str, Any] | None = None
+) -> None:
+    """A failed gate raises unless `no_gate`; the figures (and `more`) go into the staged manifest."""
+    from phi_pipeline.evaluate import manifest_summary
+
     failures = results["gates"]["failures"]
     if failures and not no_gate:
         raise PipelineError(
@@ -469,8 +486,31 @@ def _evaluate_and_gate(plan: Plan, staged: Path, trained: list[TrainedAdapter], 
             "evaluation": manifest_summary(results),
             "stage_seconds": dict(stages.seconds),
             "base_model": {"digest": digest},
+            **(more or {}),
         },
     )
+
+
+def _searched_bundle(
+    plan: Plan, search: ExportSearchSpec, stages: Stages, cache: Cache, base: str, trained: list[TrainedAdapter],
+    echo: bool, executor: Executor | None, no_gate: bool, remeasure: bool,
+) -> Path:
+    """The export search's winner, staged, its report (with the search's section) and manifest written."""
+    from phi_pipeline.evaluate import write_staged_report
+    from phi_pipeline.search.export import run_search
+
+    def export(variant: str, config_file: str) -> tuple[Path, str]:
+        return export_base(plan, stages, cache, base, echo, executor, config_file,
+                           None if variant == SPEC_VARIANT else variant)
+
+    outcome = run_search(plan, search, trained, stages, cache, export, enforced=not no_gate, remeasure=remeasure)
+    try:
+        results = write_staged_report(outcome.plan, outcome.staged, trained, {**outcome.results, "export_search": outcome.record})
+        _record_evaluation(outcome.plan, outcome.staged, results, stages, no_gate, {"export_search": outcome.record})
+    except BaseException:
+        shutil.rmtree(outcome.staged, ignore_errors=True)
+        raise
+    return outcome.staged
 
 
 def search(
@@ -522,6 +562,7 @@ def run(
     no_wait: bool = False,
     launch: Launch = Launch(),
     executor: Executor | None = None,
+    remeasure: bool = False,
 ) -> Path | None:
     """The whole pipeline; returns the published bundle folder (None on a node other than node 0 of a
     multi-node fine-tune: it trains, node 0 exports and publishes).
@@ -529,7 +570,8 @@ def run(
     The staged bundle is evaluated before it is published; a failed publish gate raises
     PipelineError and leaves the published bundle as it was, unless `no_gate`. One run per pipeline
     and target at a time: another one waits for it (or, with `no_wait`, raises LockHeld). With
-    `sign_key` the bundle is signed (model-signing) before it is published.
+    `sign_key` the bundle is signed (model-signing) before it is published. With an export search,
+    `remeasure` evaluates and times its variants again instead of reading their figures from the cache.
     """
     plan = load_plan(spec_path, target, precision)
     check_inputs(plan, sign_key, launch)
@@ -543,7 +585,7 @@ def run(
         try:
             published = _run_locked(
                 plan, stages, cache, memo, echo=echo, no_gate=no_gate, sign_key=sign_key, no_wait=no_wait,
-                launch=launch, executor=executor,
+                launch=launch, executor=executor, remeasure=remeasure,
             )
         finally:
             with contextlib.suppress(OSError):  # bookkeeping for `cache prune`; never hides the run's own error
@@ -567,6 +609,7 @@ def _run_locked(
     no_wait: bool,
     launch: Launch,
     executor: Executor | None,
+    remeasure: bool,
 ) -> bool:
     """The run under its lock; False on a node other than node 0 (it trains only), True once published."""
     write_configs(plan)
@@ -581,13 +624,24 @@ def _run_locked(
             trained = train_adapters(plan, stages, cache, base, echo, launch=launch, executor=executor)
     if launch.node_rank > 0:
         return False
+    search, skipped = export_search(plan)
+    if skipped:
+        stages.say(f"export search: not run, {skipped}; exporting the spec's settings")
+    if search is not None:
+        with space_for(work, olive_space, "the export search"):
+            staged = _searched_bundle(plan, search, stages, cache, base, trained, echo, executor, no_gate, remeasure)
+        try:
+            _sign_and_publish(plan, staged, stages, sign_key)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return True
     with space_for(work, olive_space, "the export"):
         if plan.layout == "merged":
             variants = export_merged(plan, stages, cache, base, trained, echo, executor)
             assemble = functools.partial(staging.stage_merged, plan, variants, trained, stages)
             exported = list(variants.values())
         else:
-            export = export_base(plan, stages, cache, base, echo, executor)
+            export, _ = export_base(plan, stages, cache, base, echo, executor)
             assemble = functools.partial(staging.stage, plan, export, trained, stages)
             exported = [export]
     staged = staging.staging_dir(plan)
@@ -602,11 +656,15 @@ def _run_locked(
                         "the staged bundle failed verification:\n" + "\n".join(f"  - {p}" for p in problems)
                     )
             _evaluate_and_gate(plan, staged, trained, stages, no_gate)
-            if sign_key is not None:
-                with stages.stage("sign", f"signing the bundle with {sign_key} (model-signing)"):
-                    staging.sign(staged, sign_key)
-            with stages.stage("publish", f"publishing {plan.paths.bundle_dir}"):
-                publish_dir(staged, plan.paths.bundle_dir)
+            _sign_and_publish(plan, staged, stages, sign_key)
     finally:  # also on an interrupt or a full disk: no staging is left behind
         shutil.rmtree(staged, ignore_errors=True)  # gone already when published
     return True
+
+
+def _sign_and_publish(plan: Plan, staged: Path, stages: Stages, sign_key: Path | None) -> None:
+    if sign_key is not None:
+        with stages.stage("sign", f"signing the bundle with {sign_key} (model-signing)"):
+            staging.sign(staged, sign_key)
+    with stages.stage("publish", f"publishing {plan.paths.bundle_dir}"):
+        publish_dir(staged, plan.paths.bundle_dir)

@@ -66,6 +66,7 @@ def fast_spec() -> dict:
 
     spec = yaml.safe_load((ROOT / "pipelines/tiny-phi3.yaml").read_text())
     spec["name"] = "fast"
+    spec["export"].pop("search")  # one export, as these tests expect (test_export_search.py covers the search)
     spec["training"]["max_steps"] = FAST_STEPS
     for adapter in spec["adapters"]:
         adapter.pop("training", None)

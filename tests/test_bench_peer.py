@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from phi_pipeline.bench import peer
+from phi_pipeline.evaluate import speed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,13 +123,13 @@ def test_peer_section_compares_the_tiny_bundle_with_llama_cpp(tmp_path, monkeypa
 def test_rounds_shuffle_the_rows_and_a_capped_row_runs_in_the_first_rounds_only():
     calls = []
     names = [f"row{i}" for i in range(6)]
-    out = peer.measure_rounds(names, lambda name, i: calls.append((i, name)) or {"round": i}, 3, lambda m: None, {"row5": 1})
+    out = speed.measure_rounds(names, lambda name, i: calls.append((i, name)) or {"round": i}, 3, lambda m: None, {"row5": 1})
     orders = [[n for i, n in calls if i == r] for r in range(3)]
     assert sorted(orders[0]) == names and sorted(orders[1]) == names[:5]
     assert len({tuple(o[:5]) for o in orders}) > 1  # not the same order every round
     assert [r["round"] for r in out["row5"]] == [0] and [r["round"] for r in out["row0"]] == [0, 1, 2]
     again = []  # seeded per round: the same orders again
-    peer.measure_rounds(names, lambda name, i: again.append((i, name)) or {}, 3, lambda m: None, {"row5": 1})
+    speed.measure_rounds(names, lambda name, i: again.append((i, name)) or {}, 3, lambda m: None, {"row5": 1})
     assert again == calls
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from phi_pipeline.bench import report, tuning
+from phi_pipeline.evaluate import speed
 
 
 def _round(decode: float, ttft: float) -> dict:
@@ -28,7 +29,7 @@ def _shipped(tmp_path):
     (([], [1.1]), "not measured"),
 ])
 def test_variant_verdict_needs_every_prompt_length_beyond_the_noise_in_most_rounds(ratios, expected):
-    assert tuning.verdict([list(r) for r in ratios]) == expected
+    assert speed.verdict([list(r) for r in ratios]) == expected
 
 
 def test_variants_run_on_the_shipped_session_options_and_export_only_what_they_change(tmp_path):

@@ -18,7 +18,6 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: `
 
 
 def test_chat_page_streams_an_adapter_answer(random_bundle, monkeypatch):
-    import time
 
     from playwright.sync_api import sync_playwright
 

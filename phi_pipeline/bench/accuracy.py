@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from phi_pipeline.bench.decode import random_prompt
-from phi_pipeline.bench.stats import summary
+from phi_pipeline.evaluate.speed import random_prompt
+from phi_pipeline.evaluate.stats import summary
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -20,14 +20,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from phi_pipeline.bench.decode import (
-    DecodeConfig,
-    OnnxRunner,
-    Timing,
-    make_runner,
-    random_prompt,
-)
-from phi_pipeline.bench.stats import summary
+from phi_pipeline.bench.decode import DecodeConfig, OnnxRunner, make_runner
+from phi_pipeline.evaluate.speed import Timing, random_prompt
+from phi_pipeline.evaluate.stats import summary
 
 SWITCH_NEW_TOKENS = 2  # enough to time the first token
 

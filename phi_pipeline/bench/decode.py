@@ -24,33 +24,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 
-from phi_pipeline.bench.stats import load_average, summary
+from phi_pipeline.evaluate.speed import Timing, random_prompt, time_request, timing
+from phi_pipeline.evaluate.stats import load_average, summary
 
 # PyTorch eager as a user runs it: fp32 on CPU (fp16 matmuls are slow there), fp16 on a GPU.
 TORCH_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 WARMUP = (16, 8)  # prompt tokens, new tokens of the untimed first request (allocations, lazy init)
-
-
-@dataclass(frozen=True)
-class Timing:
-    ttft_s: float
-    decode_tok_s: float
-    decode_cpu_ms: float
-    """Process CPU milliseconds per decode token: unlike wall time, hardly moved by other processes
-    competing for the cores when the engine runs one thread (with more, idle threads spin)."""
-
-
-def _timing(start: float, first: tuple[float, float], last: tuple[float, float], tokens: int) -> Timing:
-    """From (wall, cpu) clock pairs at the first and last new token; `tokens` new tokens in all."""
-    steps = tokens - 1
-    return Timing(
-        first[0] - start,
-        steps / (last[0] - first[0]) if steps else 0.0,
-        1000 * (last[1] - first[1]) / steps if steps else 0.0,
-    )
 
 
 @dataclass(frozen=True)
@@ -77,11 +58,6 @@ class DecodeConfig:
     session_options: dict[str, Any] = field(default_factory=dict)
     """onnx: decoder session options laid over the model's genai_config.json (tuning.py's variants);
     openvino: the CPU plugin's compile properties (empty: the plugin's defaults)."""
-
-
-def random_prompt(length: int, vocab_size: int, seed: int = 0) -> list[int]:
-    """Token ids drawn over the whole vocabulary: every configuration sees the same prompt."""
-    return np.random.default_rng(seed + length).integers(0, vocab_size, length).tolist()
 
 
 class OnnxRunner:
@@ -113,18 +89,7 @@ class OnnxRunner:
         return time.perf_counter() - start
 
     def generate(self, ids: list[int], new_tokens: int, adapter: str | None) -> Timing:
-        start = time.perf_counter()
-        generation = self.runtime.start(ids, adapter, new_tokens, min_new_tokens=new_tokens)
-        generation.feed()
-        generation.step()
-        first = time.perf_counter(), time.process_time()
-        while not generation.done:
-            generation.step()
-        last = time.perf_counter(), time.process_time()
-        produced = len(generation.new_tokens)
-        if produced != new_tokens:
-            raise RuntimeError(f"generated {produced} tokens, expected {new_tokens}")
-        return _timing(start, first, last, produced)
+        return time_request(self.runtime, ids, new_tokens, adapter)
 
 
 class _Clock:
@@ -207,7 +172,7 @@ class TorchRunner:
         produced = out.shape[1] - len(ids)
         if produced != new_tokens:
             raise RuntimeError(f"generated {produced} tokens, expected {new_tokens}")
-        return _timing(start, clock.times[1], clock.times[-1], produced)
+        return timing(start, clock.times[1], clock.times[-1], produced)
 
 
 class OpenVinoRunner:
@@ -230,7 +195,7 @@ class OpenVinoRunner:
         first = time.perf_counter(), time.process_time()
         produced = 1 + sum(1 for _ in tokens)
         last = time.perf_counter(), time.process_time()
-        return _timing(start, first, last, produced)
+        return timing(start, first, last, produced)
 
 
 def make_runner(config: DecodeConfig) -> OnnxRunner | TorchRunner | OpenVinoRunner:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -35,7 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import tomllib
 
-from phi_pipeline.bench.stats import paired_ratio, summary
+from phi_pipeline.evaluate.speed import measure_rounds
+from phi_pipeline.evaluate.stats import paired_ratio, summary
 from phi_pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -349,23 +349,6 @@ ROWS = (
     ("llama.cpp Q4_0 (llama-completion)", "llama.cpp", "Q4_0", None, "llama-completion"),
     ("llama.cpp Q4_0 + r8 (llama-completion)", "llama.cpp", "Q4_0", "r8", "llama-completion"),
 )
-
-
-def measure_rounds(names: list[str], run_row: Callable[[str, int], dict[str, Any]], rounds: int,
-                   say: Callable[[str], None], row_rounds: dict[str, int] | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Every row once per round, in an order shuffled per round (seeded: no row always follows the same
-    one): {row name: [round results]}. A row named in `row_rounds` runs in that many first rounds only, so
-    its results still pair with the others' by index."""
-    out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    for i in range(rounds):
-        order = list(names)
-        random.Random(i).shuffle(order)
-        for name in order:
-            if i >= (row_rounds or {}).get(name, rounds):
-                continue
-            say(f"peer round {i + 1}/{rounds}: {name}")
-            out[name].append(run_row(name, i))
-    return out
 
 
 def summarize(rounds: dict[str, list[dict[str, Any]]], sizes: dict[str, int], prompt_lens: tuple[int, ...]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline.bench.stats import summary
+from phi_pipeline.evaluate.stats import summary
 
 SPEC = Path("pipelines/tiny-phi3.yaml")
 TINY_BASE = Path(".phi-pipeline/base")
@@ -40,10 +40,16 @@ _STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 
 def scratch_project(root: Path, dest: Path) -> Path:
-    """A fresh copy of what the tiny pipeline reads: pipelines/ and, when built, the tiny base."""
+    """A fresh copy of what the tiny pipeline reads: pipelines/ and, when built, the tiny base. The spec
+    loses its export search: the comparison is with the one export a user runs by hand."""
+    import yaml
+
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     shutil.copytree(root / "pipelines", dest / "pipelines")
+    spec = yaml.safe_load((dest / SPEC).read_text())
+    spec["export"].pop("search", None)
+    (dest / SPEC).write_text(yaml.safe_dump(spec, sort_keys=False))
     if (root / TINY_BASE).is_dir():
         shutil.copytree(root / TINY_BASE, dest / TINY_BASE)
     return dest

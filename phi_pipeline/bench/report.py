@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline.bench.tuning import CONSISTENT, NOISE
+from phi_pipeline.evaluate.speed import CONSISTENT, NOISE
 
 CHART = "decode.png"
 MIB = 1 << 20

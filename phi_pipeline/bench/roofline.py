@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from phi_pipeline.bench.stats import summary
+from phi_pipeline.evaluate.stats import summary
 
 EMBEDDING = "model.embed_tokens.weight"
 

@@ -40,7 +40,7 @@ from phi_pipeline.bench.options import (
     folder_bytes,
 )
 from phi_pipeline.bench.serving import bench_serving
-from phi_pipeline.bench.stats import load_average, ratio
+from phi_pipeline.evaluate.stats import load_average, ratio
 from phi_pipeline.errors import PipelineError
 from phi_pipeline.runtime.target_models import OpenVINOModel
 from phi_pipeline.spec.schema import DEFAULT_TARGET_MODULES

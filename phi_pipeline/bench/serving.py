@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline.bench.stats import load_average, summary
+from phi_pipeline.evaluate.stats import load_average, summary
 
 CONCURRENCY = (1, 2, 4, 8)
 ENGINES = ("batched", "genai")

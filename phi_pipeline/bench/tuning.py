@@ -4,7 +4,7 @@ Each variant differs from the int4 bundle as shipped in one thing: a Model Build
 export through the pipeline's export workflow), a decoder session option laid over the bundle's
 genai_config.json, or the graph without LoRA inputs (the r8 adapter merged into the weights). It
 runs once in every peer round, so its ratios pair runs of the same round; rows run in a seeded random
-order in each round (peer.measure_rounds), and a control row runs the shipped bundle a second time
+order in each round (evaluate/speed.py's measure_rounds), and a control row runs the shipped bundle a second time
 through the variants' own path: its ratios are the noise floor of the table.
 A variant's verdict is computed, never written by hand: `faster` where, at every prompt length, the
 median paired decode ratio is above 1 + NOISE and the variant was faster in at least CONSISTENT of the
@@ -16,13 +16,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import median
 from typing import Any, Callable
 
-from phi_pipeline.bench.stats import paired_ratio, per_round_ratios, summary
+from phi_pipeline.evaluate.speed import verdict
+from phi_pipeline.evaluate.stats import paired_ratio, per_round_ratios, summary
 
-NOISE = 0.03  # paired medians within 3 % of 1 are "no measurable change" on this shared 2-core machine
-CONSISTENT = 0.8  # and a verdict needs the same sign in 8 rounds of 10
 
 
 @dataclass(frozen=True)
@@ -95,17 +93,6 @@ def prepare(
         model = merged() if v.merged else export(v) if v.export else shipped
         out.append(TunedModel(v, model, options | v.session))
     return out
-
-
-def verdict(decode_ratios: list[list[float]]) -> str:
-    """From the per-round decode ratios (variant / shipped) at each prompt length."""
-    if not decode_ratios or not all(decode_ratios):
-        return "not measured"
-    if all(median(r) > 1 + NOISE and sum(x > 1 for x in r) >= CONSISTENT * len(r) for r in decode_ratios):
-        return "faster"
-    if all(median(r) < 1 - NOISE and sum(x < 1 for x in r) >= CONSISTENT * len(r) for r in decode_ratios):
-        return "slower"
-    return "no measurable change"
 
 
 def summarize(

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline.spec.plan import Plan
+from phi_pipeline.spec.plan import Plan, export_search, variant_plan
 from phi_pipeline.build.workflows.export import export_config
 from phi_pipeline.build.workflows.finetune import finetune_config
 from phi_pipeline.build.workflows.merged import merged_export_config
@@ -28,10 +28,16 @@ def export_file(adapter: str) -> str:
     return f"export-{adapter}.json"
 
 
+def variant_file(candidate: str) -> str:
+    """The export of one export-search candidate (multi-adapter layout)."""
+    return f"export-variant-{candidate}.json"
+
+
 def workflow_configs(plan: Plan) -> dict[str, dict[str, Any]]:
     """Every workflow of the plan, by file name, in run order.
 
-    multi-adapter: finetune-<adapter>.json each, then export.json (the base, once).
+    multi-adapter: finetune-<adapter>.json each, then export.json (the base, once), then with an export
+    search export-variant-<candidate>.json each.
     merged: finetune-<adapter>.json each, then export-<adapter>.json each (one full model per adapter).
     """
     finetunes = {finetune_file(a.name): finetune_config(plan, a) for a in plan.adapters}
@@ -40,6 +46,9 @@ def workflow_configs(plan: Plan) -> dict[str, dict[str, Any]]:
         if plan.layout == "multi-adapter"
         else {export_file(a.name): merged_export_config(plan, a) for a in plan.adapters}
     )
+    search, _ = export_search(plan)
+    for c in search.candidates if search else ():
+        exports[variant_file(c.name)] = export_config(variant_plan(plan, c.changes))
     for name, config in finetunes.items():
         # No target in a fine-tune's id: the same workflow serves every target (see finetune.py).
         config["workflow_id"] = f"{plan.spec.name}-{name.removesuffix('.json')}"
@@ -87,6 +96,13 @@ def readme(plan: Plan, names: list[str]) -> str:
             f"input; it expects the zero-initialised LoRA layout adapter at `{plan.paths.lora_layout_dir.as_posix()}`,",
             "which `phi-pipeline run` writes before exporting.",
         ]
+        if any(n.startswith(variant_file("")) for n in names):
+            lines += [
+                "",
+                f"Export search (the spec's export.search): each `{variant_file('<candidate>')}` exports the same graph with",
+                "one candidate's settings; the run gates and times every variant and publishes the fastest that passes",
+                "(phi_pipeline/search/export.py).",
+            ]
     else:
         example = plan.adapters[0].name
         lines += [

@@ -61,16 +61,17 @@ def remove_abandoned_staging(root: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def staging_dir(plan: "Plan") -> Path:
-    """This process's staging folder for the plan (its pid tells a killed run's leftovers)."""
-    return plan.paths.staging_root / f"{plan.spec.name}-{plan.target.name}-{os.getpid()}"
+def staging_dir(plan: "Plan", variant: str | None = None) -> Path:
+    """This process's staging folder for the plan, or for one export-search variant of it (the pid, last,
+    tells a killed run's leftovers)."""
+    return plan.paths.staging_root / "-".join([plan.spec.name, plan.target.name, *([variant] if variant else []), str(os.getpid())])
 
 
-def _new_staging(plan: "Plan") -> Path:
+def _new_staging(plan: "Plan", variant: str | None) -> Path:
     root = plan.paths.staging_root
     root.mkdir(parents=True, exist_ok=True)
     remove_abandoned_staging(root)
-    staged = staging_dir(plan)
+    staged = staging_dir(plan, variant)
     shutil.rmtree(staged, ignore_errors=True)
     return staged
 
@@ -132,6 +133,7 @@ def _write_manifest(plan: "Plan", staged: Path, adapters: list[dict[str, Any]], 
         "execution_provider": plan.target.execution_provider,
         "precision": plan.precision,
         "layout": plan.layout,
+        "export": plan.spec.export.model_dump(exclude={"search", "precision", "layout"}),
         "runtime_packages": list(plan.target.runtime_packages),
         "base_model": {"name_or_path": plan.base_model, "model_type": plan.model_type},
         "adapters": adapters,
@@ -148,12 +150,13 @@ def _write_manifest(plan: "Plan", staged: Path, adapters: list[dict[str, Any]], 
     (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "Stages") -> Path:
-    """Assemble a multi-adapter bundle in a fresh staging folder next to its destination."""
+def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "Stages", variant: str | None = None) -> Path:
+    """Assemble a multi-adapter bundle in a fresh staging folder next to its destination (`variant`: an
+    export-search variant's, beside the others)."""
     from phi_pipeline.bundle.adapters import convert_adapter
     from phi_pipeline.bundle.lora_packing import pack_lora_projections
 
-    staged = _new_staging(plan)
+    staged = _new_staging(plan, variant)
     _copy_model(export, staged)
     _set_decoder_session_options(staged, plan.target.decoder_session_options)
     if plan.spec.export.pack_projections:  # before conversion: adapters fill the packed inputs
@@ -172,7 +175,7 @@ def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "
 def stage_merged(plan: "Plan", variants: dict[str, Path], trained: list["TrainedAdapter"], stages: "Stages") -> Path:
     """Assemble a merged bundle: one complete model folder per adapter, for runtimes that cannot
     swap adapters (DirectML, NPUs)."""
-    staged = _new_staging(plan)
+    staged = _new_staging(plan, None)
     adapters = []
     for t in trained:
         folder = variant_dir(t.plan.name)
@@ -188,10 +191,11 @@ def stage_merged(plan: "Plan", variants: dict[str, Path], trained: list["Trained
 
 
 def finalize_manifest(folder: Path, updates: dict[str, Any]) -> dict[str, Any]:
-    """Merge `updates` into a staged bundle's manifest and list the files added since stage().
+    """Merge `updates` into a staged bundle's manifest, rewrite the model card from it and list the
+    files added since stage().
 
-    Files already listed keep their sha256 (verify() has just checked them); files written after
-    stage() (the evaluation report) are hashed and added, so verify() stays exact.
+    Files already listed keep their sha256 (verify() has just checked them); the card and files
+    written after stage() (the evaluation report) are hashed, so verify() stays exact.
     """
     manifest = json.loads((folder / MANIFEST).read_text())
     for key, value in updates.items():  # mappings are merged one level deep, other values replaced
@@ -200,6 +204,9 @@ def finalize_manifest(folder: Path, updates: dict[str, Any]) -> dict[str, Any]:
         else:
             manifest[key] = value
     files: dict[str, str] = manifest.get("files", {})
+    if (folder / CARD).is_file():  # what the card says (the export search's choice) may have changed
+        (folder / CARD).write_text(model_card(manifest))
+        files[CARD] = file_sha256(folder / CARD)
     for p in tree_files(folder):
         rel = p.relative_to(folder).as_posix()
         if rel != MANIFEST and rel not in files:
@@ -233,6 +240,24 @@ def _example_prompt(fmt: dict[str, Any]) -> str:
     return f"prompt = {json.dumps(text)}.format({placeholders})"
 
 
+def _quantization_text(manifest: dict[str, Any]) -> str:
+    """The int4 settings the bundle was exported with and, after an export search, why these."""
+    export = manifest.get("export")
+    if not export or manifest["precision"] != "int4":
+        return ""
+    level = export["int4_accuracy_level"]
+    text = (f"\nWeights: int4 in blocks of {export['int4_block_size']}, {'symmetric' if export['int4_symmetric'] else 'asymmetric'}, "
+            f"{export['int4_algorithm']} quantization, LM head {export['int4_lm_head']}, embeddings "
+            f"{'int4' if export['int4_quantize_embeddings'] else 'fp32'}, MatMul activations at accuracy level "
+            f"{level if level is not None else 'of the builder default'}.")
+    search = manifest.get("export_search")
+    if search:
+        text += (f" Variant `{search['winner']}`, chosen by the export search among {len(search['variants'])} "
+                 f"variants on this build machine: {search['variants'][search['winner']]['why']} "
+                 "(report.md lists every variant).")
+    return text + "\n"
+
+
 def model_card(manifest: dict[str, Any]) -> str:
     names = [a["name"] for a in manifest["adapters"]]
     merged = manifest["layout"] == "merged"
@@ -250,6 +275,7 @@ def model_card(manifest: dict[str, Any]) -> str:
     )
     rows += ("\n" + searched) if searched else ""
     first = names[0]
+    quantization = _quantization_text(manifest)
     prompt = _example_prompt(manifest["adapters"][0]["prompt_format"])
     if merged:
         what = (
@@ -292,7 +318,7 @@ other work: `config = og.Config("."); config.overlay('{"model": {"decoder": {"se
 | adapter | file | LoRA | trained on |
 |---|---|---|---|
 {rows}
-
+{quantization}
 ## Use it
 
 ```python

@@ -34,7 +34,7 @@ report.py turns eval.json's figures into report.md and charts. May import: ``run
 ``build``, ``spec``, ``errors``. Never search, serve or the orchestration.
 """
 
-from phi_pipeline.evaluate.cli import eval_cli, evaluate_staged, manifest_summary
+from phi_pipeline.evaluate.cli import eval_cli, evaluate_staged, gated_results, manifest_summary, write_staged_report
 from phi_pipeline.evaluate.gates import GateCheck, check_gates, gate_checks, record_gates
 from phi_pipeline.evaluate.metrics import METRICS, score
 from phi_pipeline.evaluate.run import evaluate_bundle
@@ -49,9 +49,11 @@ __all__ = [
     "evaluate_bundle",
     "evaluate_staged",
     "gate_checks",
+    "gated_results",
     "manifest_summary",
     "record_gates",
     "score",
     "tasks_from_manifest",
     "tasks_from_plan",
+    "write_staged_report",
 ]

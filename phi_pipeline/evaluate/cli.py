@@ -31,10 +31,12 @@ def evaluate_staged(plan: "Plan", staged: Path, trained: Sequence[Any], *, enfor
     """`phi-pipeline run`'s evaluation: the staged bundle against PyTorch + PEFT (required), gates
     checked, eval.json / report.md / charts written into the bundle and copied to the run folder
     (so a bundle refused by its gates still leaves its report behind). Returns the results."""
-    import shutil
+    results = gated_results(plan, staged, trained, enforced=enforced)
+    return write_staged_report(plan, staged, trained, results)
 
-    from phi_pipeline.evaluate.report import CHARTS_DIR, EVAL_JSON, REPORT_MD, write_report
 
+def gated_results(plan: "Plan", staged: Path, trained: Sequence[Any], *, enforced: bool) -> dict[str, Any]:
+    """The staged bundle's figures against PyTorch + PEFT (required), gates checked; nothing written."""
     results = evaluate_bundle(
         staged,
         tasks_from_plan(plan),
@@ -44,6 +46,15 @@ def evaluate_staged(plan: "Plan", staged: Path, trained: Sequence[Any], *, enfor
         require_pytorch=True,
     )
     record_gates(results, None, enforced=enforced)
+    return results
+
+
+def write_staged_report(plan: "Plan", staged: Path, trained: Sequence[Any], results: dict[str, Any]) -> dict[str, Any]:
+    """eval.json / report.md / charts of `results` into the staged bundle and the run folder; the results."""
+    import shutil
+
+    from phi_pipeline.evaluate.report import CHARTS_DIR, EVAL_JSON, REPORT_MD, write_report
+
     searched = {t.plan.name: t.search for t in trained if t.search}
     if searched:
         results["search"] = searched

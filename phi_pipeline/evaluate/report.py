@@ -227,10 +227,53 @@ def render_markdown(
         outcome = (results.get("search") or {}).get(name)
         if outcome:
             out += search_markdown(outcome, (search_charts or {}).get(name))
+    if results.get("export_search"):
+        out += export_search_markdown(results["export_search"])
     defs = results.get("definitions", {})
     if defs:
         out += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in defs.items()] + [""]
     return "\n".join(out)
+
+
+def export_search_markdown(record: Mapping[str, Any]) -> list[str]:
+    """The export search's section: every variant, its gates, its speed against the most accurate
+    passing variant, and why it won or lost."""
+    lens = [str(n) for n in record["prompt_tokens"]]
+    where = record.get("machine", {})
+    out = [
+        "## Export search",
+        "",
+        f"Shipped: variant `{record['winner']}`. Rule: {record['rule']}. Timed in {record['rounds']} paired rounds "
+        f"(prompt {', '.join(lens)} tokens, {record.get('new_tokens')} new tokens, first adapter active) on "
+        f"{where.get('cpu', 'this machine')} ({where.get('cores')} cores, load average at the end "
+        f"{', '.join(map(str, where.get('load_average', [])))})"
+        + (", figures from the cache (`phi-pipeline run --remeasure` times them again)" if record.get("cached") else "")
+        + ".",
+        "",
+    ]
+    header = ["variant", "changes", "gates", "metric", "ppl ratio", "size MiB",
+              *(f"decode tok/s @{n}" for n in lens), *(f"vs reference: decode @{n}" for n in lens),
+              *(f"vs reference: first token @{n}" for n in lens), "outcome", "why"]
+    rows = []
+    for name, v in record["variants"].items():
+        vs = v.get("vs_reference") or {}
+        changes = ", ".join(f"{k}={x}" for k, x in v["changes"].items()) or "(the spec's settings)"
+        rows.append([
+            f"`{name}`", changes, "pass" if v["passed"] else "**FAIL**", _num(v["metric"]), _num(v["perplexity_ratio"]),
+            f"{v['size_bytes'] / 2**20:.1f}" if v.get("size_bytes") else "",
+            *(_num((v.get("decode_tok_s") or {}).get(n, {}).get("median"), ".1f") for n in lens),
+            *(_spread(vs.get("decode", {}).get(n)) for n in lens),
+            *(_spread(vs.get("first_token_speed", {}).get(n)) for n in lens),
+            v["outcome"], v["why"],
+        ])
+    return out + [_md_table(header, rows), ""]
+
+
+def _spread(s: Mapping[str, Any] | None) -> str:
+    """A paired ratio as median [min-max]."""
+    if not s or s.get("median") is None:
+        return ""
+    return f"{s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
 
 
 def format_table(results: Mapping[str, Any]) -> str:

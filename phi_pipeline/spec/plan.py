@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from phi_pipeline.errors import UsageError
 from phi_pipeline.spec.paths import PipelinePaths
-from phi_pipeline.spec.schema import DEFAULT_TARGET_MODULES, AdapterSpec, DataSpec, PipelineSpec
+from phi_pipeline.spec.schema import DEFAULT_TARGET_MODULES, AdapterSpec, DataSpec, ExportSearchSpec, PipelineSpec
 from phi_pipeline.spec.targets import Target, TrainingDevice, check_precision, get_target
 from phi_pipeline.tiny import builtin_config
 
@@ -76,6 +76,23 @@ class Plan:
             if a.name == name:
                 return a
         raise KeyError(name)
+
+
+def export_search(plan: Plan) -> tuple[ExportSearchSpec | None, str | None]:
+    """The export search this plan runs, or None and why it runs none (None: the spec asks for none)."""
+    search = plan.spec.export.search
+    if search is None or not search.enabled:
+        return None, None
+    if not plan.target.export_search:
+        return None, f"target {plan.target.name} does not run on this machine's CPU, where the variants are timed"
+    if plan.precision != "int4" or plan.layout != "multi-adapter":
+        return None, f"it searches int4 settings of a multi-adapter bundle ({plan.precision}, {plan.layout} here)"
+    return search, None
+
+
+def variant_plan(plan: Plan, changes: dict[str, Any]) -> Plan:
+    """The plan with one export-search candidate's changes applied (and no search of its own)."""
+    return replace(plan, spec=plan.spec.model_copy(update={"export": plan.spec.export.with_changes(changes)}))
 
 
 def is_local_path(name_or_path: str) -> bool:

@@ -511,16 +511,9 @@ class AdapterSpec(_Model):
         return self.gates.metric or self.eval.metric[0]
 
 
-class ExportSpec(_Model):
-    precision: Optional[Precision] = Field(
-        None, description="Weight precision of the exported model; default: the target's (int4 on cpu)."
-    )
-    layout: Optional[Layout] = Field(
-        None,
-        description="multi-adapter: one base model plus swappable .onnx_adapter files; merged: one full model "
-        "per adapter (adapter merged into the weights). Default: multi-adapter where the target's runtime can "
-        "swap adapters, else merged.",
-    )
+class _ExportSettings(_Model):
+    """The export settings an export search may vary (ExportSpec's, ExportCandidate's)."""
+
     int4_block_size: Literal[16, 32, 64, 128, 256] = Field(
         32, description="Block size of int4 quantization (Model Builder int4_block_size)."
     )
@@ -545,6 +538,12 @@ class ExportSpec(_Model):
         "fewer, larger kernels, and a larger activation peak on long prompts (phi_pipeline/bundle/lora_packing.py; "
         "bench/report.md measures it as `unpacked projections`).",
     )
+    int4_algorithm: Literal["default", "rtn", "k_quant"] = Field(
+        "default",
+        description="Model Builder's int4 weight quantization method (algo_config): default (round to nearest, "
+        "block-wise), rtn, or k_quant (llama.cpp's k-quant search for each block's scale: more accurate, slower "
+        "export).",
+    )
 
 
 def _overrides(model: type[_Model]) -> type[_Model]:
@@ -554,6 +553,99 @@ def _overrides(model: type[_Model]) -> type[_Model]:
         annotation = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
         fields[name] = (Optional[annotation], Field(None, description=f.description))
     return create_model(f"{model.__name__}Overrides", __base__=_Model, **fields)
+
+
+EXPORT_SEARCH_KEYS = tuple(_ExportSettings.model_fields)
+SPEC_VARIANT = "spec"  # the export search's name for the spec's own export settings
+
+
+class ExportCandidate(_overrides(_ExportSettings)):
+    name: str = Field(description="Names the variant in the manifest and report (a safe file name; not 'spec').")
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        if v == SPEC_VARIANT:
+            raise ValueError(f"{SPEC_VARIANT!r} names the spec's own export settings, always tried; pick another name")
+        return _check_safe_name(v, "candidate name")
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> ExportCandidate:
+        if not self.changes:
+            raise ValueError(f"candidate {self.name!r} sets no export key; set one of {', '.join(EXPORT_SEARCH_KEYS)}")
+        return self
+
+    @property
+    def changes(self) -> dict[str, Any]:
+        """The export keys this candidate sets (the rest are the spec's)."""
+        return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
+
+
+DEFAULT_EXPORT_CANDIDATES = (
+    # Fewer, larger blocks: a quarter of the scales to read per weight (bench/report.md: block 128 decoded
+    # faster than block 32 in 9 rounds of 10 on the 150M bench base), at some accuracy cost.
+    {"name": "block-64", "int4_block_size": 64},
+    {"name": "block-128", "int4_block_size": 128},
+    # The LM head, the largest and most output-sensitive weight, at int8: more accurate, larger.
+    {"name": "lm-head-int8", "int4_lm_head": "int8"},
+)
+
+
+class ExportSearchSpec(_Model):
+    enabled: bool = Field(True, description="false: export the spec's settings only, as if no search were given.")
+    candidates: list[ExportCandidate] = Field(
+        default_factory=lambda: [ExportCandidate(**c) for c in DEFAULT_EXPORT_CANDIDATES],
+        description="Export variants tried besides the spec's own settings (variant 'spec'); each sets some "
+        "export keys. Default: block-64, block-128 and lm-head-int8.",
+    )
+    rounds: int = Field(
+        5, ge=1, le=100,
+        description="Timing rounds: every passing variant runs once per round, in a shuffled order; the verdict "
+        "rule needs the same sign in 80 % of them (more rounds: steadier choice, longer search).",
+    )
+    prompt_tokens: list[int] = Field(
+        default_factory=lambda: [64], min_length=1,
+        description="Prompt lengths each timing round runs (first-token speed and decode are judged at each).",
+    )
+    new_tokens: int = Field(32, ge=2, le=4096, description="Tokens generated per timed request.")
+
+    @field_validator("prompt_tokens")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError("prompt lengths must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> ExportSearchSpec:
+        names = [c.name for c in self.candidates]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"candidate names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+class ExportSpec(_ExportSettings):
+    precision: Optional[Precision] = Field(
+        None, description="Weight precision of the exported model; default: the target's (int4 on cpu)."
+    )
+    layout: Optional[Layout] = Field(
+        None,
+        description="multi-adapter: one base model plus swappable .onnx_adapter files; merged: one full model "
+        "per adapter (adapter merged into the weights). Default: multi-adapter where the target's runtime can "
+        "swap adapters, else merged.",
+    )
+    search: Optional[ExportSearchSpec] = Field(
+        None,
+        description="Hardware-aware export search: export each candidate too, gate it on the eval splits, time the "
+        "passing ones on this machine, publish the fastest that passes (ties: the most accurate). Runs where the "
+        "target's bundle runs on the build machine's CPU (target cpu, int4, multi-adapter); none: the spec's "
+        "settings only.",
+    )
+
+    def with_changes(self, changes: dict[str, Any]) -> ExportSpec:
+        """These settings with a candidate's changes applied and no search (what one variant exports)."""
+        return self.model_copy(update={**changes, "search": None})
 
 
 class TargetOverrides(_Model):

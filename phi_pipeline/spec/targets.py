@@ -55,6 +55,9 @@ class Target:
     """Extra Model Builder options always used for this target."""
     decoder_session_options: dict[str, object] = field(default_factory=dict)
     """onnxruntime session options written into a published bundle's genai_config.json (the decoder's)."""
+    export_search: bool = False
+    """Whether the spec's export.search runs for this target: its bundles run on the build machine's CPU,
+    so the variants can be timed where they are built."""
     note: str = ""
 
     @property
@@ -105,6 +108,7 @@ TARGETS: dict[str, Target] = {
             # 0: one intra-op thread per core; onnxruntime-genai's default when none is named is one thread
             # (1.6x slower decode on 2 cores, bench/report.md). --threads / a config overlay still override it.
             decoder_session_options={"intra_op_num_threads": 0},
+            export_search=True,
         ),
         Target(
             name="cuda",

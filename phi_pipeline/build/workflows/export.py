@@ -78,6 +78,8 @@ def model_builder_pass(plan: Plan, *, lora_nodes: list[str] | None = None) -> di
         builder["int4_is_symmetric"] = export.int4_symmetric
         # Gather: the embedding table as GatherBlockQuantized (int4 only; Model Builder's default algorithm).
         builder["int4_op_types_to_quantize"] = ["MatMul", "Gather"] if export.int4_quantize_embeddings else ["MatMul"]
+        if export.int4_algorithm != "default":
+            extra["algo_config"] = export.int4_algorithm
         if export.int4_lm_head != "int4":
             extra["matmul_mixed_precision"] = {"last_matmul": export.int4_lm_head}
         if lora_nodes:

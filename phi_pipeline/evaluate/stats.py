@@ -1,4 +1,4 @@
-"""Median / min / max summaries: every figure in the benchmark is reported this way."""
+"""Median / min / max summaries and paired ratios: every speed figure (bench, export search) is reported this way."""
 
 from __future__ import annotations
 

@@ -1,0 +1,337 @@
+"""The export search: which export of the trained adapters ships (the spec's `export.search`).
+
+Each variant is the spec's export settings with one candidate's changes (variant `spec`: none),
+exported through the same Olive workflow and staged like any bundle. The orchestration
+(pipeline.py) gates every variant on the eval splits; this module times the passing ones and
+applies the choice rule:
+
+1. Variants that fail a publish gate are out.
+2. The most accurate passing variant is the reference: highest mean gate metric over the adapters,
+   then lowest mean ONNX/PyTorch perplexity ratio; a tie keeps the spec's order (`spec` first).
+3. Every passing variant runs once per timing round, in a shuffled order (evaluate/speed.py), each
+   round's figures paired: decode tokens/s and first-token speed relative to the reference.
+4. A variant is *faster* when evaluate/speed.py's verdict rule calls one of the two `faster` and
+   neither `slower` (beyond the noise at every prompt length, in 80 % of the rounds).
+5. The winner is the faster variant with the largest speed-up (geometric mean of the two median
+   ratios; ties: the more accurate); when none is faster (a model so small that per-request
+   overhead dominates, or a machine too busy to time: the rule then sees no consistent sign), the
+   reference wins. Accuracy is never traded for a difference the machine cannot show.
+
+Timed requests run with the first adapter active, as an adapter bundle is used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Any, Callable
+
+from phi_pipeline.build.cache import Cache, content_key, file_sha256
+from phi_pipeline.build.configs import EXPORT_FILE, variant_file
+from phi_pipeline.build.progress import Stages
+from phi_pipeline.build.trained import TrainedAdapter
+from phi_pipeline.errors import PipelineError
+from phi_pipeline.evaluate.speed import CONSISTENT, NOISE, measure_rounds, random_prompt, time_request, verdict
+from phi_pipeline.evaluate.stats import load_average, per_round_ratios, summary
+from phi_pipeline.spec.plan import Plan, variant_plan
+from phi_pipeline.spec.schema import SPEC_VARIANT, ExportSearchSpec
+from phi_pipeline.versions import package_versions
+
+WARMUP = (16, 8)  # prompt tokens, new tokens of each load's untimed first request
+RECORD_FILE = "record.json"  # an export-search cache entry's one file
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One export variant and how it fared at the gates."""
+
+    name: str
+    changes: dict[str, Any]
+    """Export keys that differ from the spec's (empty for `spec`)."""
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+    metric: float | None = None
+    """Mean over the adapters of the ONNX gate metric on the eval split."""
+    perplexity_ratio: float | None = None
+    """Mean over the adapters of ONNX / PyTorch perplexity of the eval answers."""
+    token_agreement: float | None = None
+    size_bytes: int | None = None
+
+
+def from_results(name: str, changes: dict[str, Any], results: dict[str, Any], size_bytes: int) -> Variant:
+    """A variant's standing from its evaluation results (evaluate_bundle + record_gates)."""
+
+    def mean(values: list[Any]) -> float | None:
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    adapters = results["adapters"].values()
+    return Variant(
+        name=name,
+        changes=changes,
+        passed=bool(results["gates"]["passed"]),
+        failures=list(results["gates"]["failures"]),
+        metric=mean([a["adapter"]["onnx"]["metric"] for a in adapters]),
+        perplexity_ratio=mean([(a["adapter"]["parity"] or {}).get("perplexity_ratio") for a in adapters]),
+        token_agreement=mean([(a["adapter"]["parity"] or {}).get("token_agreement") for a in adapters]),
+        size_bytes=size_bytes,
+    )
+
+
+def accuracy(v: Variant) -> tuple[float, float]:
+    """Sort key, higher is more accurate: gate metric, then perplexity ratio (lower is better)."""
+    return (v.metric if v.metric is not None else -math.inf,
+            -v.perplexity_ratio if v.perplexity_ratio is not None else -math.inf)
+
+
+def time_variants(
+    bundles: dict[str, Path], adapter: str | None, search: ExportSearchSpec, say: Callable[[str], None]
+) -> dict[str, list[dict[str, Any]]]:
+    """Per variant, one result per round: {prompt length: {ttft_s, decode_tok_s}}. Each round loads the
+    bundle afresh (one model in memory at a time) and warms it up before the timed requests."""
+    from phi_pipeline.runtime.genai import BundleModel
+
+    def run_row(name: str, _round: int) -> dict[str, Any]:
+        model = BundleModel(bundles[name])
+        try:
+            time_request(model, random_prompt(WARMUP[0], model.vocab_size), WARMUP[1], adapter)
+            out = {}
+            for n in search.prompt_tokens:
+                t = time_request(model, random_prompt(n, model.vocab_size), search.new_tokens, adapter)
+                out[str(n)] = {"ttft_s": t.ttft_s, "decode_tok_s": t.decode_tok_s}
+            return out
+        finally:
+            del model
+
+    said: set[str] = set()
+
+    def each_round(message: str) -> None:  # "round i/n: <row>": one line per round, not per row
+        head = message.partition(":")[0]
+        if head not in said:
+            said.add(head)
+            say(f"timing export variants, {head}")
+
+    return measure_rounds(list(bundles), run_row, search.rounds, each_round)
+
+
+def _speedup(decode: list[list[float]], first: list[list[float]]) -> float:
+    """Geometric mean of the median paired ratios (decode and first-token speed, every prompt length)."""
+    medians = [median(r) for r in (*decode, *first) if r]
+    return math.exp(sum(math.log(m) for m in medians) / len(medians)) if medians else 1.0
+
+
+def machine() -> dict[str, Any]:
+    """What the timings were taken on (a search re-times on another machine: it is in the cache key)."""
+    import os
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "system": platform.system()}
+
+
+def choose(variants: list[Variant], rounds: dict[str, list[dict[str, Any]]], search: ExportSearchSpec) -> dict[str, Any]:
+    """The choice rule (module docstring) over gated, timed variants: the search's record, with
+    `winner` (None when no variant passed) and, per variant, its figures and why it won or lost."""
+    lens = [str(n) for n in search.prompt_tokens]
+    passing = [v for v in variants if v.passed]
+    reference = max(passing, key=accuracy) if passing else None
+    rows: dict[str, dict[str, Any]] = {}
+    faster: list[tuple[float, Variant]] = []
+    for v in variants:
+        row: dict[str, Any] = {
+            "changes": v.changes, "passed": v.passed, "failures": v.failures, "metric": v.metric,
+            "perplexity_ratio": v.perplexity_ratio, "token_agreement": v.token_agreement, "size_bytes": v.size_bytes,
+        }
+        runs = rounds.get(v.name, [])
+        if runs:
+            row["decode_tok_s"] = {n: summary([r[n]["decode_tok_s"] for r in runs if n in r], digits=2) for n in lens}
+            row["ttft_s"] = {n: summary([r[n]["ttft_s"] for r in runs if n in r]) for n in lens}
+        if reference is not None and v.passed and v is not reference:
+            decode = [per_round_ratios(runs, rounds[reference.name], n, "decode_tok_s") for n in lens]
+            first = [per_round_ratios(runs, rounds[reference.name], n, "ttft_s", invert=True) for n in lens]
+            verdicts = {"decode": verdict(decode), "first_token": verdict(first)}
+            row["vs_reference"] = {
+                "decode": {n: summary(r) for n, r in zip(lens, decode)},
+                "first_token_speed": {n: summary(r) for n, r in zip(lens, first)},
+                **{f"{k}_verdict": x for k, x in verdicts.items()},
+                "speedup": round(_speedup(decode, first), 4),
+            }
+            if "faster" in verdicts.values() and "slower" not in verdicts.values():
+                faster.append((_speedup(decode, first), v))
+        rows[v.name] = row
+
+    winner = max(faster, key=lambda f: (f[0], accuracy(f[1])))[1] if faster else reference
+    for v in variants:
+        rows[v.name]["outcome"] = "won" if v is winner else "lost"
+        rows[v.name]["why"] = _why(v, winner, reference, rows)
+    return {
+        "winner": winner.name if winner else None,
+        "reference": reference.name if reference else None,
+        "rule": f"fastest passing variant; faster means decode or first-token speed beyond ±{100 * NOISE:.0f} % of the "
+                f"most accurate passing variant's, with that sign in at least {100 * CONSISTENT:.0f} % of the rounds "
+                "(and the other not slower); none faster: the most accurate passing variant",
+        "prompt_tokens": list(search.prompt_tokens),
+        "new_tokens": search.new_tokens,
+        "rounds": max((len(r) for r in rounds.values()), default=0),
+        "variants": rows,
+    }
+
+
+def _why(v: Variant, winner: Variant | None, reference: Variant | None, rows: dict[str, dict[str, Any]]) -> str:
+    if not v.passed:
+        return "failed a publish gate: " + "; ".join(v.failures)
+    vs = rows[v.name].get("vs_reference")
+    if v is winner:
+        if v is reference:
+            return ("most accurate passing variant; no other was measurably faster" if len(
+                [r for r in rows.values() if r["passed"]]) > 1 else "the only variant that passed every gate")
+        return (f"fastest passing: x{vs['speedup']:.2f} the speed of the most accurate passing variant "
+                f"{reference.name!r} (decode {vs['decode_verdict']}, first token {vs['first_token_verdict']})")
+    if v is reference:
+        return f"most accurate passing variant, but {winner.name!r} was measurably faster"
+    verdicts = f"decode {vs['decode_verdict']}, first token {vs['first_token_verdict']} (x{vs['speedup']:.2f})"
+    if winner is reference:
+        return f"not measurably faster than the more accurate {reference.name!r}: {verdicts}"
+    return f"{winner.name!r} was faster: {verdicts} against {reference.name!r}"
+
+
+def timing_context() -> dict[str, Any]:
+    """The machine, and how busy it was when the rounds ended (the report prints both with the figures)."""
+    return {"load_average": load_average(), **machine()}
+
+
+@dataclass
+class Outcome:
+    """What the search hands back to the run: the winner staged and evaluated, and the search's record."""
+
+    winner: str
+    plan: Plan
+    staged: Path
+    results: dict[str, Any]
+    """The winner's evaluation results (gates recorded), for its report."""
+    record: dict[str, Any]
+
+
+def _json_entry(cache: Cache, kind: str, key: str) -> Any | None:
+    entry = cache.get(kind, key)
+    return json.loads((entry / RECORD_FILE).read_text()) if entry is not None else None
+
+
+def _put_json(cache: Cache, kind: str, key: str, value: Any, meta: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / RECORD_FILE).write_text(json.dumps(value, indent=1) + "\n")
+        cache.put(kind, key, Path(tmp), meta)
+
+
+def _model_bytes(staged: Path) -> int:
+    """What the variant ships besides its adapters (the adapters are the same in every variant)."""
+    return sum(p.stat().st_size for p in staged.rglob("*") if p.is_file() and "adapters" not in p.relative_to(staged).parts)
+
+
+def run_search(
+    plan: Plan,
+    search: ExportSearchSpec,
+    trained: list[TrainedAdapter],
+    stages: Stages,
+    cache: Cache,
+    export: Callable[[str, str], tuple[Path, str]],
+    *,
+    enforced: bool,
+    remeasure: bool = False,
+) -> Outcome:
+    """Export, stage and gate every variant, time the passing ones and choose (module docstring).
+
+    `export(variant, config_file)` returns the variant's exported folder and its cache key. Evaluation
+    figures and timing rounds are cache entries too (keyed by the exports, the adapters, the eval
+    settings and, for timings, the machine), so a re-run measures nothing new unless `remeasure`. Every
+    variant's staging but the winner's is removed; with `enforced` and no passing variant, PipelineError
+    lists each one's failed gates (not enforced: the most accurate variant is returned)."""
+    from phi_pipeline.bundle.staging import stage, verify
+    from phi_pipeline.evaluate import gated_results
+
+    candidates = [(SPEC_VARIANT, {}, EXPORT_FILE), *((c.name, c.changes, variant_file(c.name)) for c in search.candidates)]
+    plans = {name: variant_plan(plan, changes) for name, changes, _ in candidates}
+    adapters = {t.plan.name: t.key for t in trained}
+    tasks = [{**t.plan.spec.model_dump(mode="json", include={"eval", "gates", "data"}),
+              "eval_sha256": file_sha256(Path(t.plan.spec.data.eval)) if t.plan.spec.data.eval else None} for t in trained]
+    staged: dict[str, Path] = {}
+    results: dict[str, dict[str, Any]] = {}
+    variants: list[Variant] = []
+    export_keys: dict[str, str] = {}
+
+    def staged_variant(name: str, folder: Path) -> Path:
+        if name not in staged:
+            staged[name] = stage(plans[name], folder, trained, stages, variant=name)
+            problems = verify(staged[name])
+            if problems:
+                raise PipelineError(f"export variant {name!r}: the staged bundle failed verification:\n"
+                                    + "\n".join(f"  - {p}" for p in problems))
+        return staged[name]
+
+    winner: str | None = None
+    try:
+        folders = {}
+        for name, changes, config_file in candidates:
+            folders[name], export_keys[name] = export(name, config_file)
+            key = content_key({"stage": "export-search-eval", "export": export_keys[name], "adapters": adapters,
+                               "tasks": tasks, "enforced": enforced, "packages": package_versions()})
+            cached = None if remeasure else _json_entry(cache, "export-search", key)
+            if cached is None:
+                with stages.stage(f"evaluate:{name}", f"gating export variant {name!r} (ONNX vs PyTorch+PEFT)"):
+                    folder = staged_variant(name, folders[name])
+                    cached = {"results": gated_results(plans[name], folder, trained, enforced=enforced),
+                              "size_bytes": _model_bytes(folder)}
+                _put_json(cache, "export-search", key, cached, {"pipeline": plan.spec.name, "variant": name})
+            results[name] = cached["results"]
+            variants.append(from_results(name, changes, cached["results"], cached["size_bytes"]))
+            stages.say(f"export variant {name!r}: " + ("gates passed" if variants[-1].passed else
+                                                      f"{len(variants[-1].failures)} gate(s) failed"))
+
+        passing = [v.name for v in variants if v.passed]
+        timing_key = content_key({"stage": "export-search-timing", "exports": {n: export_keys[n] for n in passing},
+                                  "adapters": adapters, "search": search.model_dump(mode="json", exclude={"candidates", "enabled"}),
+                                  "machine": machine(), "packages": package_versions()})
+        timed = None if remeasure or len(passing) < 2 else _json_entry(cache, "export-search", timing_key)
+        if len(passing) < 2:
+            timed = {"rounds": {}, "context": timing_context()}
+        elif timed is None:
+            with stages.stage("time-variants", f"timing {len(passing)} passing export variants, {search.rounds} rounds"):
+                bundles = {n: staged_variant(n, folders[n]) for n in passing}
+                rounds = time_variants(bundles, trained[0].plan.name, search, stages.say)
+                timed = {"rounds": rounds, "context": timing_context()}
+            _put_json(cache, "export-search", timing_key, timed, {"pipeline": plan.spec.name, "timing": passing})
+        else:
+            stages.mark_cached("time-variants")
+        record = choose(variants, timed["rounds"], search)
+        record.update(machine=timed["context"], cached=not remeasure and "time-variants" in stages.cached)
+        winner = record["winner"]
+        if winner is None:
+            if enforced:
+                raise PipelineError(
+                    f"no export variant passed every publish gate; {plan.paths.bundle_dir} was left as it was:\n"
+                    + "\n".join(f"  - {v.name}: {'; '.join(v.failures)}" for v in variants)
+                    + "\n(phi-pipeline run --no-gate publishes the most accurate variant anyway)"
+                )
+            winner = max(variants, key=accuracy).name
+            record["winner"] = winner
+            record["variants"][winner]["outcome"] = "won"
+            record["variants"][winner]["why"] = "most accurate variant; none passed every gate (--no-gate)"
+        stages.say(f"export search: shipping variant {winner!r}: {record['variants'][winner]['why']}")
+        return Outcome(winner, plans[winner], staged_variant(winner, folders[winner]), results[winner], record)
+    finally:
+        for name, folder in staged.items():
+            if name != winner:
+                shutil.rmtree(folder, ignore_errors=True)
