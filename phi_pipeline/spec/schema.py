@@ -63,10 +63,12 @@ class BaseModelSpec(_Model):
         description="Local folder with a Hugging Face model (config.json + safetensors), or a hub id "
         "such as microsoft/Phi-3-mini-4k-instruct (needs network access or a filled HF cache)."
     )
-    builtin: Optional[Literal["tiny-phi3"]] = Field(
+    builtin: Optional[Literal["tiny-phi3", "tiny-llama", "tiny-mistral", "tiny-qwen2"]] = Field(
         None,
         description="Build this embedded base model into name_or_path when that folder is missing "
-        "(tiny-phi3: a small Phi-3-architecture model and tokenizer built locally, no hub access).",
+        "(tiny-phi3: a small Phi-3-architecture model and tokenizer built locally, no hub access; "
+        "tiny-llama, tiny-mistral, tiny-qwen2: tiny-phi3's weights in that family's layout, the same "
+        "logits, derived from a tiny-phi3 folder beside name_or_path, built there first when missing).",
     )
     model_type: Optional[str] = Field(
         None,
