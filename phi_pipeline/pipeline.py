@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -50,6 +49,7 @@ from phi_pipeline.spec.data import check_data
 from phi_pipeline.spec.inputs import check_safetensors, in_hf_cache
 from phi_pipeline.spec.plan import AdapterPlan, Plan, export_search, is_local_path, make_plan
 from phi_pipeline.spec.schema import SPEC_VARIANT, ExportSearchSpec, load_spec
+from phi_pipeline.tiny.builtin import ensure_builtin
 from phi_pipeline.versions import package_versions
 
 
@@ -93,38 +93,12 @@ def check_inputs(plan: Plan, sign_key: Path | None = None, launch: Launch = Laun
         raise UsageError(plan.source, problems)
 
 
-def _builder_fingerprint() -> str:
-    """sha256 of the embedded base model's builder code and corpus: a change means a rebuild."""
-    import phi_pipeline.tiny as tiny
-
-    h = hashlib.sha256()
-    for f in sorted(Path(tiny.__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
 def ensure_base(plan: Plan, stages: Stages) -> None:
-    """Build the embedded base model when it is missing or was built by other builder code.
-
-    Built beside its destination and renamed into place, so a killed build leaves nothing
-    that looks like a model."""
+    """Build the embedded base model when it is missing or was built by other builder code (tiny/builtin.py)."""
     base = plan.spec.base_model
-    if base.builtin is None:
-        return
-    folder = Path(base.name_or_path)
-    stamp = folder.with_name(folder.name + ".built-by")
-    fingerprint = _builder_fingerprint()
-    if (folder / "config.json").is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
-        return
-    from phi_pipeline.tiny.base_model import build_tiny_base
-
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    with stages.stage("base", f"building the embedded {base.builtin} base model into {folder}"):
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_tiny_base(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.rename(tmp, folder)
-        stamp.write_text(fingerprint)
+    if base.builtin is not None:
+        ensure_builtin(base.builtin, Path(base.name_or_path),
+                       lambda name, folder: stages.stage("base", f"building the embedded {name} base model into {folder}"))
 
 
 def base_digest(plan: Plan, memo: DigestMemo) -> str:

@@ -1,8 +1,9 @@
-"""The embedded tiny Phi-3 base model and the two shipped datasets, all generated locally.
+"""The embedded tiny base models and the two shipped datasets, all generated locally.
 
 Kept import-light (no torch): planning reads ``builtin_config`` before the model exists.
-``base_model`` builds the model, ``datasets`` writes ``pipelines/data``, ``corpus`` is the
-pretraining text.
+``base_model`` builds tiny-phi3, ``families`` derives the other families' bases from it,
+``builtin`` builds a named base where a spec wants it, ``datasets`` writes ``pipelines/data``,
+``corpus`` is the pretraining text.
 """
 
 from __future__ import annotations
@@ -17,15 +18,27 @@ TINY_PHI3_ARCH: dict[str, int] = {
 }
 HEAD_SIZE = 32
 
+# The one pretrained built-in; every other one is its weights in another family's layout, so all
+# families start from the same model, tokenizer and chat template (families.py).
+SOURCE_BUILTIN = "tiny-phi3"
+# Built-in base -> (Hugging Face model_type, architecture).
+BUILTINS: dict[str, tuple[str, str]] = {
+    "tiny-phi3": ("phi3", "Phi3ForCausalLM"),
+    "tiny-llama": ("llama", "LlamaForCausalLM"),
+    "tiny-mistral": ("mistral", "MistralForCausalLM"),
+    "tiny-qwen2": ("qwen2", "Qwen2ForCausalLM"),
+}
+
 
 def builtin_config(name: str) -> dict:
     """The ``config.json`` fields a built-in base will have, known before it is built."""
-    if name != "tiny-phi3":
-        raise ValueError(f"unknown built-in base model {name!r}; known: tiny-phi3")
+    if name not in BUILTINS:
+        raise ValueError(f"unknown built-in base model {name!r}; known: {', '.join(BUILTINS)}")
+    model_type, architecture = BUILTINS[name]
     heads = TINY_PHI3_ARCH["hidden_size"] // HEAD_SIZE
     return {
-        "model_type": "phi3",
-        "architectures": ["Phi3ForCausalLM"],
+        "model_type": model_type,
+        "architectures": [architecture],
         **TINY_PHI3_ARCH,
         "num_attention_heads": heads,
         "num_key_value_heads": heads,
