@@ -177,3 +177,55 @@ def test_serving_bench_runs_llama_server_with_an_adapter_per_request(random_bund
     assert result["models"] == ["bench-int4", CHAT_ADAPTER, TEMPLATE_ADAPTER]
     for level in [*rows["mixed"].values(), *rows["one_model"].values()]:
         assert level["failed"] == 0 and level["output_tokens"] == 4 * level["requests"], level
+
+
+def _proxies(ppl: float, kl: float) -> dict:
+    return {"perplexity_ratio": ppl, "kl_nats_per_token": {"median": kl}, "token_agreement": {"median": 0.5}}
+
+
+def test_bench_export_search_gates_on_the_accuracy_proxies_and_ships_the_fastest_passing_variant():
+    from phi_pipeline.bench import options, report
+
+    opts = options.BenchOptions(bundle=Path("unused"), prompt_lens=(64,), peer_rounds=2)
+    rows = {"bundle int4": 100.0, "export search: block-64": 110.0, "export search: block-128": 125.0,
+            "export search: lm-head-int8": 140.0}
+    rounds = {name: [_round(decode, 10 / decode)] * 2 for name, decode in rows.items()}
+    proxies = {"spec": _proxies(1.20, 0.03), "block-64": _proxies(1.22, 0.035), "block-128": _proxies(1.25, 0.045),
+               "lm-head-int8": _proxies(1.40, 0.03)}  # faster still, but over the perplexity bound
+    record = peer.export_search(proxies, rounds, {n: 100 for n in proxies}, opts)
+    assert record["winner"] == "block-128" and record["reference"] == "spec"
+    assert record["variants"]["lm-head-int8"]["why"] == (
+        f"failed a publish gate: lm-head-int8: perplexity_ratio 1.4 > {peer.BENCH_GATES['perplexity_ratio']}")
+    assert record["variants"]["block-128"]["changes"] == {"int4_block_size": 128}
+    assert peer.search_row(record["winner"]) == "export search: block-128" and peer.search_row("spec") == "bundle int4"
+    # the ratios against llama.cpp are the winner's
+    rounds |= {name: [_round(100.0, 0.05)] * 2 for name, *_ in peer.ROWS if name not in rounds}
+    out = peer.summarize(rounds, {"bundle_int4": 90, "gguf_Q4_0": 100, "gguf_Q4_K_M": 120}, (64,), shipped=peer.search_row("block-128"))
+    assert out["ratios"]["decode_vs_llama_q4_0@64"]["median"] == 1.25
+    section = {**out, "export_search": record, "llama_cpp": {"llama-cpp-python sdist": "0", "cmake_options": [], "threads": 2},
+               "bundle_session_options": {}, "rounds": 2, "sizes_bytes": {"bundle_int4": 90, "gguf_Q4_0": 100,
+                                                                         "gguf_Q4_K_M": 120, "onnx_adapter_r8": 5,
+                                                                         "gguf_lora_r8": 5}}
+    text = "\n".join(report.peer_lines(section))
+    assert "### Export search on this base (gates: perplexity_ratio <= 1.3, kl_nats_per_token <= 0.05" in text
+    assert "| `block-128` | int4_block_size=128 | pass |" in text and "use the shipped variant (`block-128`)" in text
+
+
+def test_llama_shaped_bench_base_has_separate_projections_and_packs_like_phi3(tmp_path, monkeypatch):
+    from test_bench import _olive_in_process, _tokenizer
+
+    import phi_pipeline.build.runner
+    from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter
+
+    arch = SIZES["llama-tiny"]
+    base = build_bench_base(tmp_path / "base", arch, _tokenizer(tmp_path / "tokenizer"))
+    assert json.loads((base / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert arch.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = {"r8": make_random_adapter(base, tmp_path / "r8", r=8, seed=8, target_modules=arch.target_modules)}
+    monkeypatch.setattr(phi_pipeline.build.runner, "run_olive", _olive_in_process)
+    bundle = export_bundle(base, peft, {"r8": 8}, "int4", tmp_path / "int4").bundle
+    import onnx
+
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    names = [n.name for n in graph.node if n.op_type == "MatMulNBits" and "layers.0/" in n.name]
+    assert len(names) == 4  # qkv packed, o, gate/up packed, down: as the Phi-3 bundle

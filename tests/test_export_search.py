@@ -199,9 +199,9 @@ def test_export_search_section_and_model_card_name_the_choice_and_why():
 
     variants = [_variant("spec"), _variant("block-128", metric=0.98)]
     record = xs.choose(variants, {"spec": _rounds(100, 0.1), "block-128": _rounds(130, 0.09)}, SEARCH)
-    record["machine"] = {"cpu": "Test CPU", "cores": 2, "load_average": [0.5, 0.4, 0.3]}
+    record["machine"] = {"model": "Test CPU", "cores": 2, "isa": ["avx2", "fma"], "load_average": [0.5, 0.4, 0.3]}
     text = "\n".join(export_search_markdown(record))
-    assert "Shipped: variant `block-128`" in text and "Test CPU (2 cores" in text
+    assert "Shipped: variant `block-128`" in text and "Test CPU (2 cores, avx2 fma; load average" in text
     assert "| `block-128` | int4_block_size=128 | pass | 0.980 |" in text
     assert "1.300 [1.300-1.300]" in text  # paired decode ratio at each prompt length, median [min-max]
     export = {"int4_block_size": 128, "int4_symmetric": True, "int4_algorithm": "default", "int4_lm_head": "int4",

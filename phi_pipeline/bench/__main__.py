@@ -26,8 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="published bundle to benchmark, e.g. dist/tiny-phi3/cpu; its tokenizer "
                    "also serves the benchmark model")
     p.add_argument("--size", default="150m", choices=list(SIZES),
-                   help="benchmark model: Phi-3-shaped, random weights, Phi-3's 32064-token vocabulary "
-                   "(150m: 768 hidden x 12 layers, default; 300m: 1024 x 18; phi3-mini: 3072 x 32, for --device cuda)")
+                   help="benchmark model: random weights, Phi-3's 32064-token vocabulary, Phi-3-shaped "
+                   "(150m: 768 hidden x 12 layers, default; 300m: 1024 x 18; phi3-mini: 3072 x 32, for --device cuda) "
+                   "or Llama-shaped (llama-150m)")
     p.add_argument("--reps", type=int, default=3, help="timed requests per configuration and prompt length (default 3)")
     p.add_argument("--prompt-lens", type=_prompt_lens, default=(64, 512), help="prompt lengths in tokens (default 64,512)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request (default 128)")
@@ -45,12 +46,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "rounds: decode, first token, size, adapter cost (needs the `peer` extra: sentencepiece)")
     p.add_argument("--peer-rounds", type=int, default=5,
                    help="interleaved rounds of the peer comparison, each running every row once (default 5)")
+    p.add_argument("--peer-sizes", type=lambda v: tuple(x for x in v.split(",") if x), default=("llama-150m",),
+                   help="more bench bases the peer comparison also runs on, comma-separated (default llama-150m: the "
+                   "150m sizes in Llama's layout, q/k/v and gate/up separate; empty: none)")
 
 
 def bench_cli(args: argparse.Namespace) -> int:
+    from phi_pipeline.bench.models import SIZES
     from phi_pipeline.bench.options import BenchOptions
     from phi_pipeline.bench.run import run_bench
 
+    unknown = [s for s in args.peer_sizes if s not in SIZES]
+    if unknown:
+        raise UsageError("phi-pipeline bench", [f"--peer-sizes: unknown size(s) {', '.join(unknown)}; choose from "
+                                                f"{', '.join(SIZES)}"])
     if not (args.bundle / "manifest.json").is_file():
         raise UsageError(str(args.bundle), ["no manifest.json here; give a folder published by phi-pipeline run"])
     if args.reps < 1 or args.new_tokens < 2 or args.pipeline_reps < 0 or args.threads < 1 or args.peer_rounds < 1:
@@ -59,7 +68,7 @@ def bench_cli(args: argparse.Namespace) -> int:
     run_bench(BenchOptions(
         bundle=args.bundle, out_dir=args.out, size=args.size, reps=args.reps, prompt_lens=args.prompt_lens,
         new_tokens=args.new_tokens, device=args.device, work_dir=args.work_dir, pipeline_reps=args.pipeline_reps,
-        threads=args.threads, peer=args.peer, peer_rounds=args.peer_rounds,
+        threads=args.threads, peer=args.peer, peer_rounds=args.peer_rounds, peer_sizes=args.peer_sizes,
     ))
     return 0
 

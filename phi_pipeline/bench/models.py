@@ -1,5 +1,5 @@
-"""The benchmark's models: a Phi-3-shaped base with random weights, random LoRA adapters, and their
-int4 / fp32 bundles exported by the pipeline's own code.
+"""The benchmark's models: Phi-3- and Llama-shaped bases with random weights, random LoRA adapters,
+and their int4 / fp32 bundles exported by the pipeline's own code.
 
 Why random weights: speed, memory and size depend on shapes, not on what the weights learned, and
 a random base is built in seconds with no hub access. Why a realistic embedding table: the
@@ -33,7 +33,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 @dataclass(frozen=True)
 class BenchArch:
-    """Shape of a benchmark base (Phi-3-mini's layout: full multi-head attention, untied embeddings)."""
+    """Shape of a benchmark base (full multi-head attention, untied embeddings). `family` phi3: fused
+    qkv_proj and gate_up_proj, as Phi-3-mini; llama: q/k/v and gate/up as separate Linears, as
+    Llama, Qwen2 and Mistral (LoRA on seven projections per layer, packed by bundle/lora_packing.py)."""
 
     hidden_size: int
     num_hidden_layers: int
@@ -41,6 +43,14 @@ class BenchArch:
     num_attention_heads: int
     vocab_size: int = PHI3_VOCAB
     max_position_embeddings: int = 4096
+    family: str = "phi3"
+
+    @property
+    def target_modules(self) -> list[str]:
+        """LoRA targets of the bench adapters: the spec's default for the family (every projection)."""
+        from phi_pipeline.spec.schema import DEFAULT_TARGET_MODULES
+
+        return DEFAULT_TARGET_MODULES[self.family]
 
     @property
     def parameters(self) -> int:
@@ -54,6 +64,8 @@ class BenchArch:
 SIZES: dict[str, BenchArch] = {
     "tiny": BenchArch(64, 2, 128, 2, vocab_size=1024, max_position_embeddings=1024),  # tests only
     "150m": BenchArch(768, 12, 2560, 12),
+    "llama-150m": BenchArch(768, 12, 2560, 12, family="llama"),  # the same sizes, Llama's layout
+    "llama-tiny": BenchArch(64, 2, 128, 2, vocab_size=1024, max_position_embeddings=1024, family="llama"),  # tests
     "300m": BenchArch(1024, 18, 2816, 16),
     "phi3-mini": BenchArch(3072, 32, 8192, 32),  # Phi-3-mini-4k's shape (3.8B): for --device cuda
 }
@@ -62,7 +74,7 @@ SIZES: dict[str, BenchArch] = {
 def build_bench_base(
     out: Path, arch: BenchArch, tokenizer_dir: Path, *, seed: int = 0, dtype: str = "fp32", device: str = "cpu"
 ) -> Path:
-    """A randomly initialised Phi3ForCausalLM saved as safetensors in `dtype`, with
+    """A randomly initialised Phi3ForCausalLM (or LlamaForCausalLM) saved as safetensors in `dtype`, with
     `tokenizer_dir`'s tokenizer; initialised on `device` (a 3.8B init takes minutes on CPU).
 
     `tokenizer_dir` is any folder holding a Hugging Face tokenizer.json (a phi-pipeline bundle or
@@ -72,6 +84,8 @@ def build_bench_base(
     from transformers import (
         AutoTokenizer,
         GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
         Phi3Config,
         Phi3ForCausalLM,
     )
@@ -81,25 +95,29 @@ def build_bench_base(
         return out
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     eos = tokenizer.eos_token_id
-    config = Phi3Config(
+    common = dict(
         vocab_size=arch.vocab_size,
         hidden_size=arch.hidden_size,
         intermediate_size=arch.intermediate_size,
         num_hidden_layers=arch.num_hidden_layers,
         num_attention_heads=arch.num_attention_heads,
         num_key_value_heads=arch.num_attention_heads,
-        # Equal lengths select Model Builder's plain Phi-3 (no LongRoPE), as in phi_pipeline.tiny.
         max_position_embeddings=arch.max_position_embeddings,
-        original_max_position_embeddings=arch.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
         tie_word_embeddings=False,
-        architectures=["Phi3ForCausalLM"],
     )
+    if arch.family == "llama":
+        config, model_class = LlamaConfig(**common, architectures=["LlamaForCausalLM"]), LlamaForCausalLM
+    else:
+        # Equal lengths select Model Builder's plain Phi-3 (no LongRoPE), as in phi_pipeline.tiny.
+        config = Phi3Config(**common, original_max_position_embeddings=arch.max_position_embeddings,
+                            architectures=["Phi3ForCausalLM"])
+        model_class = Phi3ForCausalLM
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Phi3ForCausalLM(config).to(getattr(torch, TORCH_DTYPES[dtype]))
+        model = model_class(config).to(getattr(torch, TORCH_DTYPES[dtype]))
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=config.pad_token_id, do_sample=False
     )
@@ -135,7 +153,7 @@ def _record_of(folder: Path) -> dict[str, Any] | None:
 
 
 def _base_record(arch: BenchArch, seed: int, dtype: str) -> dict[str, Any]:
-    return {"arch": asdict(arch), "seed": seed, "dtype": dtype, "weights": "random (transformers' Phi-3 initialisation)"}
+    return {"arch": asdict(arch), "seed": seed, "dtype": dtype, "weights": "random (transformers' initialisation)"}
 
 
 def make_random_adapter(base_dir: Path, out: Path, *, r: int, seed: int, target_modules: list[str]) -> Path:
@@ -186,7 +204,7 @@ def bench_spec(
     data.write_text(json.dumps({"input": "a", "output": "b"}) + "\n")
     spec = {
         "name": name,
-        "description": "phi-pipeline benchmark: Phi-3-shaped base with random weights, random adapters.",
+        "description": "phi-pipeline benchmark: a base with random weights, random adapters.",
         "base_model": {"name_or_path": str(base_dir)},
         "lora": {"alpha": 16, "dropout": 0.0},
         "adapters": [

@@ -31,6 +31,8 @@ class BenchOptions:
     """"llama.cpp": also build llama.cpp and run it against the bundle (peer.py)."""
     peer_rounds: int = 5
     """Interleaved rounds of the peer comparison (each runs every row once)."""
+    peer_sizes: tuple[str, ...] = ()
+    """More bench bases the peer comparison also runs on, each its own section (e.g. the Llama-shaped one)."""
 
 
 def folder_bytes(folder: Path, exclude: tuple[str, ...] = ()) -> int:

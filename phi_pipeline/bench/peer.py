@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import tomllib
 
+from phi_pipeline.bench.accuracy import compare
 from phi_pipeline.evaluate.speed import measure_rounds
+from phi_pipeline.spec.schema import SPEC_VARIANT
 from phi_pipeline.evaluate.stats import paired_ratio, summary
 from phi_pipeline.errors import PipelineError
 
@@ -351,8 +353,10 @@ ROWS = (
 )
 
 
-def summarize(rounds: dict[str, list[dict[str, Any]]], sizes: dict[str, int], prompt_lens: tuple[int, ...]) -> dict[str, Any]:
-    """Rows (median [min-max] over rounds) and the paired ratios the issue asks for."""
+def summarize(rounds: dict[str, list[dict[str, Any]]], sizes: dict[str, int], prompt_lens: tuple[int, ...],
+              shipped: str = "bundle int4") -> dict[str, Any]:
+    """Rows (median [min-max] over rounds) and the paired ratios the issue asks for, of the `shipped` row
+    (the export search's winner) against llama.cpp."""
     rows = []
     for name, engine, quant, adapter, tool in ROWS:
         results = rounds[name]
@@ -365,7 +369,7 @@ def summarize(rounds: dict[str, list[dict[str, Any]]], sizes: dict[str, int], pr
         rows.append({"name": name, "engine": engine, "quantization": quant, "adapter": adapter, "tool": tool,
                      "prompts": prompts, "peak_rss_bytes": max(rss) if rss else None})
     ratios: dict[str, Any] = {}
-    bundle, q40 = rounds["bundle int4"], rounds["llama.cpp Q4_0"]
+    bundle, q40 = rounds[shipped], rounds["llama.cpp Q4_0"]
     for n in map(str, prompt_lens):
         ratios[f"decode_vs_llama_q4_0@{n}"] = paired_ratio(bundle, q40, n, "decode_tok_s")
         ratios[f"decode_vs_llama_q4_k_m@{n}"] = paired_ratio(bundle, rounds["llama.cpp Q4_K_M"], n, "decode_tok_s")
@@ -378,6 +382,48 @@ def summarize(rounds: dict[str, list[dict[str, Any]]], sizes: dict[str, int], pr
     ratios["size_vs_llama_q4_0"] = round(sizes["bundle_int4"] / sizes["gguf_Q4_0"], 4)
     ratios["size_vs_llama_q4_k_m"] = round(sizes["bundle_int4"] / sizes["gguf_Q4_K_M"], 4)
     return {"rows": rows, "ratios": ratios}
+
+
+# The bench bases have random weights and no task: the export search's gates there are accuracy proxies
+# against the fp32 export (accuracy.py), bounded above what the shipped int4 recipe measured on the 150M
+# Phi-3-shaped base (perplexity ratio 1.24, KL 0.029 nats/token: bench/report.md of 2026-12-02).
+BENCH_GATES = {"perplexity_ratio": 1.30, "kl_nats_per_token": 0.05}
+
+
+def search_candidates() -> list[Any]:
+    """The export search's default candidates (the shipped specs' own)."""
+    from phi_pipeline.spec.schema import ExportSearchSpec
+
+    return ExportSearchSpec().candidates
+
+
+def search_row(variant: str) -> str:
+    """The peer round row that times an export-search variant (`spec` is the bundle as built)."""
+    return "bundle int4" if variant == SPEC_VARIANT else f"export search: {variant}"
+
+
+def export_search(proxies: dict[str, dict[str, Any]], rounds: dict[str, list[dict[str, Any]]], sizes: dict[str, int],
+                  opts: "BenchOptions") -> dict[str, Any]:
+    """The run's export-search choice (search/export.py) over the bench variants: gated by BENCH_GATES on
+    the accuracy proxies, timed in the peer's rounds."""
+    from phi_pipeline.search.export import Variant, choose, timing_context
+    from phi_pipeline.spec.schema import ExportSearchSpec
+
+    by_name = {c.name: c.changes for c in search_candidates()}
+    variants = []
+    for name, p in proxies.items():
+        values = {"perplexity_ratio": p.get("perplexity_ratio"),
+                  "kl_nats_per_token": (p.get("kl_nats_per_token") or {}).get("median")}
+        failures = [f"{name}: {k} {v} > {bound}" if v is not None else f"{name}: {k} not measured ({p.get('error', '')[-200:]})"
+                    for k, bound in BENCH_GATES.items() if (v := values[k]) is None or v > bound]
+        variants.append(Variant(name, by_name.get(name, {}), not failures, failures, None, values["perplexity_ratio"],
+                                (p.get("token_agreement") or {}).get("median"), sizes[name]))
+    search = ExportSearchSpec(rounds=opts.peer_rounds, prompt_tokens=list(opts.prompt_lens), new_tokens=opts.new_tokens)
+    record = choose(variants, {v.name: rounds[search_row(v.name)] for v in variants}, search)
+    record["machine"] = timing_context()
+    record["gates"] = {k: f"<= {bound}" for k, bound in BENCH_GATES.items()}
+    record["accuracy_proxies"] = proxies
+    return record
 
 
 def _cost(with_: list[dict[str, Any]], without: list[dict[str, Any]], length: str) -> dict[str, Any]:
@@ -398,7 +444,6 @@ def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, An
         merged_bundle,
     )
     from phi_pipeline.bench.options import ADAPTER_RANKS, TABLE_ADAPTER, folder_bytes
-    from phi_pipeline.spec.schema import DEFAULT_TARGET_MODULES
 
     if opts.device != "cpu":
         return {"skipped": "the llama.cpp peer runs on CPU only"}
@@ -406,8 +451,9 @@ def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, An
     peer = build(opts.work_dir, version, say)
     work = opts.work_dir / opts.size
     # The same base, adapters and int4 bundle as the benchmark-model section (reused from its stamps).
-    base = build_bench_base(work / "base", SIZES[opts.size], opts.bundle, dtype=TORCH_PRECISION["cpu"])
-    peft = {n: make_random_adapter(base, work / "adapters" / n, r=r, seed=r, target_modules=DEFAULT_TARGET_MODULES["phi3"])
+    arch = SIZES[opts.size]
+    base = build_bench_base(work / "base", arch, opts.bundle, dtype=TORCH_PRECISION["cpu"])
+    peft = {n: make_random_adapter(base, work / "adapters" / n, r=r, seed=r, target_modules=arch.target_modules)
             for n, r in ADAPTER_RANKS.items()}
     bundle = export_bundle(base, peft, ADAPTER_RANKS, "int4", work / "int4", "cpu").bundle
     adapter = bundle / "adapters" / f"{TABLE_ADAPTER}.onnx_adapter"
@@ -422,6 +468,12 @@ def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, An
         return merged_bundle(base, peft[TABLE_ADAPTER] / "adapter", ADAPTER_RANKS[TABLE_ADAPTER], "int4", work / "merged-int4")
 
     tuned = tuning.prepare(bundle, tuned_export, merged)
+    candidates = {c.name: export_bundle(base, peft, ADAPTER_RANKS, "int4", work / "search" / c.name, "cpu", c.changes).bundle
+                  for c in search_candidates()}
+    reference = export_bundle(base, peft, ADAPTER_RANKS, "fp32", work / "fp32", "cpu").bundle
+    say("export search: accuracy proxies of each variant against the fp32 export")
+    proxies = {name: compare(reference, b, threads=opts.threads)
+               for name, b in {SPEC_VARIANT: bundle, **candidates}.items()}
     scratch = work / "peer-runs"
     scratch.mkdir(parents=True, exist_ok=True)
     prompts = {}
@@ -447,19 +499,26 @@ def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, An
     for t in tuned:
         runners[tuning.row_name(t.variant)] = lambda i, t=t: _bundle_round(
             t.model, None, opts, scratch, f"peer-{tuning.slug(t.variant)}-{i}", t.session_options)
+    for name, b in candidates.items():
+        runners[search_row(name)] = lambda i, name=name, b=b: _bundle_round(b, None, opts, scratch, f"peer-search-{name}-{i}")
     rounds = measure_rounds(list(runners), lambda name, i: runners[name](i), opts.peer_rounds, say,
                             {tuning.row_name(t.variant): t.variant.rounds for t in tuned if t.variant.rounds})
-    sizes = {"bundle_int4": folder_bytes(bundle, exclude=("adapters",)), "onnx_adapter_r8": adapter.stat().st_size,
+    bundles = {SPEC_VARIANT: bundle, **candidates}
+    record = export_search(proxies, rounds, {n: folder_bytes(b, exclude=("adapters",)) for n, b in bundles.items()}, opts)
+    shipped = record["winner"] or SPEC_VARIANT
+    sizes = {"bundle_int4": folder_bytes(bundles[shipped], exclude=("adapters",)), "onnx_adapter_r8": adapter.stat().st_size,
              **{f"gguf_{q}": p.stat().st_size for q, p in models.gguf.items()}, "gguf_lora_r8": models.lora.stat().st_size}
     tuned_sizes = {t.variant.name: folder_bytes(t.model, exclude=("adapters",)) for t in tuned}
     genai = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"].get("session_options", {})
     return {
         "llama_cpp": {"llama-cpp-python sdist": version, "cmake_options": list(CMAKE_OPTIONS), "threads": opts.threads},
-        "bundle": str(bundle),
+        "base": {"size": opts.size, "family": arch.family, "parameters": arch.parameters},
+        "bundle": str(bundles[shipped]),
         "bundle_session_options": genai,
         "rounds": opts.peer_rounds,
         "sizes_bytes": sizes,
-        **summarize(rounds, sizes, opts.prompt_lens),
+        "export_search": record,
+        **summarize(rounds, sizes, opts.prompt_lens, shipped=search_row(shipped)),
         "tried": tuning.summarize(tuned, rounds, "bundle int4", "llama.cpp Q4_0", tuned_sizes, opts.prompt_lens),
         "raw_rounds": rounds,
     }

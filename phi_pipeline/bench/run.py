@@ -13,7 +13,7 @@ import platform
 import sys
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,7 +43,6 @@ from phi_pipeline.bench.serving import bench_serving
 from phi_pipeline.evaluate.stats import load_average, ratio
 from phi_pipeline.errors import PipelineError
 from phi_pipeline.runtime.target_models import OpenVINOModel
-from phi_pipeline.spec.schema import DEFAULT_TARGET_MODULES
 
 
 def _say(message: str) -> None:
@@ -200,7 +199,7 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
     work = opts.work_dir / opts.size
     base = build_bench_base(work / "base", arch, opts.bundle, dtype=TORCH_PRECISION[opts.device], device=opts.device)
     peft = {
-        name: make_random_adapter(base, work / "adapters" / name, r=r, seed=r, target_modules=DEFAULT_TARGET_MODULES["phi3"])
+        name: make_random_adapter(base, work / "adapters" / name, r=r, seed=r, target_modules=arch.target_modules)
         for name, r in ADAPTER_RANKS.items()
     }
     target = "cuda" if opts.device == "cuda" else "cpu"
@@ -353,9 +352,12 @@ def adapter_costs(
 def machine() -> dict[str, Any]:
     from phi_pipeline.versions import package_versions
 
+    from phi_pipeline.evaluate.speed import cpu
+
     return {
         "cpus": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu(),
         "python": platform.python_version(),
         "packages": package_versions(),
         "load_average_start": load_average(),
@@ -396,6 +398,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             from phi_pipeline.bench.peer import bench_peer
 
             results["peer"] = _section(f"peer {opts.peer}", lambda: bench_peer(opts, _say))
+            results["peer_more"] = {
+                size: _section(f"peer {opts.peer} on {size}", lambda size=size: bench_peer(replace(opts, size=size), _say))
+                for size in opts.peer_sizes if size != opts.size
+            }
         if opts.pipeline_reps > 0 and opts.device == "cpu":
             results["pipeline_costs"] = _section("pipeline costs", lambda: measure_pipeline_costs(
                 opts.project_root.resolve(), opts.work_dir.resolve() / "pipeline", reps=opts.pipeline_reps))

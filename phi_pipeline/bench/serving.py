@@ -421,7 +421,6 @@ def serving_bundle(size: str, work: Path) -> Path:
     """The benchmark base of `size` with random r8 and r16 adapters as an int4 bundle (built once under `work`)."""
     from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter
     from phi_pipeline.bench.options import ADAPTER_RANKS
-    from phi_pipeline.spec.schema import DEFAULT_TARGET_MODULES
     from phi_pipeline.tiny.base_model import train_tokenizer
 
     arch = SIZES[size]
@@ -433,7 +432,7 @@ def serving_bundle(size: str, work: Path) -> Path:
         build_bench_base(base, arch, tokenizer)
     bundle = work / "serving-int4" / "dist"
     if not (bundle / "manifest.json").is_file():
-        peft = {n: make_random_adapter(base, work / "adapters" / n, r=r, seed=r, target_modules=DEFAULT_TARGET_MODULES["phi3"])
+        peft = {n: make_random_adapter(base, work / "adapters" / n, r=r, seed=r, target_modules=arch.target_modules)
                 for n, r in ADAPTER_RANKS.items()}
         exported = export_bundle(base, peft, ADAPTER_RANKS, "int4", work / "serving-int4" / "export")
         shutil.rmtree(bundle, ignore_errors=True)

@@ -43,11 +43,9 @@ CONTROL = Variant("control: shipped again", "nothing: the shipped bundle once mo
                   "(the noise floor of its ratios)")
 VARIANTS = (
     CONTROL,
-    Variant("block 128", "int4 block size 128 (shipped: 32), a quarter of the scales", export={"int4_block_size": 128}),
     Variant("accuracy level 1", "MatMulNBits on fp32 activations (shipped: level 4, int8 activations)",
             export={"int4_accuracy_level": 1}),
     Variant("asymmetric", "asymmetric int4 with zero points (shipped: symmetric)", export={"int4_symmetric": False}),
-    Variant("lm_head int8", "LM head at int8 (shipped: int4)", export={"int4_lm_head": "int8"}),
     Variant("fp32 embeddings", "embedding table left fp32 (shipped: int4 Gather)", export={"int4_quantize_embeddings": False}),
     Variant("unpacked projections", "q/k/v and gate/up as Model Builder leaves them (shipped: packed)",
             export={"pack_projections": False}),

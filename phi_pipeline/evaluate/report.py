@@ -245,7 +245,7 @@ def export_search_markdown(record: Mapping[str, Any]) -> list[str]:
         "",
         f"Shipped: variant `{record['winner']}`. Rule: {record['rule']}. Timed in {record['rounds']} paired rounds "
         f"(prompt {', '.join(lens)} tokens, {record.get('new_tokens')} new tokens, first adapter active) on "
-        f"{where.get('cpu', 'this machine')} ({where.get('cores')} cores, load average at the end "
+        f"{where.get('model', 'this machine')} ({where.get('cores')} cores, {' '.join(where.get('isa', [])) or 'ISA unknown'}; load average at the end "
         f"{', '.join(map(str, where.get('load_average', [])))})"
         + (", figures from the cache (`phi-pipeline run --remeasure` times them again)" if record.get("cached") else "")
         + ".",

@@ -12,8 +12,11 @@ the first over the time after it. Generation is greedy and forced to exactly `ne
 
 from __future__ import annotations
 
+import os
+import platform
 import random
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from statistics import median
 from typing import TYPE_CHECKING, Any, Callable
@@ -25,6 +28,30 @@ if TYPE_CHECKING:
 
 NOISE = 0.03  # paired medians within 3 % of 1 are "no measurable change" on a shared 2-core machine
 CONSISTENT = 0.8  # and a verdict needs the same sign in 8 rounds of 10
+
+
+# Instruction-set extensions the int4 kernels of onnxruntime and llama.cpp dispatch on: speed ratios
+# between them swing with these (llama.cpp gains more from AVX-512 VNNI than MLAS does), so every
+# figure is recorded with them.
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "amx_int8", "amx_bf16", "neon", "asimd", "asimddp", "sve")
+
+
+def cpu() -> dict[str, object]:
+    """The CPU the figures were taken on: model name, cores and the ISA_FLAGS it has (Linux /proc/cpuinfo)."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model") and not model:
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "isa": [f for f in ISA_FLAGS if f in flags]}
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from phi_pipeline.build.configs import EXPORT_FILE, variant_file
 from phi_pipeline.build.progress import Stages
 from phi_pipeline.build.trained import TrainedAdapter
 from phi_pipeline.errors import PipelineError
-from phi_pipeline.evaluate.speed import CONSISTENT, NOISE, measure_rounds, random_prompt, time_request, verdict
+from phi_pipeline.evaluate.speed import CONSISTENT, NOISE, cpu, measure_rounds, random_prompt, time_request, verdict
 from phi_pipeline.evaluate.stats import load_average, per_round_ratios, summary
 from phi_pipeline.spec.plan import Plan, variant_plan
 from phi_pipeline.spec.schema import SPEC_VARIANT, ExportSearchSpec
@@ -128,18 +128,7 @@ def _speedup(decode: list[list[float]], first: list[list[float]]) -> float:
 
 def machine() -> dict[str, Any]:
     """What the timings were taken on (a search re-times on another machine: it is in the cache key)."""
-    import os
-
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model or platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "system": platform.system()}
+    return {**cpu(), "system": platform.system()}
 
 
 def choose(variants: list[Variant], rounds: dict[str, list[dict[str, Any]]], search: ExportSearchSpec) -> dict[str, Any]:
