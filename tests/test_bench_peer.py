@@ -91,7 +91,8 @@ def _built_llama_cpp() -> Path:
 
 
 @pytest.mark.slow
-def test_peer_section_compares_the_tiny_bundle_with_llama_cpp(tmp_path, monkeypatch):
+@pytest.mark.parametrize("size", ["tiny", "llama-tiny"])
+def test_peer_section_compares_the_tiny_bundle_with_llama_cpp(tmp_path, monkeypatch, size):
     """The whole peer path on the tiny model with the llama.cpp build of this checkout: GGUF and
     LoRA conversion, llama-bench, llama-completion with and without the adapter, the bundle rows."""
     from test_bench import _olive_in_process, _tokenizer
@@ -104,7 +105,7 @@ def test_peer_section_compares_the_tiny_bundle_with_llama_cpp(tmp_path, monkeypa
     work = tmp_path / "work"
     work.mkdir()
     (work / "llama.cpp").symlink_to(built)
-    opts = options.BenchOptions(bundle=_tokenizer(tmp_path / "tokenizer"), size="tiny", peer_rounds=1, prompt_lens=(16, 32),
+    opts = options.BenchOptions(bundle=_tokenizer(tmp_path / "tokenizer"), size=size, peer_rounds=1, prompt_lens=(16, 32),
                             new_tokens=8, work_dir=work, project_root=ROOT, threads=2, peer="llama.cpp")
     result = peer.bench_peer(opts, lambda message: None)
     assert result["bundle_session_options"]["intra_op_num_threads"] == 0  # the bundle as shipped
@@ -115,6 +116,9 @@ def test_peer_section_compares_the_tiny_bundle_with_llama_cpp(tmp_path, monkeypa
     assert result["ratios"]["decode_vs_llama_q4_0@16"]["n"] == 1
     assert [t["name"] for t in result["tried"]] == [v.name for v in tuning.VARIANTS]
     assert all(t["decode_vs_shipped"]["16"]["n"] == 1 for t in result["tried"])
+    search = result["export_search"]
+    assert list(search["variants"]) == ["spec", "block-64", "block-128", "lm-head-int8"] and search["winner"]
+    assert result["base"]["family"] == ("llama" if size == "llama-tiny" else "phi3")
     lines = report.peer_lines(result)
     assert any(line.startswith("| bundle int4 |") for line in lines)
     assert any(line.startswith("| no LoRA inputs |") for line in lines)
