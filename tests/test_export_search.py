@@ -221,3 +221,14 @@ def test_tiny_default_export_search_ships_a_variant_with_todays_exact_match(tiny
     assert all(a["adapter_onnx"] == 1.0 for a in manifest["evaluation"]["adapters"].values())
     assert "## Export search" in (tiny_bundle / "report.md").read_text()
     assert f"Variant `{search['winner']}`, chosen by the export search" in (tiny_bundle / "README.md").read_text()
+
+
+def test_run_remeasure_flag_reaches_the_pipeline(project, monkeypatch):
+    import phi_pipeline.pipeline as pipeline
+    from phi_pipeline.cli import main
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run", lambda spec, target, **kw: seen.append(kw["remeasure"]) or project / "dist")
+    assert main(["run", "pipelines/tiny-phi3.yaml", "--remeasure"]) == 0
+    assert main(["run", "pipelines/tiny-phi3.yaml"]) == 0
+    assert seen == [True, False]
