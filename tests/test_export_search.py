@@ -63,6 +63,35 @@ def test_export_search_falls_back_to_the_most_accurate_variant_when_the_machine_
     assert "not measurably faster than the more accurate 'spec'" in record["variants"]["block-128"]["why"]
 
 
+def test_export_search_keeps_the_most_accurate_variant_when_the_control_differs_from_itself():
+    variants = [_variant("spec"), _variant("block-128", metric=0.98)]
+    rounds = {"spec": _rounds(100, 0.1), "block-128": _rounds(130, 0.09), "control": _rounds(115, 0.1)}
+    record = xs.choose(variants, rounds, SEARCH)  # the same bundle measured 15 % faster than itself
+    assert record["winner"] == "spec" and record["control"]["decode_verdict"] == "faster"
+    assert record["variants"]["spec"]["why"].endswith("too busy to time (the control differed from itself)")
+    quiet = xs.choose(variants, rounds | {"control": _rounds(100.5, 0.1)}, SEARCH)
+    assert quiet["winner"] == "block-128" and quiet["control"]["decode_verdict"] == "no measurable change"
+
+
+def test_export_search_needs_a_combined_speedup_beyond_the_noise():
+    # decode 4 % faster in every round, first token 3 % slower (within the noise): x1.005 combined
+    variants = [_variant("spec"), _variant("lm-head-int8", metric=0.98)]
+    record = xs.choose(variants, {"spec": _rounds(100, 0.1), "lm-head-int8": [
+        {n: {"decode_tok_s": 104.0, "ttft_s": 0.1 / 0.97} for n in ("64", "512")}] * 10}, SEARCH)
+    row = record["variants"]["lm-head-int8"]
+    assert row["vs_reference"]["decode_verdict"] == "faster" and record["winner"] == "spec"
+    assert row["why"].startswith("not measurably faster than the more accurate 'spec' (against 'spec': decode faster")
+
+
+def test_export_search_trades_no_more_accuracy_for_speed_than_max_metric_drop():
+    variants = [_variant("spec"), _variant("block-64", metric=0.99), _variant("block-128", metric=0.95)]
+    rounds = {"spec": _rounds(100, 0.1), "block-64": _rounds(110, 0.095), "block-128": _rounds(130, 0.09)}
+    record = xs.choose(variants, rounds, SEARCH.model_copy(update={"max_metric_drop": 0.02}))
+    assert record["winner"] == "block-64"
+    assert record["variants"]["block-128"]["why"].endswith("but its metric trails 'spec''s by 0.050 > max_metric_drop 0.02")
+    assert xs.choose(variants, rounds, SEARCH)["winner"] == "block-128"  # no bound: the fastest passing one
+
+
 def test_export_search_breaks_a_speed_tie_by_accuracy():
     variants = [_variant("spec"), _variant("block-64", metric=0.97), _variant("block-128", metric=0.99)]
     rounds = {"spec": _rounds(100, 0.1), "block-64": _rounds(120, 0.09), "block-128": _rounds(120, 0.09)}
@@ -86,7 +115,7 @@ def test_export_search_candidates_are_checked_all_at_once_with_their_lines(proje
         parse_spec(_spec(candidates=[{"name": "spec", "int4_block_size": 64}, {"name": "same"},
                                      {"name": "x", "int4_block_size": 48}], rounds=0))
     text = err.value.render()
-    assert "'spec' names the spec's own export settings" in text
+    assert "'spec' names the spec's own export settings or the search's control row" in text
     assert "candidate 'same' sets no export key" in text
     assert "export.search.candidates.2.int4_block_size" in text and "export.search.rounds" in text
 
@@ -171,7 +200,7 @@ def test_export_search_figures_are_cached_and_a_rerun_measures_nothing_unless_as
     outcome, _ = fake_build.run()
     assert outcome.winner == "block-64" and outcome.staged.name == "block-64"
     assert sorted(fake_build.calls["gated"]) == ["block-128", "block-64", "lm-head-int8", "spec"]
-    assert fake_build.calls["timed"] == [["block-128", "block-64", "lm-head-int8", "spec"]]
+    assert fake_build.calls["timed"] == [["block-128", "block-64", "control", "lm-head-int8", "spec"]]
     assert sorted(p.name for p in (fake_build.project / "staging").iterdir()) == ["block-64"]  # the others removed
     assert outcome.record["variants"]["block-64"]["size_bytes"] == 164 and not outcome.record["cached"]
 

@@ -406,6 +406,7 @@ def export_search(proxies: dict[str, dict[str, Any]], rounds: dict[str, list[dic
                   opts: "BenchOptions") -> dict[str, Any]:
     """The run's export-search choice (search/export.py) over the bench variants: gated by BENCH_GATES on
     the accuracy proxies, timed in the peer's rounds."""
+    from phi_pipeline.bench import tuning
     from phi_pipeline.search.export import Variant, choose, timing_context
     from phi_pipeline.spec.schema import ExportSearchSpec
 
@@ -419,7 +420,9 @@ def export_search(proxies: dict[str, dict[str, Any]], rounds: dict[str, list[dic
         variants.append(Variant(name, by_name.get(name, {}), not failures, failures, None, values["perplexity_ratio"],
                                 (p.get("token_agreement") or {}).get("median"), sizes[name]))
     search = ExportSearchSpec(rounds=opts.peer_rounds, prompt_tokens=list(opts.prompt_lens), new_tokens=opts.new_tokens)
-    record = choose(variants, {v.name: rounds[search_row(v.name)] for v in variants}, search)
+    control = rounds.get(tuning.row_name(tuning.CONTROL))  # the shipped bundle again: pairs with `spec`
+    record = choose(variants, {v.name: rounds[search_row(v.name)] for v in variants}, search,
+                    control=(control, rounds[search_row(SPEC_VARIANT)]) if control else None)
     record["machine"] = timing_context()
     record["gates"] = {k: f"<= {bound}" for k, bound in BENCH_GATES.items()}
     record["accuracy_proxies"] = proxies

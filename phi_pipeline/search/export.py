@@ -9,13 +9,17 @@ applies the choice rule:
 2. The most accurate passing variant is the reference: highest mean gate metric over the adapters,
    then lowest mean ONNX/PyTorch perplexity ratio; a tie keeps the spec's order (`spec` first).
 3. Every passing variant runs once per timing round, in a shuffled order (evaluate/speed.py), each
-   round's figures paired: decode tokens/s and first-token speed relative to the reference.
+   round's figures paired: decode tokens/s and first-token speed relative to the reference. A control
+   row runs the reference a second time in every round: its ratios against the reference measure
+   this machine's noise.
 4. A variant is *faster* when evaluate/speed.py's verdict rule calls one of the two `faster` and
-   neither `slower` (beyond the noise at every prompt length, in 80 % of the rounds).
-5. The winner is the faster variant with the largest speed-up (geometric mean of the two median
-   ratios; ties: the more accurate); when none is faster (a model so small that per-request
-   overhead dominates, or a machine too busy to time: the rule then sees no consistent sign), the
-   reference wins. Accuracy is never traded for a difference the machine cannot show.
+   neither `slower` (beyond the noise at every prompt length, in 80 % of the rounds) and its
+   speed-up (geometric mean of the median ratios) is beyond the noise too.
+5. The winner is the faster variant with the largest speed-up (ties: the more accurate). The
+   reference wins when none is faster (a model so small that per-request overhead dominates) or when
+   the control is not `no measurable change` against the reference (a machine too busy to time: the
+   same bundle measured faster or slower than itself). Accuracy is never traded for a difference the
+   machine cannot show.
 
 Timed requests run with the first adapter active, as an adapter bundle is used.
 """
@@ -40,7 +44,7 @@ from phi_pipeline.errors import PipelineError
 from phi_pipeline.evaluate.speed import CONSISTENT, NOISE, cpu, measure_rounds, random_prompt, time_request, verdict
 from phi_pipeline.evaluate.stats import load_average, per_round_ratios, summary
 from phi_pipeline.spec.plan import Plan, variant_plan
-from phi_pipeline.spec.schema import SPEC_VARIANT, ExportSearchSpec
+from phi_pipeline.spec.schema import CONTROL_ROW, SPEC_VARIANT, ExportSearchSpec
 from phi_pipeline.versions import package_versions
 
 WARMUP = (16, 8)  # prompt tokens, new tokens of each load's untimed first request
@@ -131,12 +135,39 @@ def machine() -> dict[str, Any]:
     return {**cpu(), "system": platform.system()}
 
 
-def choose(variants: list[Variant], rounds: dict[str, list[dict[str, Any]]], search: ExportSearchSpec) -> dict[str, Any]:
-    """The choice rule (module docstring) over gated, timed variants: the search's record, with
-    `winner` (None when no variant passed) and, per variant, its figures and why it won or lost."""
-    lens = [str(n) for n in search.prompt_tokens]
+def reference_of(variants: list[Variant]) -> Variant | None:
+    """The most accurate passing variant (None when none passed)."""
     passing = [v for v in variants if v.passed]
-    reference = max(passing, key=accuracy) if passing else None
+    return max(passing, key=accuracy) if passing else None
+
+
+def _paired(runs: list[dict[str, Any]], against: list[dict[str, Any]], lens: list[str]) -> dict[str, Any]:
+    """Per-round ratios of `runs` to `against` at each prompt length, their verdicts and the speed-up."""
+    decode = [per_round_ratios(runs, against, n, "decode_tok_s") for n in lens]
+    first = [per_round_ratios(runs, against, n, "ttft_s", invert=True) for n in lens]
+    return {
+        "decode": {n: summary(r) for n, r in zip(lens, decode)},
+        "first_token_speed": {n: summary(r) for n, r in zip(lens, first)},
+        "decode_verdict": verdict(decode),
+        "first_token_verdict": verdict(first),
+        "speedup": round(_speedup(decode, first), 4),
+    }
+
+
+def choose(
+    variants: list[Variant], rounds: dict[str, list[dict[str, Any]]], search: ExportSearchSpec,
+    control: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """The choice rule (module docstring) over gated, timed variants: the search's record, with
+    `winner` (None when no variant passed) and, per variant, its figures and why it won or lost.
+    `control`: the control row's rounds and those of the row it repeats (default: rounds[CONTROL_ROW] and
+    the reference's)."""
+    lens = [str(n) for n in search.prompt_tokens]
+    reference = reference_of(variants)
+    if control is None and reference is not None and rounds.get(CONTROL_ROW):
+        control = (rounds[CONTROL_ROW], rounds[reference.name])
+    noise = _paired(*control, lens) if control else None
+    too_noisy = noise is not None and {noise["decode_verdict"], noise["first_token_verdict"]} != {"no measurable change"}
     rows: dict[str, dict[str, Any]] = {}
     faster: list[tuple[float, Variant]] = []
     for v in variants:
@@ -149,29 +180,29 @@ def choose(variants: list[Variant], rounds: dict[str, list[dict[str, Any]]], sea
             row["decode_tok_s"] = {n: summary([r[n]["decode_tok_s"] for r in runs if n in r], digits=2) for n in lens}
             row["ttft_s"] = {n: summary([r[n]["ttft_s"] for r in runs if n in r]) for n in lens}
         if reference is not None and v.passed and v is not reference:
-            decode = [per_round_ratios(runs, rounds[reference.name], n, "decode_tok_s") for n in lens]
-            first = [per_round_ratios(runs, rounds[reference.name], n, "ttft_s", invert=True) for n in lens]
-            verdicts = {"decode": verdict(decode), "first_token": verdict(first)}
-            row["vs_reference"] = {
-                "decode": {n: summary(r) for n, r in zip(lens, decode)},
-                "first_token_speed": {n: summary(r) for n, r in zip(lens, first)},
-                **{f"{k}_verdict": x for k, x in verdicts.items()},
-                "speedup": round(_speedup(decode, first), 4),
-            }
-            if "faster" in verdicts.values() and "slower" not in verdicts.values():
-                faster.append((_speedup(decode, first), v))
+            vs = row["vs_reference"] = _paired(runs, rounds[reference.name], lens)
+            verdicts = {vs["decode_verdict"], vs["first_token_verdict"]}
+            if "faster" in verdicts and "slower" not in verdicts and vs["speedup"] > 1 + NOISE and not too_noisy:
+                drop = _metric_drop(v, reference)
+                if search.max_metric_drop is not None and drop is not None and drop > search.max_metric_drop:
+                    row["too_inaccurate"] = f"its metric trails {reference.name!r}'s by {drop:.3f} > max_metric_drop " \
+                                            f"{search.max_metric_drop}"
+                else:
+                    faster.append((vs["speedup"], v))
         rows[v.name] = row
 
     winner = max(faster, key=lambda f: (f[0], accuracy(f[1])))[1] if faster else reference
     for v in variants:
         rows[v.name]["outcome"] = "won" if v is winner else "lost"
-        rows[v.name]["why"] = _why(v, winner, reference, rows)
+        rows[v.name]["why"] = _why(v, winner, reference, rows, too_noisy)
     return {
         "winner": winner.name if winner else None,
         "reference": reference.name if reference else None,
         "rule": f"fastest passing variant; faster means decode or first-token speed beyond ±{100 * NOISE:.0f} % of the "
-                f"most accurate passing variant's, with that sign in at least {100 * CONSISTENT:.0f} % of the rounds "
-                "(and the other not slower); none faster: the most accurate passing variant",
+                f"most accurate passing variant's, with that sign in at least {100 * CONSISTENT:.0f} % of the rounds, "
+                f"the other not slower and the combined speed-up beyond {100 * NOISE:.0f} %; none faster, or a control "
+                "(the most accurate variant timed twice) that differs from itself: the most accurate passing variant",
+        "control": noise,
         "prompt_tokens": list(search.prompt_tokens),
         "new_tokens": search.new_tokens,
         "rounds": max((len(r) for r in rounds.values()), default=0),
@@ -179,22 +210,33 @@ def choose(variants: list[Variant], rounds: dict[str, list[dict[str, Any]]], sea
     }
 
 
-def _why(v: Variant, winner: Variant | None, reference: Variant | None, rows: dict[str, dict[str, Any]]) -> str:
+def _metric_drop(v: Variant, reference: Variant) -> float | None:
+    return reference.metric - v.metric if reference.metric is not None and v.metric is not None else None
+
+
+def _why(v: Variant, winner: Variant | None, reference: Variant | None, rows: dict[str, dict[str, Any]],
+         too_noisy: bool) -> str:
     if not v.passed:
         return "failed a publish gate: " + "; ".join(v.failures)
     vs = rows[v.name].get("vs_reference")
     if v is winner:
-        if v is reference:
-            return ("most accurate passing variant; no other was measurably faster" if len(
-                [r for r in rows.values() if r["passed"]]) > 1 else "the only variant that passed every gate")
-        return (f"fastest passing: x{vs['speedup']:.2f} the speed of the most accurate passing variant "
-                f"{reference.name!r} (decode {vs['decode_verdict']}, first token {vs['first_token_verdict']})")
+        if v is not reference:
+            return (f"fastest passing: x{vs['speedup']:.2f} the speed of the most accurate passing variant "
+                    f"{reference.name!r} (decode {vs['decode_verdict']}, first token {vs['first_token_verdict']})")
+        if len([r for r in rows.values() if r["passed"]]) == 1:
+            return "the only variant that passed every gate"
+        if too_noisy:
+            return "most accurate passing variant; the machine was too busy to time (the control differed from itself)"
+        return "most accurate passing variant; no other was measurably faster"
     if v is reference:
         return f"most accurate passing variant, but {winner.name!r} was measurably faster"
-    verdicts = f"decode {vs['decode_verdict']}, first token {vs['first_token_verdict']} (x{vs['speedup']:.2f})"
+    against = (f"against {reference.name!r}: decode {vs['decode_verdict']}, first token {vs['first_token_verdict']}, "
+               f"x{vs['speedup']:.2f}")
+    if rows[v.name].get("too_inaccurate"):
+        return f"faster ({against}), but {rows[v.name]['too_inaccurate']}"
     if winner is reference:
-        return f"not measurably faster than the more accurate {reference.name!r}: {verdicts}"
-    return f"{winner.name!r} was faster: {verdicts} against {reference.name!r}"
+        return f"not measurably faster than the more accurate {reference.name!r} ({against})"
+    return f"{winner.name!r} was faster ({against})"
 
 
 def timing_context() -> dict[str, Any]:
@@ -299,6 +341,7 @@ def run_search(
         elif timed is None:
             with stages.stage("time-variants", f"timing {len(passing)} passing export variants, {search.rounds} rounds"):
                 bundles = {n: staged_variant(n, folders[n]) for n in passing}
+                bundles[CONTROL_ROW] = bundles[reference_of(variants).name]
                 rounds = time_variants(bundles, trained[0].plan.name, search, stages.say)
                 timed = {"rounds": rounds, "context": timing_context()}
             _put_json(cache, "export-search", timing_key, timed, {"pipeline": plan.spec.name, "timing": passing})

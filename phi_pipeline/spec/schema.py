@@ -559,6 +559,7 @@ def _overrides(model: type[_Model]) -> type[_Model]:
 
 EXPORT_SEARCH_KEYS = tuple(_ExportSettings.model_fields)
 SPEC_VARIANT = "spec"  # the export search's name for the spec's own export settings
+CONTROL_ROW = "control"  # its timing row that runs the most accurate variant a second time (the noise)
 
 
 class ExportCandidate(_overrides(_ExportSettings)):
@@ -567,8 +568,8 @@ class ExportCandidate(_overrides(_ExportSettings)):
     @field_validator("name")
     @classmethod
     def _safe(cls, v: str) -> str:
-        if v == SPEC_VARIANT:
-            raise ValueError(f"{SPEC_VARIANT!r} names the spec's own export settings, always tried; pick another name")
+        if v in (SPEC_VARIANT, CONTROL_ROW):
+            raise ValueError(f"{v!r} names the spec's own export settings or the search's control row; pick another name")
         return _check_safe_name(v, "candidate name")
 
     @model_validator(mode="after")
@@ -601,15 +602,21 @@ class ExportSearchSpec(_Model):
         "export keys. Default: block-64, block-128 and lm-head-int8.",
     )
     rounds: int = Field(
-        5, ge=1, le=100,
-        description="Timing rounds: every passing variant runs once per round, in a shuffled order; the verdict "
-        "rule needs the same sign in 80 % of them (more rounds: steadier choice, longer search).",
+        10, ge=2, le=100,
+        description="Timing rounds: every passing variant (and a control, the most accurate one again) runs once "
+        "per round, in a shuffled order; the verdict rule needs the same sign in 80 % of them (more rounds: "
+        "steadier choice, longer search).",
     )
     prompt_tokens: list[int] = Field(
         default_factory=lambda: [64], min_length=1,
         description="Prompt lengths each timing round runs (first-token speed and decode are judged at each).",
     )
     new_tokens: int = Field(32, ge=2, le=4096, description="Tokens generated per timed request.")
+    max_metric_drop: Optional[float] = Field(
+        None, ge=0,
+        description="Accuracy the search may trade for speed: a faster variant whose mean gate metric trails the most "
+        "accurate passing variant's by more than this cannot win (none: any variant that passes the gates can).",
+    )
 
     @field_validator("prompt_tokens")
     @classmethod
