@@ -158,3 +158,22 @@ def test_model_builder_exports_prune_the_lm_head_only_on_model_builder_targets(t
 def test_unknown_lm_head_precision_is_refused_naming_the_field(monkeypatch):
     with pytest.raises(UsageError, match="int4_lm_head"):
         _tiny_plan_with_export(monkeypatch, int4_lm_head="int2")
+
+
+
+def test_qnn_chain_calibrates_on_the_whole_tiny_train_split_and_keeps_the_lm_head_int8(monkeypatch):
+    """The qnn chain's quantization settings (docs/npu-quality.md): QuaRot, GPTQ int4 per channel calibrated on
+    the adapter's whole (tiny) train split, the embedding table int4 and the LM head int8, on the CPU EP."""
+    from phi_pipeline.build.workflows.npu import QNN_LM_HEAD_BITS
+
+    export = workflow_configs(plan_for(ROOT / "pipelines/tiny-phi3.yaml", "qnn", monkeypatch))["export-antonyms.json"]
+    passes = export["passes"]
+    assert [p["type"] for p in passes.values()][1:3] == ["QuaRot", "Gptq"]
+    assert (passes["gptq"]["bits"], passes["gptq"]["sym"], passes["gptq"]["group_size"]) == (4, True, -1)
+    (calibration,) = export["data_configs"]
+    assert calibration["pre_process_data_config"]["max_samples"] >= 288  # the tiny train split, whole
+    builder = passes["builder"]
+    assert builder["int4_op_types_to_quantize"] == ["MatMul", "Gather"]
+    assert builder["extra_options"]["matmul_mixed_precision"] == {"last_matmul": f"int{QNN_LM_HEAD_BITS}"}
+    # Model Builder names the int8 LM head's MatMulNBits .../MatMul_Q8: MatMulNBitsToQDQ must skip that node
+    assert passes["to_qdq"]["nodes_to_exclude"] == [f"/lm_head/MatMul_Q{QNN_LM_HEAD_BITS}"] == ["/lm_head/MatMul_Q8"]
