@@ -419,7 +419,8 @@ def export_search(proxies: dict[str, dict[str, Any]], rounds: dict[str, list[dic
                     for k, bound in BENCH_GATES.items() if (v := values[k]) is None or v > bound]
         variants.append(Variant(name, by_name.get(name, {}), not failures, failures, None, values["perplexity_ratio"],
                                 (p.get("token_agreement") or {}).get("median"), sizes[name]))
-    search = ExportSearchSpec(rounds=opts.peer_rounds, prompt_tokens=list(opts.prompt_lens), new_tokens=opts.new_tokens)
+    # the rounds are the peer's own (choose() counts them); the spec's bound on rounds does not apply here
+    search = ExportSearchSpec(prompt_tokens=list(opts.prompt_lens), new_tokens=opts.new_tokens)
     control = rounds.get(tuning.row_name(tuning.CONTROL))  # the shipped bundle again: pairs with `spec`
     record = choose(variants, {v.name: rounds[search_row(v.name)] for v in variants}, search,
                     control=(control, rounds[search_row(SPEC_VARIANT)]) if control else None)
