@@ -36,7 +36,7 @@ import tomllib
 
 from phi_pipeline.bench.accuracy import compare
 from phi_pipeline.evaluate.speed import measure_rounds
-from phi_pipeline.spec.schema import SPEC_VARIANT
+from phi_pipeline.spec.schema import SPEC_VARIANT, ExportSearchSpec
 from phi_pipeline.evaluate.stats import paired_ratio, summary
 from phi_pipeline.errors import PipelineError
 
@@ -392,8 +392,6 @@ BENCH_GATES = {"perplexity_ratio": 1.30, "kl_nats_per_token": 0.05}
 
 def search_candidates() -> list[Any]:
     """The export search's default candidates (the shipped specs' own)."""
-    from phi_pipeline.spec.schema import ExportSearchSpec
-
     return ExportSearchSpec().candidates
 
 
@@ -408,7 +406,6 @@ def export_search(proxies: dict[str, dict[str, Any]], rounds: dict[str, list[dic
     the accuracy proxies, timed in the peer's rounds."""
     from phi_pipeline.bench import tuning
     from phi_pipeline.search.export import Variant, choose, timing_context
-    from phi_pipeline.spec.schema import ExportSearchSpec
 
     by_name = {c.name: c.changes for c in search_candidates()}
     variants = []
@@ -508,9 +505,10 @@ def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, An
     rounds = measure_rounds(list(runners), lambda name, i: runners[name](i), opts.peer_rounds, say,
                             {tuning.row_name(t.variant): t.variant.rounds for t in tuned if t.variant.rounds})
     bundles = {SPEC_VARIANT: bundle, **candidates}
-    record = export_search(proxies, rounds, {n: folder_bytes(b, exclude=("adapters",)) for n, b in bundles.items()}, opts)
+    model_sizes = {n: folder_bytes(b, exclude=("adapters",)) for n, b in bundles.items()}
+    record = export_search(proxies, rounds, model_sizes, opts)
     shipped = record["winner"] or SPEC_VARIANT
-    sizes = {"bundle_int4": folder_bytes(bundles[shipped], exclude=("adapters",)), "onnx_adapter_r8": adapter.stat().st_size,
+    sizes = {"bundle_int4": model_sizes[shipped], "onnx_adapter_r8": adapter.stat().st_size,
              **{f"gguf_{q}": p.stat().st_size for q, p in models.gguf.items()}, "gguf_lora_r8": models.lora.stat().st_size}
     tuned_sizes = {t.variant.name: folder_bytes(t.model, exclude=("adapters",)) for t in tuned}
     genai = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"].get("session_options", {})

@@ -38,8 +38,10 @@ from typing import Any, Callable
 
 from phi_pipeline.build.cache import Cache, content_key, file_sha256
 from phi_pipeline.build.configs import EXPORT_FILE, variant_file
+from phi_pipeline.build.diskspace import tree_size
 from phi_pipeline.build.progress import Stages
 from phi_pipeline.build.trained import TrainedAdapter
+from phi_pipeline.bundle.layout import ADAPTERS_DIR
 from phi_pipeline.errors import PipelineError
 from phi_pipeline.evaluate.speed import CONSISTENT, NOISE, cpu, measure_rounds, random_prompt, time_request, verdict
 from phi_pipeline.evaluate.stats import load_average, per_round_ratios, summary
@@ -267,11 +269,6 @@ def _put_json(cache: Cache, kind: str, key: str, value: Any, meta: dict[str, Any
         cache.put(kind, key, Path(tmp), meta)
 
 
-def _model_bytes(staged: Path) -> int:
-    """What the variant ships besides its adapters (the adapters are the same in every variant)."""
-    return sum(p.stat().st_size for p in staged.rglob("*") if p.is_file() and "adapters" not in p.relative_to(staged).parts)
-
-
 def run_search(
     plan: Plan,
     search: ExportSearchSpec,
@@ -324,7 +321,8 @@ def run_search(
                 with stages.stage(f"evaluate:{name}", f"gating export variant {name!r} (ONNX vs PyTorch+PEFT)"):
                     folder = staged_variant(name, folders[name])
                     cached = {"results": gated_results(plans[name], folder, trained, enforced=enforced),
-                              "size_bytes": _model_bytes(folder)}
+                              # the adapters are the same in every variant
+                              "size_bytes": tree_size(folder) - tree_size(folder / ADAPTERS_DIR)}
                 _put_json(cache, "export-search", key, cached, {"pipeline": plan.spec.name, "variant": name})
             results[name] = cached["results"]
             variants.append(from_results(name, changes, cached["results"], cached["size_bytes"]))
@@ -333,7 +331,7 @@ def run_search(
 
         passing = [v.name for v in variants if v.passed]
         timing_key = content_key({"stage": "export-search-timing", "exports": {n: export_keys[n] for n in passing},
-                                  "adapters": adapters, "search": search.model_dump(mode="json", exclude={"candidates", "enabled"}),
+                                  "adapters": adapters, "search": search.model_dump(mode="json", include={"rounds", "prompt_tokens", "new_tokens"}),
                                   "machine": machine(), "packages": package_versions()})
         timed = None if remeasure or len(passing) < 2 else _json_entry(cache, "export-search", timing_key)
         if len(passing) < 2:
