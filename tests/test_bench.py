@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from phi_pipeline.bench import decode, options, run, worker
+from phi_pipeline.bench import report as report_module
 from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter
 from phi_pipeline.bench.pipeline_costs import olive_log_times
 
@@ -128,6 +129,8 @@ def test_results_schema(results, tmp_path):
     assert "slowdown" not in costs["adapters-torch-fp32"]
     profile = costs["profile-onnx-int4-t2"]
     assert any(g.startswith("LoRA") for g in profile["adapter"]["by_op"])
+    prefill = profile["none"]["prefill"]  # the first token's model run, apart from the decode steps
+    assert prefill["prompt_tokens"] == 8 and "MatMulNBits" in prefill["by_op"]
 
     assert {r["label"] for r in model["roofline"]} == {
         f"onnx-{p}-none-t{t}" for p in ("int4", "fp32") for t in ("default", 2)
@@ -146,6 +149,8 @@ def test_results_schema(results, tmp_path):
     assert "OpenVINO rows: skipped (no " in report
     assert "teacher-forced positions: token agreement" in report
     assert report.startswith("# phi-pipeline benchmark") and "Adapter cost, int4, threads" in report
+    # the peer section's "what limits it" lines (no peer here) name the first token's operators too
+    assert "First token of the same request (its prefill of 8 tokens)" in "".join(report_module.limits_lines(results))
     assert (tmp_path / "bench" / "decode.png").stat().st_size > 0
 
 

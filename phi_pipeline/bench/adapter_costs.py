@@ -114,7 +114,8 @@ def profile_ops(config: DecodeConfig) -> dict[str, Any]:
 
     Each variant gets its own session with onnxruntime profiling on (the trace is written when the
     session ends): a warm-up request, then one of prompt_lens[0] + new_tokens whose decode steps
-    (every model run after its prefill) are the ones counted.
+    (every model run after its prefill) are the ones counted; its prefill (the model run before them,
+    which the first token waits for) is aggregated apart under `prefill`.
     """
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,32 +131,42 @@ def profile_ops(config: DecodeConfig) -> dict[str, Any]:
             runner.generate(ids, config.new_tokens, name)
             del runner  # ends the session: onnxruntime writes the trace
             trace = next(Path(tmp).glob(f"{variant}*.json"))
-            out[variant] = _aggregate(json.loads(trace.read_text()), config.new_tokens - 1)
+            events = json.loads(trace.read_text())
+            out[variant] = _aggregate(events, config.new_tokens - 1)
+            out[variant]["prefill"] = {"prompt_tokens": len(ids),
+                                       **_kernel_times(events, _model_runs(events)[-config.new_tokens:][:1])}
     return out
 
 
-def _aggregate(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
-    """Node kernel times inside the last `steps` model runs of a trace, per run."""
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    start = runs[-steps][0]
+def _model_runs(events: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(start, end) microseconds of each model run in a trace, in order."""
+    return sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+
+
+def _kernel_times(events: list[dict[str, Any]], runs: list[tuple[float, float]]) -> dict[str, Any]:
+    """Node kernel times inside the given model runs, per run, by operator (LoRA nodes apart)."""
     micros: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and any(b <= e["ts"] <= end for b, end in runs):
             group = _op_group(e["name"], e.get("args", {}).get("op_name", "?"))
             micros[group] += e.get("dur", 0)
             calls[group] += 1
     total = sum(micros.values())
-    step_ms = sum(end - begin for begin, end in runs[-steps:]) / 1000 / steps
+    n = len(runs)
     return {
-        "decode_steps": steps,
-        "run_ms_per_step": round(step_ms, 4),
-        "kernel_ms_per_step": round(total / 1000 / steps, 4),
+        "run_ms_per_step": round(sum(end - b for b, end in runs) / 1000 / n, 4),
+        "kernel_ms_per_step": round(total / 1000 / n, 4),
         "by_op": {
-            g: {"ms_per_step": round(us / 1000 / steps, 4), "share": round(us / total, 4), "calls_per_step": round(calls[g] / steps, 1)}
+            g: {"ms_per_step": round(us / 1000 / n, 4), "share": round(us / total, 4), "calls_per_step": round(calls[g] / n, 1)}
             for g, us in sorted(micros.items(), key=lambda kv: -kv[1])
         },
     }
+
+
+def _aggregate(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    """Node kernel times inside the last `steps` model runs of a trace, per run."""
+    return {"decode_steps": steps, **_kernel_times(events, _model_runs(events)[-steps:])}
 
 
 MODES: dict[str, Callable[[DecodeConfig], dict[str, Any]]] = {"adapters": measure_adapters, "profile": profile_ops}

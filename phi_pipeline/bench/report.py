@@ -335,8 +335,8 @@ def tried_table(tried: list[dict[str, Any]], lens: list[str]) -> list[str]:
 
 
 def limits_lines(results: dict[str, Any]) -> list[str]:
-    """Where the shipped bundle's decode step goes (the operator profile at the shipped threads) and
-    how close it runs to the memory-bandwidth bound: what limits it against llama.cpp."""
+    """Where the shipped bundle's decode step and first token go (the operator profile at the shipped
+    threads) and how close decode runs to the memory-bandwidth bound: what limits it against llama.cpp."""
     b = results.get("benchmark_model", {})
     threads = results["settings"]["threads"]
     profile = b.get("adapter_costs", {}).get(f"profile-onnx-int4-t{threads}")
@@ -349,6 +349,10 @@ def limits_lines(results: dict[str, Any]) -> list[str]:
                      f"{none['run_ms_per_step']:.2f} ms per model run, {none['kernel_ms_per_step']:.2f} ms of it in kernels "
                      f"({'-' if outside is None else f'{100 * outside:.0f} %'} outside them: scheduling and the runtime between kernels); kernel time by "
                      f"operator: {top}.")
+    if profile and "error" not in profile and (pre := profile["none"].get("prefill")):  # results before 2026-12-03 lack it
+        top = ", ".join(f"{op} {100 * v['share']:.0f} %" for op, v in list(pre["by_op"].items())[:4])
+        lines.append(f"First token of the same request (its prefill of {pre['prompt_tokens']} tokens): {pre['run_ms_per_step']:.2f} ms "
+                     f"in one model run, {pre['kernel_ms_per_step']:.2f} ms of it in kernels; kernel time by operator: {top}.")
     roof = [r for r in b.get("roofline", []) if r["label"] == f"onnx-int4-none-t{threads}"]
     if roof:
         lines.append("Against the copy-bandwidth bound (weights + KV cache read once per token): " + ", ".join(
