@@ -160,7 +160,6 @@ def test_unknown_lm_head_precision_is_refused_naming_the_field(monkeypatch):
         _tiny_plan_with_export(monkeypatch, int4_lm_head="int2")
 
 
-
 def test_qnn_chain_calibrates_on_the_whole_tiny_train_split_and_keeps_the_lm_head_int8(monkeypatch):
     """The qnn chain's quantization settings (docs/npu-quality.md): QuaRot, GPTQ int4 per channel calibrated on
     the adapter's whole (tiny) train split, the embedding table int4 and the LM head int8, on the CPU EP."""

@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from phi_pipeline.build import cache as cache_mod
 from phi_pipeline.build.cache import Cache, DigestMemo, check_entry, file_sha256
 from phi_pipeline.cli import main
-from phi_pipeline.build.diskspace import DiskFullError
+from phi_pipeline.build.diskspace import DiskFullError, tree_size
 from phi_pipeline.errors import Terminated
 from phi_pipeline.build.runlock import LockHeld, RunLock
 
@@ -174,6 +174,15 @@ def fake_olive(tmp_path: Path, body: str) -> Path:
     script.write_text("#!/bin/sh\n" + body + "\n")
     script.chmod(0o755)
     return script
+
+
+def test_tree_size_leaves_out_excluded_subfolders_but_not_an_ancestor_of_the_same_name(tmp_path):
+    bundle = tmp_path / "adapters" / "bundle"  # an ancestor named like the excluded subfolder counts no part
+    (bundle / "adapters").mkdir(parents=True)
+    (bundle / "model.onnx").write_bytes(b"x" * 10)
+    (bundle / "adapters" / "tone.onnx_adapter").write_bytes(b"x" * 3)
+    assert tree_size(bundle) == 13 and tree_size(bundle, exclude=("adapters",)) == 10
+    assert tree_size(bundle / "model.onnx", exclude=("adapters",)) == 10
 
 
 def test_full_disk_inside_olive_names_the_folder_and_space(tmp_path, monkeypatch):

@@ -144,11 +144,12 @@ def _model_runs(events: list[dict[str, Any]]) -> list[tuple[float, float]]:
 
 
 def _kernel_times(events: list[dict[str, Any]], runs: list[tuple[float, float]]) -> dict[str, Any]:
-    """Node kernel times inside the given model runs, per run, by operator (LoRA nodes apart)."""
+    """Node kernel times inside the given consecutive model runs, per run, by operator (LoRA nodes apart)."""
     micros: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
+    first, last = runs[0][0], runs[-1][1]  # kernels run only inside model runs: the span holds exactly theirs
     for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and any(b <= e["ts"] <= end for b, end in runs):
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and first <= e["ts"] <= last:
             group = _op_group(e["name"], e.get("args", {}).get("op_name", "?"))
             micros[group] += e.get("dur", 0)
             calls[group] += 1

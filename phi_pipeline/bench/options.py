@@ -33,7 +33,3 @@ class BenchOptions:
     """Interleaved rounds of the peer comparison (each runs every row once)."""
     peer_sizes: tuple[str, ...] = ()
     """More bench bases the peer comparison also runs on, each its own section (e.g. the Llama-shaped one)."""
-
-
-def folder_bytes(folder: Path, exclude: tuple[str, ...] = ()) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not any(x in p.parts for x in exclude))

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import tomllib
 
 from phi_pipeline.bench.accuracy import compare
+from phi_pipeline.build.diskspace import tree_size
+from phi_pipeline.bundle.layout import ADAPTERS_DIR
 from phi_pipeline.evaluate.speed import measure_rounds
 from phi_pipeline.spec.schema import SPEC_VARIANT, ExportSearchSpec
 from phi_pipeline.evaluate.stats import paired_ratio, summary
@@ -444,7 +446,7 @@ def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, An
         make_random_adapter,
         merged_bundle,
     )
-    from phi_pipeline.bench.options import ADAPTER_RANKS, TABLE_ADAPTER, folder_bytes
+    from phi_pipeline.bench.options import ADAPTER_RANKS, TABLE_ADAPTER
 
     if opts.device != "cpu":
         return {"skipped": "the llama.cpp peer runs on CPU only"}
@@ -505,12 +507,12 @@ def bench_peer(opts: "BenchOptions", say: Callable[[str], None]) -> dict[str, An
     rounds = measure_rounds(list(runners), lambda name, i: runners[name](i), opts.peer_rounds, say,
                             {tuning.row_name(t.variant): t.variant.rounds for t in tuned if t.variant.rounds})
     bundles = {SPEC_VARIANT: bundle, **candidates}
-    model_sizes = {n: folder_bytes(b, exclude=("adapters",)) for n, b in bundles.items()}
+    model_sizes = {n: tree_size(b, exclude=(ADAPTERS_DIR,)) for n, b in bundles.items()}
     record = export_search(proxies, rounds, model_sizes, opts)
     shipped = record["winner"] or SPEC_VARIANT
     sizes = {"bundle_int4": model_sizes[shipped], "onnx_adapter_r8": adapter.stat().st_size,
              **{f"gguf_{q}": p.stat().st_size for q, p in models.gguf.items()}, "gguf_lora_r8": models.lora.stat().st_size}
-    tuned_sizes = {t.variant.name: folder_bytes(t.model, exclude=("adapters",)) for t in tuned}
+    tuned_sizes = {t.variant.name: tree_size(t.model, exclude=(ADAPTERS_DIR,)) for t in tuned}
     genai = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"].get("session_options", {})
     return {
         "llama_cpp": {"llama-cpp-python sdist": version, "cmake_options": list(CMAKE_OPTIONS), "threads": opts.threads},

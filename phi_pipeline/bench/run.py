@@ -37,9 +37,10 @@ from phi_pipeline.bench.options import (
     SCHEMA,
     TABLE_ADAPTER,
     BenchOptions,
-    folder_bytes,
 )
 from phi_pipeline.bench.serving import bench_serving
+from phi_pipeline.build.diskspace import tree_size
+from phi_pipeline.bundle.layout import ADAPTERS_DIR
 from phi_pipeline.evaluate.stats import load_average, ratio
 from phi_pipeline.errors import PipelineError
 from phi_pipeline.runtime.target_models import OpenVINOModel
@@ -178,7 +179,7 @@ def bench_given_bundle(opts: BenchOptions) -> dict[str, Any]:
     if torch_base and peft.is_dir():
         adapters["torch"] = {first["name"]: peft}
     rows = decode_rows({precision: opts.bundle}, adapters, torch_base, opts, opts.work_dir / "runs" / "bundle")
-    sizes = {f"onnx_{precision}_model": folder_bytes(opts.bundle, exclude=("adapters",))}
+    sizes = {f"onnx_{precision}_model": tree_size(opts.bundle, exclude=(ADAPTERS_DIR,))}
     if torch_base is not None:
         sizes[torch_size_key(torch_base)] = safetensors_bytes(torch_base)
     return {
@@ -232,9 +233,9 @@ def bench_model(opts: BenchOptions, bandwidth: dict[str, Any]) -> dict[str, Any]
         "bundles": {p: str(b) for p, b in onnx.items()},
         "sizes_bytes": {
             torch_size_key(base): safetensors_bytes(base),
-            **{f"onnx_{p}_model": folder_bytes(b, exclude=("adapters",)) for p, b in onnx.items()},
-            **({f"onnx_{int4}_merged_variant": folder_bytes(merged)} if merged else {}),
-            **({"openvino_int4_model": folder_bytes(openvino)} if isinstance(openvino, Path) else {}),
+            **{f"onnx_{p}_model": tree_size(b, exclude=(ADAPTERS_DIR,)) for p, b in onnx.items()},
+            **({f"onnx_{int4}_merged_variant": tree_size(merged)} if merged else {}),
+            **({"openvino_int4_model": tree_size(openvino)} if isinstance(openvino, Path) else {}),
             "peft_adapter": {n: (peft[n] / "adapter" / "adapter_model.safetensors").stat().st_size for n in ADAPTER_RANKS},
             "onnx_adapter": {n: f.stat().st_size for n, f in adapter_files[int4].items()},
         },

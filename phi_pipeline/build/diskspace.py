@@ -23,11 +23,12 @@ class DiskFullError(PipelineError):
     """A write failed for lack of space (exit code 1)."""
 
 
-def tree_size(path: Path) -> int:
-    """Bytes of a file, or of every regular file below a folder."""
+def tree_size(path: Path, exclude: tuple[str, ...] = ()) -> int:
+    """Bytes of a file, or of every regular file below a folder but those under a subfolder named in `exclude`."""
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in path.rglob("*")
+               if p.is_file() and not any(x in p.relative_to(path).parts for x in exclude))
 
 
 def human(n: float) -> str:

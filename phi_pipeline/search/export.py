@@ -322,7 +322,7 @@ def run_search(
                     folder = staged_variant(name, folders[name])
                     cached = {"results": gated_results(plans[name], folder, trained, enforced=enforced),
                               # the adapters are the same in every variant
-                              "size_bytes": tree_size(folder) - tree_size(folder / ADAPTERS_DIR)}
+                              "size_bytes": tree_size(folder, exclude=(ADAPTERS_DIR,))}
                 _put_json(cache, "export-search", key, cached, {"pipeline": plan.spec.name, "variant": name})
             results[name] = cached["results"]
             variants.append(from_results(name, changes, cached["results"], cached["size_bytes"]))
