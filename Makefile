@@ -11,13 +11,13 @@ TARGETS  ?= $(TARGET)
 # The venv is the one of the last target named: its runtime build (e.g. onnxruntime-gpu) also runs the CPU EP.
 VENV_TARGET := $(lastword $(subst $(comma), ,$(TARGETS)))
 
-# What TARGET builds with, read from the target table (phi_pipeline/spec/targets.py is plain Python, so the
+# What TARGET builds with, read from the target table (phi_pipeline/pipeline_spec/targets.py is plain Python, so the
 # system interpreter reads it before any venv exists): its pyproject extras, the venv they go in (one
 # per set of extras: the CPU and CUDA onnxruntime builds install the same modules), and the dependency
 # group of a second venv that some export passes run in ("-": none). EXTRAS=cpu,qlora adds extras.
-TARGET_INFO := $(shell $(PYTHON) -c 'from phi_pipeline.spec.targets import get_target; t = get_target("$(VENV_TARGET)"); \
+TARGET_INFO := $(shell $(PYTHON) -c 'from phi_pipeline.pipeline_spec.targets import get_target; t = get_target("$(VENV_TARGET)"); \
 	print(",".join(t.install_extras), t.venv, t.pass_venv or "-", t.pass_environment or "-")')
-$(if $(TARGET_INFO),,$(error TARGET=$(VENV_TARGET) is not a target of phi_pipeline/spec/targets.py))
+$(if $(TARGET_INFO),,$(error TARGET=$(VENV_TARGET) is not a target of phi_pipeline/pipeline_spec/targets.py))
 EXTRAS   ?= $(word 1,$(TARGET_INFO))
 VENV     ?= $(word 2,$(TARGET_INFO))
 PASS_VENV  := $(filter-out -,$(word 3,$(TARGET_INFO)))

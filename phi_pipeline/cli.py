@@ -12,17 +12,17 @@ import sys
 from pathlib import Path
 
 from phi_pipeline.errors import PipelineError, Terminated, UsageError
-from phi_pipeline.build.executors import EXECUTORS
-from phi_pipeline.spec.targets import TARGETS
+from phi_pipeline.orchestration.executors import EXECUTORS
+from phi_pipeline.pipeline_spec.targets import TARGETS
 
 SHIPPED_SPECS = Path("pipelines")
 
 
 def _scale_out(args: argparse.Namespace):
     """The launch settings and the executor of --nproc-per-node ... and --executor."""
-    from phi_pipeline.build.distributed import Launch
-    from phi_pipeline.build.executors import make_executor
-    from phi_pipeline.spec.schema import load_spec
+    from phi_pipeline.orchestration.distributed import Launch
+    from phi_pipeline.orchestration.executors import make_executor
+    from phi_pipeline.pipeline_spec.schema import load_spec
 
     launch = Launch(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr, args.master_port)
     if launch.problems():
@@ -54,7 +54,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.package:
         from phi_pipeline.bundle.package import build_package, packable
 
-        from phi_pipeline.spec.schema import load_spec
+        from phi_pipeline.pipeline_spec.schema import load_spec
 
         packed, merged = packable(bundles)
         for b in merged:
@@ -99,7 +99,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_configs(args: argparse.Namespace) -> int:
-    from phi_pipeline.build.configs import write_configs
+    from phi_pipeline.orchestration.configs import write_configs
     from phi_pipeline.pipeline import load_plan
 
     if args.all:
@@ -162,7 +162,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from phi_pipeline.build.cache import info_cli, prune_cli, verify_cli
+    from phi_pipeline.orchestration.cache import info_cli, prune_cli, verify_cli
 
     root = Path(args.cache_dir)
     if args.action == "info":

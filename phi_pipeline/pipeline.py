@@ -16,25 +16,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline.build.cache import (
+from phi_pipeline.orchestration.cache import (
     Cache,
     DigestMemo,
     content_key,
     tree_sha256,
 )
-from phi_pipeline.build.configs import EXPORT_FILE, finetune_file, write_configs
-from phi_pipeline.build.diskspace import space_for, tree_size
-from phi_pipeline.build.distributed import (
+from phi_pipeline.orchestration.configs import EXPORT_FILE, finetune_file, write_configs
+from phi_pipeline.orchestration.diskspace import space_for, tree_size
+from phi_pipeline.orchestration.distributed import (
     DEVICE_ENV,
     Launch,
     describe,
 )
-from phi_pipeline.build.executors import Executor, LocalExecutor, OliveJob, Pending
-from phi_pipeline.build.olive_compat import HOOKS_ENV
-from phi_pipeline.build.progress import Stages, TrainingProgress
-from phi_pipeline.build.runlock import RunLock
-from phi_pipeline.build.trained import TrainedAdapter
-from phi_pipeline.build.training import (
+from phi_pipeline.orchestration.executors import Executor, LocalExecutor, OliveJob, Pending
+from phi_pipeline.orchestration.olive_compat import HOOKS_ENV
+from phi_pipeline.orchestration.progress import Stages, TrainingProgress
+from phi_pipeline.orchestration.runlock import RunLock
+from phi_pipeline.orchestration.trained import TrainedAdapter
+from phi_pipeline.orchestration.training import (
     ADAPTER_FILES,
     collect_finetune_result,
     content_form,
@@ -45,10 +45,10 @@ from phi_pipeline.build.training import (
 from phi_pipeline.bundle import staging
 from phi_pipeline.bundle.publish import publish_dir
 from phi_pipeline.errors import PipelineError, UsageError
-from phi_pipeline.spec.data import check_data
-from phi_pipeline.spec.inputs import check_safetensors, in_hf_cache
-from phi_pipeline.spec.plan import AdapterPlan, Plan, export_search, is_local_path, make_plan
-from phi_pipeline.spec.schema import SPEC_VARIANT, ExportSearchSpec, load_spec
+from phi_pipeline.pipeline_spec.data import check_data
+from phi_pipeline.pipeline_spec.inputs import check_safetensors, in_hf_cache
+from phi_pipeline.pipeline_spec.plan import AdapterPlan, Plan, export_search, is_local_path, make_plan
+from phi_pipeline.pipeline_spec.schema import SPEC_VARIANT, ExportSearchSpec, load_spec
 from phi_pipeline.tiny.builtin import ensure_builtin
 from phi_pipeline.versions import package_versions
 
@@ -179,7 +179,7 @@ def _plan_finetune(
 ) -> _Finetune:
     """Look the fine-tune up in the cache; on a miss, prepare its work folder (an interrupted fine-tune with
     the same key resumes from its last checkpoint) and describe its job."""
-    from phi_pipeline.build.workflows.finetune import trainer_hooks
+    from phi_pipeline.orchestration.workflows.finetune import trainer_hooks
 
     nproc = adapter.spec.training.nproc_per_node
     world = ctx.launch.world_size(nproc)
@@ -254,8 +254,8 @@ def train_adapters(
     A parallel executor gets the stage's cache misses (adapters without a search) submitted together
     first; the local one trains each in its turn. A failed fine-tune fails the run after the others that
     were already running have finished and been cached."""
-    from phi_pipeline.build.configs import workflow_configs
-    from phi_pipeline.build.workflows.finetune import trainer_hooks
+    from phi_pipeline.orchestration.configs import workflow_configs
+    from phi_pipeline.orchestration.workflows.finetune import trainer_hooks
     from phi_pipeline.search.run import search_adapter, study_key
 
     configs = workflow_configs(plan)
@@ -321,7 +321,7 @@ def export_base(
 ) -> tuple[Path, str]:
     """The multi-adapter export (or one export-search `variant` of it, from its `config_file`): the cache
     entry and its key."""
-    from phi_pipeline.build.configs import workflow_configs
+    from phi_pipeline.orchestration.configs import workflow_configs
     from phi_pipeline.bundle.adapters import write_layout_adapter
 
     key = content_key(
@@ -355,7 +355,7 @@ def export_merged(
 ) -> dict[str, Path]:
     """Merged layout: one export per adapter (MergeAdapterWeights, then the target's route); a parallel
     executor gets the cache misses submitted together."""
-    from phi_pipeline.build.configs import export_file, workflow_configs
+    from phi_pipeline.orchestration.configs import export_file, workflow_configs
 
     executor = executor or LocalExecutor()
     configs = workflow_configs(plan)

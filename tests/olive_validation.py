@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline.spec.targets import TARGETS
+from phi_pipeline.pipeline_spec.targets import TARGETS
 
 
 @lru_cache(maxsize=1)

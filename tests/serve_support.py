@@ -20,7 +20,7 @@ RANKS = {CHAT_ADAPTER: 4, TEMPLATE_ADAPTER: 8}
 def _olive_in_process(config_path: Path, log_path: Path, expected_outputs, **_kwargs) -> float:
     from olive.workflows import run as olive_run
 
-    from phi_pipeline.build.olive_compat import apply
+    from phi_pipeline.orchestration.olive_compat import apply
 
     apply()
     olive_run(json.loads(Path(config_path).read_text()))
@@ -34,7 +34,7 @@ def build_random_bundle(work: Path) -> Path:
     own code (phi_pipeline.bench.models.export_bundle), Olive run in this process."""
     import pytest
 
-    import phi_pipeline.build.runner
+    import phi_pipeline.orchestration.runner
     from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter
     from phi_pipeline.tiny.base_model import train_tokenizer
 
@@ -46,7 +46,7 @@ def build_random_bundle(work: Path) -> Path:
         for seed, name in enumerate((CHAT_ADAPTER, TEMPLATE_ADAPTER))
     }
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(phi_pipeline.build.runner, "run_olive", _olive_in_process)
+        mp.setattr(phi_pipeline.orchestration.runner, "run_olive", _olive_in_process)
         bundle = export_bundle(base, adapters, RANKS, "int4", work / "export").bundle
     # The bench spec trains every adapter from a text template; declare one a chat adapter so both
     # prompt formats are served (the weights are random either way).

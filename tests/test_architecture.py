@@ -16,8 +16,8 @@ RANKS = {
     "errors": 0,
     "versions": 0,
     "tiny": 0,
-    "spec": 1,
-    "build": 2,
+    "pipeline_spec": 1,
+    "orchestration": 2,
     "bundle": 3,
     "runtime": 4,
     "evaluate": 5,
@@ -114,19 +114,19 @@ def test_import_rule_check_finds_a_circle_and_an_upward_import(tmp_path, monkeyp
     # the checks above are only worth something if they can fail
     pkg = tmp_path / "phi_pipeline"
     for room, body in {
-        "spec": "from phi_pipeline.build import runner\n",
-        "build": "",
+        "pipeline_spec": "from phi_pipeline.orchestration import runner\n",
+        "orchestration": "",
     }.items():
         (pkg / room).mkdir(parents=True)
         (pkg / room / "__init__.py").write_text('"""doc"""\n')
         (pkg / room / "a.py").write_text(body + "from phi_pipeline.%s import b\n" % room)
         (pkg / room / "b.py").write_text("from phi_pipeline.%s import a\n" % room)
-    (pkg / "build" / "runner.py").write_text("")
+    (pkg / "orchestration" / "runner.py").write_text("")
     (pkg / "__init__.py").write_text("")
     monkeypatch.setattr(__import__(__name__), "PACKAGE", pkg)
     graph = _graph()
-    assert "phi_pipeline.build.runner" in graph["phi_pipeline.spec.a"]
-    assert "phi_pipeline.spec.b" in graph["phi_pipeline.spec.a"] and "phi_pipeline.spec.a" in graph["phi_pipeline.spec.b"]
+    assert "phi_pipeline.orchestration.runner" in graph["phi_pipeline.pipeline_spec.a"]
+    assert "phi_pipeline.pipeline_spec.b" in graph["phi_pipeline.pipeline_spec.a"] and "phi_pipeline.pipeline_spec.a" in graph["phi_pipeline.pipeline_spec.b"]
     for check in (test_no_import_runs_against_the_stages_order, test_no_import_circles):
         try:
             check()

@@ -41,7 +41,7 @@ def _tokenizer(folder: Path) -> Path:
 def _olive_in_process(config_path: Path, log_path: Path, expected_outputs, **_kwargs) -> float:
     from olive.workflows import run as olive_run
 
-    from phi_pipeline.build.olive_compat import apply
+    from phi_pipeline.orchestration.olive_compat import apply
 
     apply()
     olive_run(json.loads(Path(config_path).read_text()))
@@ -66,10 +66,10 @@ def one_torch_thread():
 
 @pytest.fixture
 def results(tmp_path, monkeypatch, one_torch_thread) -> dict:
-    import phi_pipeline.build.runner
+    import phi_pipeline.orchestration.runner
 
     monkeypatch.setenv("CI", "1")
-    monkeypatch.setattr(phi_pipeline.build.runner, "run_olive", _olive_in_process)
+    monkeypatch.setattr(phi_pipeline.orchestration.runner, "run_olive", _olive_in_process)
     monkeypatch.setattr(run, "run_config", _measure_in_process)
     monkeypatch.setattr(run.roofline, "copy_bandwidth", functools.partial(run.roofline.copy_bandwidth, megabytes=16))
     base = build_bench_base(tmp_path / "given-base", SIZES["tiny"], _tokenizer(tmp_path / "tokenizer"))
@@ -201,11 +201,11 @@ def test_pipeline_cost_summary(tmp_path, monkeypatch):
 
 def test_bench_export_is_reused_when_built_from_the_same_inputs(tmp_path, monkeypatch):
     """A multi-GB benchmark export is rebuilt only when its base, adapters or packages change."""
-    import phi_pipeline.build.runner
+    import phi_pipeline.orchestration.runner
 
     runs = []
     monkeypatch.setenv("CI", "1")
-    monkeypatch.setattr(phi_pipeline.build.runner, "run_olive", lambda *a, **k: runs.append(a[0]) or _olive_in_process(*a, **k))
+    monkeypatch.setattr(phi_pipeline.orchestration.runner, "run_olive", lambda *a, **k: runs.append(a[0]) or _olive_in_process(*a, **k))
     base = build_bench_base(tmp_path / "base", SIZES["tiny"], _tokenizer(tmp_path / "tokenizer"))
 
     def export(seed: int):

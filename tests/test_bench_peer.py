@@ -97,11 +97,11 @@ def test_peer_section_compares_the_tiny_bundle_with_llama_cpp(tmp_path, monkeypa
     LoRA conversion, llama-bench, llama-completion with and without the adapter, the bundle rows."""
     from test_bench import _olive_in_process, _tokenizer
 
-    import phi_pipeline.build.runner
+    import phi_pipeline.orchestration.runner
     from phi_pipeline.bench import options, report, tuning
 
     built = _built_llama_cpp()
-    monkeypatch.setattr(phi_pipeline.build.runner, "run_olive", _olive_in_process)
+    monkeypatch.setattr(phi_pipeline.orchestration.runner, "run_olive", _olive_in_process)
     work = tmp_path / "work"
     work.mkdir()
     (work / "llama.cpp").symlink_to(built)
@@ -218,7 +218,7 @@ def test_bench_export_search_gates_on_the_accuracy_proxies_and_ships_the_fastest
 def test_llama_shaped_bench_base_has_separate_projections_and_packs_like_phi3(tmp_path, monkeypatch):
     from test_bench import _olive_in_process, _tokenizer
 
-    import phi_pipeline.build.runner
+    import phi_pipeline.orchestration.runner
     from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter
 
     arch = SIZES["llama-tiny"]
@@ -226,7 +226,7 @@ def test_llama_shaped_bench_base_has_separate_projections_and_packs_like_phi3(tm
     assert json.loads((base / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert arch.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft = {"r8": make_random_adapter(base, tmp_path / "r8", r=8, seed=8, target_modules=arch.target_modules)}
-    monkeypatch.setattr(phi_pipeline.build.runner, "run_olive", _olive_in_process)
+    monkeypatch.setattr(phi_pipeline.orchestration.runner, "run_olive", _olive_in_process)
     bundle = export_bundle(base, peft, {"r8": 8}, "int4", tmp_path / "int4").bundle
     import onnx
 

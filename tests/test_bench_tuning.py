@@ -74,7 +74,7 @@ def test_every_variant_but_the_control_changes_one_thing_and_has_a_distinct_fold
 
 
 def test_export_variants_name_real_export_options():
-    from phi_pipeline.spec.schema import ExportSpec
+    from phi_pipeline.pipeline_spec.schema import ExportSpec
 
     for v in tuning.VARIANTS:
         if v.export:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from phi_pipeline.build.configs import EXPORT_FILE, finetune_file, readme, render, workflow_configs
+from phi_pipeline.orchestration.configs import EXPORT_FILE, finetune_file, readme, render, workflow_configs
 from phi_pipeline.errors import UsageError
 from phi_pipeline.pipeline import load_plan
-from phi_pipeline.spec.targets import TARGETS
+from phi_pipeline.pipeline_spec.targets import TARGETS
 
 from olive_validation import olive_check
 
@@ -109,8 +109,8 @@ def test_unknown_target_is_refused_listing_targets(monkeypatch):
 def _tiny_plan_with_export(monkeypatch, **export):
     import yaml
 
-    from phi_pipeline.spec.plan import make_plan
-    from phi_pipeline.spec.schema import parse_spec
+    from phi_pipeline.pipeline_spec.plan import make_plan
+    from phi_pipeline.pipeline_spec.schema import parse_spec
 
     monkeypatch.chdir(ROOT)
     spec = yaml.safe_load((ROOT / "pipelines/tiny-phi3.yaml").read_text())
@@ -119,7 +119,7 @@ def _tiny_plan_with_export(monkeypatch, **export):
 
 
 def test_int4_export_quantizes_the_embedding_table_symmetric_by_default(monkeypatch):
-    from phi_pipeline.build.olive_compat import translate_int4_options
+    from phi_pipeline.orchestration.olive_compat import translate_int4_options
 
     builder = workflow_configs(plan_for(ROOT / "pipelines/tiny-phi3.yaml", "cpu", monkeypatch))[EXPORT_FILE]["passes"]["builder"]
     assert builder["int4_op_types_to_quantize"] == ["MatMul", "Gather"]
@@ -163,7 +163,7 @@ def test_unknown_lm_head_precision_is_refused_naming_the_field(monkeypatch):
 def test_qnn_chain_calibrates_on_the_whole_tiny_train_split_and_keeps_the_lm_head_int8(monkeypatch):
     """The qnn chain's quantization settings (docs/npu-quality.md): QuaRot, GPTQ int4 per channel calibrated on
     the adapter's whole (tiny) train split, the embedding table int4 and the LM head int8, on the CPU EP."""
-    from phi_pipeline.build.workflows.npu import QNN_LM_HEAD_BITS
+    from phi_pipeline.orchestration.workflows.npu import QNN_LM_HEAD_BITS
 
     export = workflow_configs(plan_for(ROOT / "pipelines/tiny-phi3.yaml", "qnn", monkeypatch))["export-antonyms.json"]
     passes = export["passes"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from phi_pipeline.bundle.staging import verify
-from phi_pipeline.build.cache import file_sha256
+from phi_pipeline.orchestration.cache import file_sha256
 
 pytestmark = pytest.mark.slow
 

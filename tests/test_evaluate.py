@@ -19,7 +19,7 @@ from phi_pipeline.evaluate import (
 )
 from phi_pipeline.evaluate.metrics import exact_match, label_report, score
 from phi_pipeline.evaluate.run import _split_answer
-from phi_pipeline.spec.schema import DataSpec, EvalSpec, GateSpec
+from phi_pipeline.pipeline_spec.schema import DataSpec, EvalSpec, GateSpec
 
 # ------------------------------------------------------------------------------------------ metrics
 
@@ -54,7 +54,7 @@ def test_label_report_confusion_rows_are_references_and_other_answers_get_their_
 
 
 def test_metric_list_drives_gates_with_its_first_unless_a_gate_names_one():
-    from phi_pipeline.spec.schema import AdapterSpec
+    from phi_pipeline.pipeline_spec.schema import AdapterSpec
 
     base = {"name": "a", "data": {"train": "t", "eval": "e", "messages_field": "m"}, "lora": {}, "training": {}}
     first = AdapterSpec(**base, eval={"metric": ["rougeL", "bleu"]}, gates={})
@@ -223,7 +223,7 @@ def test_report_writes_json_markdown_and_png_charts(tmp_path):
 def test_finalized_manifest_lists_report_files_and_bundle_still_verifies(tmp_path):
     from phi_pipeline.bundle.layout import MANIFEST
     from phi_pipeline.bundle.staging import finalize_manifest, verify
-    from phi_pipeline.build.cache import file_sha256
+    from phi_pipeline.orchestration.cache import file_sha256
 
     (tmp_path / "a.txt").write_text("a")
     (tmp_path / MANIFEST).write_text(json.dumps({"files": {"a.txt": file_sha256(tmp_path / "a.txt")}}))

@@ -12,7 +12,7 @@ import yaml
 
 from phi_pipeline.errors import PipelineError, UsageError
 from phi_pipeline.search import export as xs
-from phi_pipeline.spec.schema import ExportSearchSpec, parse_spec
+from phi_pipeline.pipeline_spec.schema import ExportSearchSpec, parse_spec
 
 SEARCH = ExportSearchSpec(rounds=10, prompt_tokens=[64, 512])
 
@@ -121,9 +121,9 @@ def test_export_search_candidates_are_checked_all_at_once_with_their_lines(proje
 
 
 def test_export_search_runs_on_cpu_only_and_says_why_elsewhere(project):
-    from phi_pipeline.build.configs import workflow_configs
+    from phi_pipeline.orchestration.configs import workflow_configs
     from phi_pipeline.pipeline import load_plan
-    from phi_pipeline.spec.plan import export_search
+    from phi_pipeline.pipeline_spec.plan import export_search
 
     cpu = load_plan("pipelines/tiny-phi3.yaml", "cpu")
     search, why = export_search(cpu)
@@ -141,7 +141,7 @@ def test_export_search_runs_on_cpu_only_and_says_why_elsewhere(project):
 
 
 def test_export_search_settings_reach_the_model_builder_pass(project):
-    from phi_pipeline.build.configs import workflow_configs
+    from phi_pipeline.orchestration.configs import workflow_configs
     from phi_pipeline.pipeline import load_plan
 
     Path("pipelines/k.yaml").write_text(_spec(candidates=[{"name": "kq", "int4_algorithm": "k_quant"}]))
@@ -160,8 +160,8 @@ def fake_build(project, monkeypatch):
     """run_search with exports, staging, gates and timing replaced by counters (what is cached is the point)."""
     import phi_pipeline.bundle.staging as staging
     import phi_pipeline.evaluate as evaluate
-    from phi_pipeline.build.cache import Cache
-    from phi_pipeline.build.progress import Stages
+    from phi_pipeline.orchestration.cache import Cache
+    from phi_pipeline.orchestration.progress import Stages
     from phi_pipeline.pipeline import load_plan
 
     calls = {"gated": [], "timed": []}

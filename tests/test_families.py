@@ -15,7 +15,7 @@ from conftest import ROOT, _run_in
 from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
 
 from phi_pipeline.pipeline import load_plan
-from phi_pipeline.spec.schema import DEFAULT_TARGET_MODULES, BaseModelSpec
+from phi_pipeline.pipeline_spec.schema import DEFAULT_TARGET_MODULES, BaseModelSpec
 from phi_pipeline.tiny import BUILTINS, HEAD_SIZE, SOURCE_BUILTIN, TINY_PHI3_ARCH, builtin_config
 from phi_pipeline.tiny.builtin import ensure_builtin
 from phi_pipeline.tiny.families import FAMILIES, derive_base, derive_model, family_config

@@ -159,8 +159,8 @@ def test_json_array_file_is_read_and_a_bad_element_is_named_by_index(workspace, 
 
 
 def test_nested_json_array_is_read_from_field(workspace, capsys):
-    from phi_pipeline.spec.data import load_examples
-    from phi_pipeline.spec.schema import DataSpec
+    from phi_pipeline.pipeline_spec.data import load_examples
+    from phi_pipeline.pipeline_spec.schema import DataSpec
 
     (workspace / "data/nested.json").write_text(json.dumps({"version": 2, "data": [PLAIN_ROW, {"q": "one", "a": "1"}]}))
     data = DataSpec(train="data/nested.json", eval="data/nested.json", field="data", text_template="Q: {q}\nA: {a}", response_field="a")

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from phi_pipeline.build import cache as cache_mod
-from phi_pipeline.build.cache import Cache, DigestMemo, check_entry, file_sha256
+from phi_pipeline.orchestration import cache as cache_mod
+from phi_pipeline.orchestration.cache import Cache, DigestMemo, check_entry, file_sha256
 from phi_pipeline.cli import main
-from phi_pipeline.build.diskspace import DiskFullError, tree_size
+from phi_pipeline.orchestration.diskspace import DiskFullError, tree_size
 from phi_pipeline.errors import Terminated
-from phi_pipeline.build.runlock import LockHeld, RunLock
+from phi_pipeline.orchestration.runlock import LockHeld, RunLock
 
 ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 SPEC = """\
@@ -186,7 +186,7 @@ def test_tree_size_leaves_out_excluded_subfolders_but_not_an_ancestor_of_the_sam
 
 
 def test_full_disk_inside_olive_names_the_folder_and_space(tmp_path, monkeypatch):
-    from phi_pipeline.build.runner import run_olive
+    from phi_pipeline.orchestration.runner import run_olive
 
     body = "echo \"OSError: [Errno 28] No space left on device: '$PWD/x'\"; exit 1"
     monkeypatch.setattr(sys, "executable", str(fake_olive(tmp_path, body)))
@@ -200,7 +200,7 @@ def _terminate(signum, frame):
 
 
 def test_sigterm_stops_the_olive_process(tmp_path, monkeypatch):
-    from phi_pipeline.build.runner import run_olive
+    from phi_pipeline.orchestration.runner import run_olive
 
     pid_file = tmp_path / "child.pid"
     monkeypatch.setattr(sys, "executable", str(fake_olive(tmp_path, f"echo $$ > {pid_file}; echo started; exec sleep 60")))
@@ -331,7 +331,7 @@ HOLD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from phi_pipeline.build.runlock import RunLock
+    from phi_pipeline.orchestration.runlock import RunLock
     with RunLock(Path(sys.argv[1]), "the test run"):
         print("held", flush=True)
         time.sleep(float(sys.argv[2]))

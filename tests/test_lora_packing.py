@@ -19,12 +19,12 @@ PROMPT = [5, 9, 2, 7, 3, 3, 8]
 @pytest.fixture(scope="module", params=["int4", "fp32"])  # MatMulNBits and plain MatMul projections
 def exported(tmp_path_factory, request):
     """A tiny random Phi-3 exported (unpacked, as Olive leaves it) and its published bundle (packed)."""
-    import phi_pipeline.build.runner
+    import phi_pipeline.orchestration.runner
 
     tmp = tmp_path_factory.mktemp("packing")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CI", "1")
-        mp.setattr(phi_pipeline.build.runner, "run_olive", _olive_in_process)
+        mp.setattr(phi_pipeline.orchestration.runner, "run_olive", _olive_in_process)
         base = build_bench_base(tmp / "base", SIZES["tiny"], _tokenizer(tmp / "tokenizer"))
         adapter = make_random_adapter(base, tmp / "adapter", r=4, seed=0, target_modules=PHI3_MODULES)
         bundle = export_bundle(base, {"a": adapter}, {"a": 4}, request.param, tmp / "export").bundle
@@ -77,7 +77,7 @@ def test_packing_leaves_a_graph_alone_when_its_adapters_miss_a_projection_of_eac
 def test_bundle_keeps_the_exported_projections_when_pack_projections_is_off(tmp_path, monkeypatch):
     import yaml
 
-    import phi_pipeline.build.runner
+    import phi_pipeline.orchestration.runner
     from phi_pipeline.bench import models
 
     def spec_without_packing(*args, **kwargs) -> str:
@@ -87,7 +87,7 @@ def test_bundle_keeps_the_exported_projections_when_pack_projections_is_off(tmp_
 
     bench_spec = models.bench_spec
     monkeypatch.setenv("CI", "1")
-    monkeypatch.setattr(phi_pipeline.build.runner, "run_olive", _olive_in_process)
+    monkeypatch.setattr(phi_pipeline.orchestration.runner, "run_olive", _olive_in_process)
     monkeypatch.setattr(models, "bench_spec", spec_without_packing)
     base = build_bench_base(tmp_path / "base", SIZES["tiny"], _tokenizer(tmp_path / "tokenizer"))
     adapter = make_random_adapter(base, tmp_path / "adapter", r=4, seed=0, target_modules=PHI3_MODULES)
@@ -127,12 +127,12 @@ def _split_projection_base(out, family: str, tokenizer):
 def exported_split(tmp_path_factory, request):
     """A tiny random model whose LoRA sits on separate q/k/v and gate/up modules, exported int4 (unpacked,
     as Olive leaves it, with the adapter converted for it) and its published bundle (packed)."""
-    import phi_pipeline.build.runner
+    import phi_pipeline.orchestration.runner
 
     tmp = tmp_path_factory.mktemp(f"packing-{request.param}")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CI", "1")
-        mp.setattr(phi_pipeline.build.runner, "run_olive", _olive_in_process)
+        mp.setattr(phi_pipeline.orchestration.runner, "run_olive", _olive_in_process)
         base = _split_projection_base(tmp / "base", request.param, _tokenizer(tmp / "tokenizer"))
         adapter = make_random_adapter(base, tmp / "adapter", r=4, seed=0, target_modules=SPLIT_MODULES)
         bundle = export_bundle(base, {"a": adapter}, {"a": 4}, "int4", tmp / "export").bundle

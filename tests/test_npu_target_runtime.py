@@ -13,16 +13,16 @@ import pytest
 from phi_pipeline.bundle import layout, staging as bundle
 from phi_pipeline.errors import PipelineError
 from phi_pipeline.pipeline import _evaluate_and_gate
-from phi_pipeline.spec.plan import make_plan
-from phi_pipeline.build.progress import Stages
-from phi_pipeline.spec.schema import parse_spec
+from phi_pipeline.pipeline_spec.plan import make_plan
+from phi_pipeline.orchestration.progress import Stages
+from phi_pipeline.pipeline_spec.schema import parse_spec
 from phi_pipeline.runtime.target_models import (
     UNEVALUATED_DIR,
     DeviceNeeded,
     cuda_device_problem,
     missing_eval_device,
 )
-from phi_pipeline.spec.targets import TARGETS
+from phi_pipeline.pipeline_spec.targets import TARGETS
 
 SPEC = """\
 name: nogpu

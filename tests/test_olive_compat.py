@@ -1,4 +1,4 @@
-"""Unit tests for phi_pipeline.build.olive_compat (the Olive 0.13 / onnxruntime-genai >= 0.15 shim).
+"""Unit tests for phi_pipeline.orchestration.olive_compat (the Olive 0.13 / onnxruntime-genai >= 0.15 shim).
 
 Fast: no model is built; genai's builder functions are replaced by mocks where they would load a model.
 """
@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 from packaging.version import Version
 
-from phi_pipeline.build import olive_compat as oc
+from phi_pipeline.orchestration import olive_compat as oc
 
 model_builder = pytest.importorskip("olive.passes.onnx.model_builder")
 ModelBuilder = model_builder.ModelBuilder

@@ -10,7 +10,7 @@ import pytest
 
 from phi_pipeline.bench.models import SIZES, build_bench_base, export_bundle, make_random_adapter
 from phi_pipeline.runtime.genai import BundleModel
-from phi_pipeline.spec import targets
+from phi_pipeline.pipeline_spec import targets
 from test_bench import PHI3_MODULES, _olive_in_process, _tokenizer
 
 PROMPT = [5, 9, 2, 7, 3, 3, 8, 4, 6]
@@ -19,13 +19,13 @@ PROMPT = [5, 9, 2, 7, 3, 3, 8, 4, 6]
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """A tiny random Phi-3 with a random adapter, as int4 bundles exported with and without prune_lm_head."""
-    import phi_pipeline.build.runner
+    import phi_pipeline.orchestration.runner
 
     tmp = tmp_path_factory.mktemp("prune")
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CI", "1")
-        mp.setattr(phi_pipeline.build.runner, "run_olive", _olive_in_process)
+        mp.setattr(phi_pipeline.orchestration.runner, "run_olive", _olive_in_process)
         base = build_bench_base(tmp / "base", SIZES["tiny"], _tokenizer(tmp / "tokenizer"))
         adapter = make_random_adapter(base, tmp / "adapter", r=4, seed=0, target_modules=PHI3_MODULES)
         cpu = targets.TARGETS["cpu"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from phi_pipeline.build.cache import file_sha256, tree_files
+from phi_pipeline.orchestration.cache import file_sha256, tree_files
 from phi_pipeline.cli import main
 
 pytestmark = pytest.mark.slow

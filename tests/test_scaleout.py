@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import fast_spec
 
-from phi_pipeline.build.distributed import Launch, describe, rank_hooks, rank_workflow
+from phi_pipeline.orchestration.distributed import Launch, describe, rank_hooks, rank_workflow
 from phi_pipeline.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def _workflow() -> dict:
 def test_torchrun_command_is_standalone_on_one_node_and_static_on_several():
     one = Launch(2).torchrun_command(1, python="py")
     assert one == ["py", "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                   "-m", "phi_pipeline.build.distributed.rank"]
+                   "-m", "phi_pipeline.orchestration.distributed.rank"]
     several = Launch(None, nnodes=2, node_rank=1, master_addr="10.0.0.1").torchrun_command(4, python="py")
     assert several[3:13] == ["--nproc-per-node", "4", "--nnodes", "2", "--node-rank", "1",
                              "--master-addr", "10.0.0.1", "--master-port", "29500"]
@@ -69,7 +69,7 @@ def test_rank_hooks_keep_rank_zero_progress_and_move_the_others():
 
 
 def test_effective_batch_multiplies_world_size_and_accumulation():
-    from phi_pipeline.spec.schema import TrainingSpec
+    from phi_pipeline.pipeline_spec.schema import TrainingSpec
 
     t = TrainingSpec(batch_size=4, gradient_accumulation_steps=3)
     assert describe(t, 2, "cpu") == {"world_size": 2, "backend": "gloo", "effective_batch_size": 24}
@@ -77,10 +77,10 @@ def test_effective_batch_multiplies_world_size_and_accumulation():
 
 
 def test_training_key_changes_with_world_size_only_above_one(project):
-    from phi_pipeline.build.configs import finetune_file, workflow_configs
-    from phi_pipeline.build.training import training_key
+    from phi_pipeline.orchestration.configs import finetune_file, workflow_configs
+    from phi_pipeline.orchestration.training import training_key
     from phi_pipeline.pipeline import load_plan
-    from phi_pipeline.build.workflows.finetune import trainer_hooks
+    from phi_pipeline.orchestration.workflows.finetune import trainer_hooks
 
     plan = load_plan("pipelines/tiny-phi3.yaml", "cpu")
     adapter = plan.adapters[0]
@@ -124,7 +124,7 @@ def _project(tmp: Path, spec: dict, base_from: Path | None = None) -> Path:
 def built_base(tmp_path_factory) -> Path:
     """A project folder holding the embedded base model, built once for this module's end-to-end runs."""
     from phi_pipeline.pipeline import ensure_base, load_plan
-    from phi_pipeline.build.progress import Stages
+    from phi_pipeline.orchestration.progress import Stages
 
     project = _project(tmp_path_factory.mktemp("base"), _fast_spec())
     old = Path.cwd()
@@ -180,7 +180,7 @@ def local_ray():
 
 
 def _echo_job(tmp_path: Path, name: str, num_gpus: float):
-    from phi_pipeline.build.executors import OliveJob
+    from phi_pipeline.orchestration.executors import OliveJob
 
     # the launcher stands in for Olive: the job's log records what the task's process was given
     code = "import os; print('CVD=' + os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>'))"
@@ -189,7 +189,7 @@ def _echo_job(tmp_path: Path, name: str, num_gpus: float):
 
 
 def test_ray_tasks_get_the_gpus_their_jobs_request(local_ray, tmp_path):
-    from phi_pipeline.build.executors import RayExecutor
+    from phi_pipeline.orchestration.executors import RayExecutor
 
     executor = RayExecutor(None, tmp_path / "work")
     jobs = {"one": 1, "two": 2}
@@ -209,7 +209,7 @@ def test_a_failed_ray_task_fails_with_its_log_excerpt(local_ray, tmp_path):
     from dataclasses import replace
 
     from phi_pipeline.errors import PipelineError
-    from phi_pipeline.build.executors import RayExecutor
+    from phi_pipeline.orchestration.executors import RayExecutor
 
     executor = RayExecutor(None, tmp_path / "work")
     job = replace(_echo_job(tmp_path, "bad", 0), launcher=(sys.executable, "-c", "print('the cause'); raise SystemExit(3)"))
@@ -220,7 +220,7 @@ def test_a_failed_ray_task_fails_with_its_log_excerpt(local_ray, tmp_path):
 
 
 def test_ray_refuses_a_cluster_that_cannot_see_the_work_folder(local_ray, tmp_path, monkeypatch):
-    from phi_pipeline.build import executors
+    from phi_pipeline.orchestration import executors
 
     # the driver's marker lands where no node looks: as if work_dir were a local disk of the driver
     monkeypatch.setattr(executors, "write_marker", lambda folder: folder / ".never-written")
@@ -231,11 +231,11 @@ def test_ray_refuses_a_cluster_that_cannot_see_the_work_folder(local_ray, tmp_pa
 
 
 def test_cuda_fine_tunes_ask_a_gpu_per_rank_and_cpu_ones_none(project):
-    from phi_pipeline.build.cache import Cache
-    from phi_pipeline.build.configs import finetune_file, workflow_configs
-    from phi_pipeline.build.training import prepare_splits
+    from phi_pipeline.orchestration.cache import Cache
+    from phi_pipeline.orchestration.configs import finetune_file, workflow_configs
+    from phi_pipeline.orchestration.training import prepare_splits
     from phi_pipeline.pipeline import FinetuneContext, _plan_finetune, load_plan
-    from phi_pipeline.build.progress import Stages
+    from phi_pipeline.orchestration.progress import Stages
 
     class Parallel:
         name, parallel = "fake", True
@@ -296,7 +296,7 @@ class _FakeCluster:
 
     def submit(self, job, echo=False):
         from phi_pipeline.errors import PipelineError
-        from phi_pipeline.build.executors import Pending
+        from phi_pipeline.orchestration.executors import Pending
 
         self.submitted.append(job.name)
 
@@ -311,10 +311,10 @@ class _FakeCluster:
 
 
 def test_a_failed_fine_tune_fails_the_stage_after_the_others_running_are_cached(project):
-    from phi_pipeline.build.cache import Cache
+    from phi_pipeline.orchestration.cache import Cache
     from phi_pipeline.errors import PipelineError
     from phi_pipeline.pipeline import load_plan, train_adapters
-    from phi_pipeline.build.progress import Stages
+    from phi_pipeline.orchestration.progress import Stages
 
     plan = load_plan("pipelines/tiny-phi3.yaml", "cpu")
     cluster = _FakeCluster(fails="finetune-tone", cause="olive run failed (exit code 1): the cause")
@@ -327,11 +327,11 @@ def test_a_failed_fine_tune_fails_the_stage_after_the_others_running_are_cached(
 
 
 def test_a_failed_merged_export_fails_after_the_others_running_are_cached(project, tmp_path):
-    from phi_pipeline.build.cache import Cache
+    from phi_pipeline.orchestration.cache import Cache
     from phi_pipeline.errors import PipelineError
     from phi_pipeline.pipeline import export_merged, load_plan
-    from phi_pipeline.build.progress import Stages
-    from phi_pipeline.build.trained import TrainedAdapter
+    from phi_pipeline.orchestration.progress import Stages
+    from phi_pipeline.orchestration.trained import TrainedAdapter
 
     spec = yaml.safe_load(Path("pipelines/tiny-phi3.yaml").read_text())
     spec["export"]["layout"] = "merged"

@@ -9,7 +9,7 @@ import pytest
 from phi_pipeline.errors import PipelineError, UsageError
 from phi_pipeline.search.space import apply, grid_size
 from phi_pipeline.search.study import TrialFailed, run_study
-from phi_pipeline.spec.schema import SearchSpec, parse_spec
+from phi_pipeline.pipeline_spec.schema import SearchSpec, parse_spec
 
 SPEC = """\
 name: demo

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from phi_pipeline.errors import UsageError
-from phi_pipeline.spec.schema import load_spec, parse_spec
+from phi_pipeline.pipeline_spec.schema import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 

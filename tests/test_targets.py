@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from phi_pipeline.build.configs import EXPORT_FILE, export_file, finetune_file, workflow_configs, write_configs
+from phi_pipeline.orchestration.configs import EXPORT_FILE, export_file, finetune_file, workflow_configs, write_configs
 from phi_pipeline.errors import UsageError
-from phi_pipeline.spec.plan import make_plan, missing_installs
-from phi_pipeline.spec.schema import parse_spec
-from phi_pipeline.spec.targets import TARGETS
+from phi_pipeline.pipeline_spec.plan import make_plan, missing_installs
+from phi_pipeline.pipeline_spec.schema import parse_spec
+from phi_pipeline.pipeline_spec.targets import TARGETS
 
 from olive_validation import olive_check
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from phi_pipeline.build.cache import file_sha256
+from phi_pipeline.orchestration.cache import file_sha256
 from phi_pipeline.tiny import builtin_config
 from phi_pipeline.tiny.corpus import corpus_documents
 from phi_pipeline.tiny.datasets import DATA_DIR, OPPOSITE, TONE_PROMPT, TONE_WORDS, all_datasets, to_jsonl
@@ -141,10 +141,10 @@ def test_short_finetune_adapter_is_byte_identical_when_rerun(fast_project, tmp_p
     """The fast spec's first adapter (a few seeded steps), trained again from scratch: the same weight bytes."""
     import shutil
 
-    from phi_pipeline.build.configs import finetune_file
-    from phi_pipeline.build.training import ADAPTER_FILES
+    from phi_pipeline.orchestration.configs import finetune_file
+    from phi_pipeline.orchestration.training import ADAPTER_FILES
     from phi_pipeline.pipeline import load_plan
-    from phi_pipeline.build.runner import run_olive
+    from phi_pipeline.orchestration.runner import run_olive
 
     project = tmp_path / "project"
     shutil.copytree(fast_project, project, ignore=shutil.ignore_patterns("dist"))

@@ -17,9 +17,9 @@ import yaml
 
 from conftest import ROOT, _run_in
 from phi_pipeline.errors import UsageError
-from phi_pipeline.spec.plan import make_plan
-from phi_pipeline.build.progress import progress_line
-from phi_pipeline.spec.schema import load_spec, parse_spec
+from phi_pipeline.pipeline_spec.plan import make_plan
+from phi_pipeline.orchestration.progress import progress_line
+from phi_pipeline.pipeline_spec.schema import load_spec, parse_spec
 
 TINY = ROOT / "pipelines/tiny-phi3.yaml"
 
@@ -33,7 +33,7 @@ def _tiny_plan(tmp_path, monkeypatch, edit=None, target="cpu"):
 
 
 def test_validation_fraction_feeds_the_trainer_held_out_rows_and_eval_split_is_not_trainer_data(tmp_path, monkeypatch):
-    from phi_pipeline.build.configs import workflow_configs
+    from phi_pipeline.orchestration.configs import workflow_configs
 
     plan = _tiny_plan(tmp_path, monkeypatch)
     config = workflow_configs(plan)["finetune-tone.json"]
@@ -48,7 +48,7 @@ def test_validation_fraction_feeds_the_trainer_held_out_rows_and_eval_split_is_n
 
 
 def test_held_out_rows_are_seeded_and_disjoint_from_training_rows(tmp_path, monkeypatch):
-    from phi_pipeline.build.training import prepare_splits
+    from phi_pipeline.orchestration.training import prepare_splits
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
@@ -62,7 +62,7 @@ def test_held_out_rows_are_seeded_and_disjoint_from_training_rows(tmp_path, monk
 
 
 def test_hub_dataset_goes_to_olive_as_load_dataset_config_with_a_cut_validation_split(tmp_path, monkeypatch):
-    from phi_pipeline.build.configs import workflow_configs
+    from phi_pipeline.orchestration.configs import workflow_configs
 
     def to_hub(raw):
         raw["adapters"][1]["data"] = {
@@ -89,7 +89,7 @@ def test_hub_split_that_cannot_be_cut_is_a_spec_error_naming_the_line():
 
 
 def test_modules_to_save_is_refused_for_multi_adapter_and_passed_to_olive_when_merged(tmp_path, monkeypatch):
-    from phi_pipeline.build.configs import workflow_configs
+    from phi_pipeline.orchestration.configs import workflow_configs
 
     def save_head(raw):
         raw["lora"]["modules_to_save"] = ["lm_head"]
@@ -107,9 +107,9 @@ def test_modules_to_save_is_refused_for_multi_adapter_and_passed_to_olive_when_m
 
 def test_training_key_ignores_pipeline_name_work_paths_and_runtime_packages(tmp_path, monkeypatch):
     from phi_pipeline import versions
-    from phi_pipeline.build import training
-    from phi_pipeline.build.configs import workflow_configs
-    from phi_pipeline.build.workflows.finetune import trainer_hooks
+    from phi_pipeline.orchestration import training
+    from phi_pipeline.orchestration.configs import workflow_configs
+    from phi_pipeline.orchestration.workflows.finetune import trainer_hooks
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
@@ -136,7 +136,7 @@ def test_progress_line_shows_step_losses_elapsed_and_remaining():
 def test_trainer_hooks_add_early_stopping_and_progress_callbacks_to_any_trainer(tmp_path):
     from transformers import EarlyStoppingCallback
 
-    from phi_pipeline.build.olive_compat import trainer_callbacks
+    from phi_pipeline.orchestration.olive_compat import trainer_callbacks
 
     callbacks = trainer_callbacks({"early_stopping": {"patience": 2, "threshold": 0.5}, "progress_file": str(tmp_path / "p.jsonl")})
     stop, progress = callbacks
@@ -232,8 +232,8 @@ def test_killed_fine_tune_resumes_from_its_checkpoint_and_publishes(fast_project
 def test_array_hub_and_modules_to_save_configs_pass_olive_validation(tmp_path, monkeypatch):
     from olive_validation import olive_check
 
-    from phi_pipeline.build.configs import workflow_configs
-    from phi_pipeline.build.olive_compat import patch_lora_modules_to_save
+    from phi_pipeline.orchestration.configs import workflow_configs
+    from phi_pipeline.orchestration.olive_compat import patch_lora_modules_to_save
 
     patch_lora_modules_to_save()  # as `olive run` through olive_compat does
 
@@ -258,7 +258,7 @@ def test_array_hub_and_modules_to_save_configs_pass_olive_validation(tmp_path, m
 
 
 def test_interrupted_fine_tune_keeps_complete_checkpoints_of_its_own_key_only(tmp_path):
-    from phi_pipeline.build.training import TRAINING_KEY_FILE, prepare_finetune_dir
+    from phi_pipeline.orchestration.training import TRAINING_KEY_FILE, prepare_finetune_dir
 
     out = tmp_path / "tone"
     (out / "trainer/checkpoint-2").mkdir(parents=True)

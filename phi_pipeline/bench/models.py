@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from phi_pipeline.bench.decode import TORCH_DTYPES
-from phi_pipeline.build.cache import file_sha256
+from phi_pipeline.orchestration.cache import file_sha256
 
 PHI3_VOCAB = 32064
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -48,7 +48,7 @@ class BenchArch:
     @property
     def target_modules(self) -> list[str]:
         """LoRA targets of the bench adapters: the spec's default for the family (every projection)."""
-        from phi_pipeline.spec.schema import DEFAULT_TARGET_MODULES
+        from phi_pipeline.pipeline_spec.schema import DEFAULT_TARGET_MODULES
 
         return DEFAULT_TARGET_MODULES[self.family]
 
@@ -239,16 +239,16 @@ def export_bundle(
     """Export `base_dir` at `precision` (and `export_options`, ExportSpec fields) with the pipeline's
     export workflow and publish a bundle holding `adapters` (name -> folder with adapter/), converted
     and verified by bundle.py."""
-    from phi_pipeline.build.configs import EXPORT_FILE, render, workflow_configs
-    from phi_pipeline.build.progress import Stages
-    from phi_pipeline.build.runner import run_olive
+    from phi_pipeline.orchestration.configs import EXPORT_FILE, render, workflow_configs
+    from phi_pipeline.orchestration.progress import Stages
+    from phi_pipeline.orchestration.runner import run_olive
     from phi_pipeline.bundle import staging as bundle
     from phi_pipeline.bundle.adapters import write_layout_adapter
     from phi_pipeline.bundle.publish import publish_dir
     from phi_pipeline.errors import PipelineError
     from phi_pipeline.pipeline import TrainedAdapter
-    from phi_pipeline.spec.plan import make_plan
-    from phi_pipeline.spec.schema import parse_spec
+    from phi_pipeline.pipeline_spec.plan import make_plan
+    from phi_pipeline.pipeline_spec.schema import parse_spec
     from phi_pipeline.versions import package_versions
 
     work.mkdir(parents=True, exist_ok=True)
@@ -293,10 +293,10 @@ def merged_bundle(base_dir: Path, adapter_dir: Path, rank: int, precision: str, 
     exported by the pipeline's `layout: merged` workflow for `target` with no LoRA inputs. One full
     model per adapter and no run-time LoRA cost: what the multi-adapter graph is compared with; for
     openvino, the target's own chain, run with its pass venv's Python."""
-    from phi_pipeline.build.configs import export_file, render, workflow_configs
-    from phi_pipeline.build.runner import run_olive
-    from phi_pipeline.spec.plan import make_plan
-    from phi_pipeline.spec.schema import parse_spec
+    from phi_pipeline.orchestration.configs import export_file, render, workflow_configs
+    from phi_pipeline.orchestration.runner import run_olive
+    from phi_pipeline.pipeline_spec.plan import make_plan
+    from phi_pipeline.pipeline_spec.schema import parse_spec
 
     work.mkdir(parents=True, exist_ok=True)
     spec = yaml.safe_load(bench_spec(f"bench-merged-{precision}", base_dir, {"merged": rank}, precision, work))

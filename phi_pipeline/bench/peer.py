@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import tomllib
 
 from phi_pipeline.bench.accuracy import compare
-from phi_pipeline.build.diskspace import tree_size
+from phi_pipeline.orchestration.diskspace import tree_size
 from phi_pipeline.bundle.layout import ADAPTERS_DIR
 from phi_pipeline.evaluate.speed import measure_rounds
-from phi_pipeline.spec.schema import SPEC_VARIANT, ExportSearchSpec
+from phi_pipeline.pipeline_spec.schema import SPEC_VARIANT, ExportSearchSpec
 from phi_pipeline.evaluate.stats import paired_ratio, summary
 from phi_pipeline.errors import PipelineError
 

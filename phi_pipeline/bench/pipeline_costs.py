@@ -8,7 +8,7 @@ project, whose .phi-pipeline/ and dist/ other runs use):
    executors.run_olive (where the pipeline's jobs call it) and adapters.write_layout_adapter; nothing else
    is changed);
 2. the same generated Olive workflows run by hand, one `olive run --config` each, as a user
-   would without phi-pipeline (the export through `python -m phi_pipeline.build.olive_compat`, because
+   would without phi-pipeline (the export through `python -m phi_pipeline.orchestration.olive_compat`, because
    plain `olive` cannot run Model Builder with onnxruntime-genai 0.18; see olive_compat.py).
 
 Olive's own per-pass times come from its logs ("Pass ... finished in N seconds"). Orchestration
@@ -105,7 +105,7 @@ def run_pipeline(project: Path, target: str) -> dict[str, Any]:
 
 def run_by_hand(project: Path) -> dict[str, Any]:
     """The pipeline's generated workflows, each run by one Olive command, as a user would."""
-    from phi_pipeline.build.runner import olive_env
+    from phi_pipeline.orchestration.runner import olive_env
 
     configs_dir = next((project / "olive_configs").glob("*/*"))
     configs = sorted(configs_dir.glob("finetune-*.json")) + [configs_dir / "export.json"]
@@ -114,8 +114,8 @@ def run_by_hand(project: Path) -> dict[str, Any]:
     runs = []
     for config in configs:
         if config.name == "export.json":  # plain `olive` fails in Model Builder with genai >= 0.15
-            launcher = [sys.executable, "-m", "phi_pipeline.build.olive_compat"]
-            shown = "python -m phi_pipeline.build.olive_compat"
+            launcher = [sys.executable, "-m", "phi_pipeline.orchestration.olive_compat"]
+            shown = "python -m phi_pipeline.orchestration.olive_compat"
         else:
             launcher, shown = [str(olive)], "olive"
         cmd = [*launcher, "run", "--config", str(config)]
@@ -170,7 +170,7 @@ def measure_pipeline_costs(root: Path, scratch: Path, target: str = "cpu", reps:
 
 def _drive(spec: str, target: str, out: Path) -> None:
     """Driver-process side of run_pipeline: time each Olive run and the layout adapter, then run."""
-    import phi_pipeline.build.executors as executors
+    import phi_pipeline.orchestration.executors as executors
     import phi_pipeline.bundle.adapters as adapters
     import phi_pipeline.pipeline as pipeline
 

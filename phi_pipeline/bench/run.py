@@ -39,7 +39,7 @@ from phi_pipeline.bench.options import (
     BenchOptions,
 )
 from phi_pipeline.bench.serving import bench_serving
-from phi_pipeline.build.diskspace import tree_size
+from phi_pipeline.orchestration.diskspace import tree_size
 from phi_pipeline.bundle.layout import ADAPTERS_DIR
 from phi_pipeline.evaluate.stats import load_average, ratio
 from phi_pipeline.errors import PipelineError
@@ -257,7 +257,7 @@ def openvino_problem(project_root: Path) -> str | None:
     """Why this checkout cannot export and run an openvino bundle, or None."""
     import importlib.util
 
-    from phi_pipeline.spec.targets import get_target
+    from phi_pipeline.pipeline_spec.targets import get_target
 
     python = project_root / (get_target("openvino").export_python or "")
     if not python.exists():

@@ -7,5 +7,5 @@
 - qnn_graph.py: graph surgery for the qnn target's prompt graph (GroupQueryAttention's window);
 - publish.py (atomic replace), signing.py (model-signing), package.py (ORT model package of targets).
 
-May import: ``spec``, ``build``, ``errors``, ``versions``. Never a runtime, evaluation or search.
+May import: ``pipeline_spec``, ``orchestration``, ``errors``, ``versions``. Never a runtime, evaluation or search.
 """

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from phi_pipeline.spec.plan import Plan
+    from phi_pipeline.pipeline_spec.plan import Plan
 
 # Model Builder's input name for a LoRA weight: model.layers.{i}.{attn|mlp}.{proj}.lora_{A|B}.MatMul.weight
 _GRAPH_NAME = re.compile(r"^model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.lora_([AB])\.MatMul\.weight$")

@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 
 from phi_pipeline.bundle.layout import MANIFEST
-from phi_pipeline.build.cache import file_sha256
+from phi_pipeline.orchestration.cache import file_sha256
 from phi_pipeline.bundle.publish import publish_dir
-from phi_pipeline.build.runner import run_olive_command
+from phi_pipeline.orchestration.runner import run_olive_command
 
 PACKAGE_SUFFIX = ".ortpackage"  # Olive appends it to the output name
 

@@ -13,25 +13,25 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phi_pipeline.build.cache import file_sha256, tree_files
-from phi_pipeline.build.distributed import DISTRIBUTED_FILE, describe
-from phi_pipeline.build.runlock import pid_alive
-from phi_pipeline.spec.schema import OBJECTIVE_NAMES
-from phi_pipeline.build.trained import TRAINER_STATE
+from phi_pipeline.orchestration.cache import file_sha256, tree_files
+from phi_pipeline.orchestration.distributed import DISTRIBUTED_FILE, describe
+from phi_pipeline.orchestration.runlock import pid_alive
+from phi_pipeline.pipeline_spec.schema import OBJECTIVE_NAMES
+from phi_pipeline.orchestration.trained import TRAINER_STATE
 from phi_pipeline.bundle.layout import CARD, FORMAT, MANIFEST, MODEL_FILE, SIGNATURE, adapter_file, variant_dir
 from phi_pipeline.versions import package_versions
 
 if TYPE_CHECKING:
-    from phi_pipeline.build.trained import TrainedAdapter
-    from phi_pipeline.spec.plan import Plan
-    from phi_pipeline.build.progress import Stages
+    from phi_pipeline.orchestration.trained import TrainedAdapter
+    from phi_pipeline.pipeline_spec.plan import Plan
+    from phi_pipeline.orchestration.progress import Stages
 
 # Olive's bookkeeping and the layout adapter's weights are not part of a bundle.
 _SKIP_FROM_EXPORT = ("model_config.json", "output_model_config.json")
 
 
 def _prompt_format(adapter: "TrainedAdapter", bos_token: str | None) -> dict[str, Any]:
-    from phi_pipeline.spec.data import prompt_prefix
+    from phi_pipeline.pipeline_spec.data import prompt_prefix
 
     data = adapter.plan.spec.data
     if data.messages_field:

@@ -31,7 +31,7 @@ teacher-forced passes), one intra-op thread for small models. A merged bundle (o
 adapter, no base model shipped) is evaluated model by model, its base figures from PyTorch only.
 
 report.py turns eval.json's figures into report.md and charts. May import: ``runtime``, ``bundle``,
-``build``, ``spec``, ``errors``. Never search, serve or the orchestration.
+``orchestration``, ``pipeline_spec``, ``errors``. Never search, serve or the orchestration.
 """
 
 from phi_pipeline.evaluate.cli import eval_cli, evaluate_staged, gated_results, manifest_summary, write_staged_report

@@ -13,13 +13,13 @@ from phi_pipeline.evaluate.run import evaluate_bundle
 from phi_pipeline.evaluate.tasks import tasks_from_manifest, tasks_from_plan
 
 if TYPE_CHECKING:
-    from phi_pipeline.spec.plan import Plan
+    from phi_pipeline.pipeline_spec.plan import Plan
 
 
 def peft_dirs_from_cache(manifest: Mapping[str, Any], cache_dir: Path) -> dict[str, Path]:
     """PEFT folders of a bundle's adapters in the content cache (cache_key recorded by the manifest); an entry
     that is missing or fails its integrity check is left out (and reported), never used."""
-    from phi_pipeline.build.cache import Cache
+    from phi_pipeline.orchestration.cache import Cache
 
     cache = Cache(cache_dir)
     entries = {a["name"]: cache.get("adapters", a["cache_key"]) for a in manifest.get("adapters", []) if a.get("cache_key")}
@@ -114,7 +114,7 @@ def eval_cli(
     import json
 
     from phi_pipeline.evaluate.report import format_table, write_report
-    from phi_pipeline.spec.schema import load_spec
+    from phi_pipeline.pipeline_spec.schema import load_spec
 
     folder = Path(bundle)
     if not (folder / MANIFEST).is_file():
@@ -171,7 +171,7 @@ def eval_cli(
 
 def _base_changed(manifest: Mapping[str, Any], cache: Path) -> str | None:
     """Why the local base model cannot serve as the PyTorch reference any more, or None."""
-    from phi_pipeline.build.cache import DigestMemo, tree_sha256
+    from phi_pipeline.orchestration.cache import DigestMemo, tree_sha256
 
     base = manifest.get("base_model", {})
     digest, path = base.get("digest"), base.get("name_or_path")

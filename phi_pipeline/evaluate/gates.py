@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from phi_pipeline.evaluate.metrics import fmt
-from phi_pipeline.spec.schema import GateSpec, PipelineSpec
+from phi_pipeline.pipeline_spec.schema import GateSpec, PipelineSpec
 
 
 @dataclass(frozen=True)

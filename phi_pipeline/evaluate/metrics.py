@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from phi_pipeline.spec.schema import METRIC_SCALES
+from phi_pipeline.pipeline_spec.schema import METRIC_SCALES
 
 
 def _same_length(a: Sequence[Any], b: Sequence[Any]) -> None:

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from phi_pipeline.spec.schema import OBJECTIVE_NAMES
+from phi_pipeline.pipeline_spec.schema import OBJECTIVE_NAMES
 
 EVAL_JSON = "eval.json"
 REPORT_MD = "report.md"

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from phi_pipeline.bundle.layout import MANIFEST
-from phi_pipeline.spec.data import Example
+from phi_pipeline.pipeline_spec.data import Example
 from phi_pipeline.errors import PipelineError, UsageError
 from phi_pipeline.evaluate.metrics import DEFINITIONS as METRIC_DEFINITIONS
 from phi_pipeline.evaluate.metrics import LABEL_METRICS, label_report, score

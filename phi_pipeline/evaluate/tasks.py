@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from phi_pipeline.build.cache import file_sha256
-from phi_pipeline.spec.data import Example, load_examples
+from phi_pipeline.orchestration.cache import file_sha256
+from phi_pipeline.pipeline_spec.data import Example, load_examples
 from phi_pipeline.errors import UsageError
-from phi_pipeline.spec.schema import DataSpec, EvalSpec, GateSpec, PipelineSpec
+from phi_pipeline.pipeline_spec.schema import DataSpec, EvalSpec, GateSpec, PipelineSpec
 
 if TYPE_CHECKING:
-    from phi_pipeline.spec.plan import Plan
+    from phi_pipeline.pipeline_spec.plan import Plan
 
 
 @dataclass(frozen=True)

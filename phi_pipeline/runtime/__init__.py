@@ -9,5 +9,5 @@
 - engine.py: the serving engines (batched, and onnxruntime-genai's generators round-robin), one thread
   that owns the model.
 
-May import: ``bundle`` (layout, manifest), ``spec``, ``errors``. Never evaluation, search or serve.
+May import: ``bundle`` (layout, manifest), ``pipeline_spec``, ``errors``. Never evaluation, search or serve.
 """

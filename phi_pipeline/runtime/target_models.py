@@ -29,10 +29,10 @@ import numpy as np
 
 from phi_pipeline.bundle.layout import MANIFEST, variant_dir
 from phi_pipeline.errors import PipelineError, UsageError
-from phi_pipeline.spec.targets import Target, get_target
+from phi_pipeline.pipeline_spec.targets import Target, get_target
 
 if TYPE_CHECKING:
-    from phi_pipeline.spec.plan import Plan
+    from phi_pipeline.pipeline_spec.plan import Plan
 
 # The folder under a run's folder where a bundle whose gates cannot run here is kept.
 UNEVALUATED_DIR = "unevaluated-bundle"

@@ -5,5 +5,5 @@ Olive trains each trial as an ordinary fine-tune workflow; the validation split 
 neither library does — mapping a spec's search space onto Optuna, keying trials by content,
 recording failures and picking the adapter to ship — is here.
 
-May import: ``evaluate`` (metrics that score trials), ``bundle``, ``build``, ``spec``, ``errors``.
+May import: ``evaluate`` (metrics that score trials), ``bundle``, ``orchestration``, ``pipeline_spec``, ``errors``.
 """

@@ -36,17 +36,17 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Callable
 
-from phi_pipeline.build.cache import Cache, content_key, file_sha256
-from phi_pipeline.build.configs import EXPORT_FILE, variant_file
-from phi_pipeline.build.diskspace import tree_size
-from phi_pipeline.build.progress import Stages
-from phi_pipeline.build.trained import TrainedAdapter
+from phi_pipeline.orchestration.cache import Cache, content_key, file_sha256
+from phi_pipeline.orchestration.configs import EXPORT_FILE, variant_file
+from phi_pipeline.orchestration.diskspace import tree_size
+from phi_pipeline.orchestration.progress import Stages
+from phi_pipeline.orchestration.trained import TrainedAdapter
 from phi_pipeline.bundle.layout import ADAPTERS_DIR
 from phi_pipeline.errors import PipelineError
 from phi_pipeline.evaluate.speed import CONSISTENT, NOISE, cpu, measure_rounds, random_prompt, time_request, verdict
 from phi_pipeline.evaluate.stats import load_average, per_round_ratios, summary
-from phi_pipeline.spec.plan import Plan, variant_plan
-from phi_pipeline.spec.schema import CONTROL_ROW, SPEC_VARIANT, ExportSearchSpec
+from phi_pipeline.pipeline_spec.plan import Plan, variant_plan
+from phi_pipeline.pipeline_spec.schema import CONTROL_ROW, SPEC_VARIANT, ExportSearchSpec
 from phi_pipeline.versions import package_versions
 
 WARMUP = (16, 8)  # prompt tokens, new tokens of each load's untimed first request

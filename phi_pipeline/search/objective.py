@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from phi_pipeline.spec.data import load_examples
-from phi_pipeline.spec.plan import AdapterPlan, Plan
+from phi_pipeline.pipeline_spec.data import load_examples
+from phi_pipeline.pipeline_spec.plan import AdapterPlan, Plan
 from phi_pipeline.search.study import TrialFailed
 from phi_pipeline.bundle.staging import training_history
-from phi_pipeline.build.trained import TrainedAdapter
+from phi_pipeline.orchestration.trained import TrainedAdapter
 
 
 def validation_loss(trained: TrainedAdapter) -> float:

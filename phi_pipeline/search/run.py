@@ -12,15 +12,15 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from phi_pipeline.build.cache import content_key
+from phi_pipeline.orchestration.cache import content_key
 from phi_pipeline.bundle.staging import training_history
-from phi_pipeline.build.configs import render
-from phi_pipeline.spec.plan import AdapterPlan, Plan
+from phi_pipeline.orchestration.configs import render
+from phi_pipeline.pipeline_spec.plan import AdapterPlan, Plan
 from phi_pipeline.search.objective import validation_loss, validation_metric
 from phi_pipeline.search.space import apply, own_values
 from phi_pipeline.search.study import SearchOutcome, TrialFailed, run_study
-from phi_pipeline.build.trained import TrainedAdapter
-from phi_pipeline.build.workflows.finetune import finetune_config
+from phi_pipeline.orchestration.trained import TrainedAdapter
+from phi_pipeline.orchestration.workflows.finetune import finetune_config
 
 SEARCH_DIR = "search"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from phi_pipeline.spec.schema import AdapterSpec, SearchChoices, SearchSpec, _field_types, _searched_field
+from phi_pipeline.pipeline_spec.schema import AdapterSpec, SearchChoices, SearchSpec, _field_types, _searched_field
 
 # TPE proposes at random until this many trials have finished, then from their results. Optuna's
 # default (10) assumes budgets of 50+ trials; a fine-tune search runs a dozen.

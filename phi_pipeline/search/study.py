@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from phi_pipeline.errors import PipelineError
 from phi_pipeline.search.space import describe, grid_size, sampler, suggest
-from phi_pipeline.spec.schema import OBJECTIVE_NAMES, SearchSpec
+from phi_pipeline.pipeline_spec.schema import OBJECTIVE_NAMES, SearchSpec
 
 
 class TrialFailed(Exception):

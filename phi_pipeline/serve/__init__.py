@@ -7,5 +7,5 @@
 - server.py: uvicorn with a draining shutdown, `phi-pipeline serve`;
 - static/index.html: the chat page at `/`.
 
-May import: ``runtime``, ``bundle``, ``spec``, ``errors``.
+May import: ``runtime``, ``bundle``, ``pipeline_spec``, ``errors``.
 """

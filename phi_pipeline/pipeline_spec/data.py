@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline.spec.schema import DataSpec, template_fields
+from phi_pipeline.pipeline_spec.schema import DataSpec, template_fields
 
 CHAT_ROLES = ("system", "user", "assistant")
 SHOW_ROWS = 5

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from copy import deepcopy
 from typing import Any
 
-from phi_pipeline.spec.plan import AdapterPlan, Plan
-from phi_pipeline.build.workflows.common import engine, hf_model, target_system
-from phi_pipeline.build.workflows.export import model_builder_pass
-from phi_pipeline.build.workflows.npu import openvino_route, qnn_route
+from phi_pipeline.pipeline_spec.plan import AdapterPlan, Plan
+from phi_pipeline.orchestration.workflows.common import engine, hf_model, target_system
+from phi_pipeline.orchestration.workflows.export import model_builder_pass
+from phi_pipeline.orchestration.workflows.npu import openvino_route, qnn_route
 
 TEMPLATE: dict[str, Any] = {
     "input_model": None,

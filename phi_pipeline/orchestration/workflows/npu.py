@@ -49,9 +49,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from phi_pipeline.spec.plan import AdapterPlan, Plan
-from phi_pipeline.build.workflows.common import data_config, python_environment, system, target_system
-from phi_pipeline.build.workflows.export import model_builder_pass
+from phi_pipeline.pipeline_spec.plan import AdapterPlan, Plan
+from phi_pipeline.orchestration.workflows.common import data_config, python_environment, system, target_system
+from phi_pipeline.orchestration.workflows.export import model_builder_pass
 
 CALIBRATION_DATA = "calibration_data"
 # Four times the recipe's 128 GPTQ samples: the tiny adapters' 288-row train split is used whole (measured with

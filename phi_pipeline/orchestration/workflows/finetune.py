@@ -10,9 +10,9 @@ from __future__ import annotations
 from copy import deepcopy
 from typing import Any
 
-from phi_pipeline.spec.paths import PipelinePaths
-from phi_pipeline.spec.plan import AdapterPlan, Plan
-from phi_pipeline.build.workflows.common import data_config, engine, hf_model, training_system
+from phi_pipeline.pipeline_spec.paths import PipelinePaths
+from phi_pipeline.pipeline_spec.plan import AdapterPlan, Plan
+from phi_pipeline.orchestration.workflows.common import data_config, engine, hf_model, training_system
 
 TEMPLATE: dict[str, Any] = {
     "input_model": None,

@@ -1,7 +1,7 @@
-"""One torchrun rank of a data-parallel fine-tune: ``python -m phi_pipeline.build.distributed.rank run --config X``.
+"""One torchrun rank of a data-parallel fine-tune: ``python -m phi_pipeline.orchestration.distributed.rank run --config X``.
 
 Reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE, pins the rank's device, rewrites the workflow for this rank
-(phi_pipeline.build.distributed.rank_workflow) into its own work folder and runs it through olive_compat, like a
+(phi_pipeline.orchestration.distributed.rank_workflow) into its own work folder and runs it through olive_compat, like a
 single-process fine-tune.
 """
 
@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from phi_pipeline.build import olive_compat
-from phi_pipeline.build.distributed import DEVICE_ENV, backend, rank_dir, rank_hooks, rank_workflow
+from phi_pipeline.orchestration import olive_compat
+from phi_pipeline.orchestration.distributed import DEVICE_ENV, backend, rank_dir, rank_hooks, rank_workflow
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline.build.cache import content_key, file_sha256
-from phi_pipeline.build.distributed import DISTRIBUTED_FILE
-from phi_pipeline.build.trained import TRAINER_STATE
-from phi_pipeline.spec.data import read_file_rows, validation_indices
-from phi_pipeline.spec.plan import Plan
+from phi_pipeline.orchestration.cache import content_key, file_sha256
+from phi_pipeline.orchestration.distributed import DISTRIBUTED_FILE
+from phi_pipeline.orchestration.trained import TRAINER_STATE
+from phi_pipeline.pipeline_spec.data import read_file_rows, validation_indices
+from phi_pipeline.pipeline_spec.plan import Plan
 from phi_pipeline.versions import training_versions
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

@@ -9,5 +9,5 @@
 - runlock.py, diskspace.py, progress.py: one run at a time, enough disk, stage timings;
 - trained.py: what a finished fine-tune left (its adapter and trainer state).
 
-May import: ``phi_pipeline.spec``, ``errors``, ``versions``, ``tiny``. Never a later stage.
+May import: ``phi_pipeline.pipeline_spec``, ``errors``, ``versions``, ``tiny``. Never a later stage.
 """

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline.spec.plan import AdapterPlan
+from phi_pipeline.pipeline_spec.plan import AdapterPlan
 
 
 TRAINER_STATE = "trainer_state.json"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from phi_pipeline.errors import PipelineError, UsageError
-from phi_pipeline.build.runner import run_olive
+from phi_pipeline.orchestration.runner import run_olive
 
 EXECUTORS = ("local", "ray")
 MARKER_PREFIX = ".shared-folder-check-"

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from phi_pipeline.build.diskspace import human, space_for, tree_size
-from phi_pipeline.spec.paths import locks_dir
-from phi_pipeline.build.runlock import RunLock, pid_alive
+from phi_pipeline.orchestration.diskspace import human, space_for, tree_size
+from phi_pipeline.pipeline_spec.paths import locks_dir
+from phi_pipeline.orchestration.runlock import RunLock, pid_alive
 
 _CHUNK = 1 << 20
 ENTRY_RECORD = "cache-entry.json"
@@ -319,7 +319,7 @@ def verify_cli(root: Path) -> int:
 
 def prune_cli(root: Path, specs: list[Path]) -> int:
     """`phi-pipeline cache prune`: keep what the specs' pipelines use; refuse while any run holds its lock."""
-    from phi_pipeline.spec.schema import load_spec
+    from phi_pipeline.pipeline_spec.schema import load_spec
 
     pipelines = {load_spec(s).name for s in specs}
     with contextlib.ExitStack() as held:  # a running run may have written entries it has not recorded yet

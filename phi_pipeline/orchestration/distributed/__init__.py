@@ -1,7 +1,7 @@
 """Data-parallel fine-tuning under torchrun: how a fine-tune is launched and what each rank changes.
 
 Olive 0.13's LoRA pass has no launcher (it trains in-process with ``device_map="auto"``), so a data-parallel
-fine-tune starts ``python -m torch.distributed.run`` with :mod:`phi_pipeline.build.distributed.rank` as its
+fine-tune starts ``python -m torch.distributed.run`` with :mod:`phi_pipeline.orchestration.distributed.rank` as its
 module: every rank runs the same Olive LoRA workflow, rewritten by :func:`rank_workflow` for its own device,
 Olive cache and work folder. Rank 0's adapter is the result. Pure: no torch, no I/O.
 """
@@ -58,7 +58,7 @@ class Launch:
         else:
             cmd += ["--nnodes", str(self.nnodes), "--node-rank", str(self.node_rank),
                     "--master-addr", str(self.master_addr), "--master-port", str(self.master_port)]
-        return [*cmd, "-m", "phi_pipeline.build.distributed.rank"]
+        return [*cmd, "-m", "phi_pipeline.orchestration.distributed.rank"]
 
 
 def backend(device: str) -> str:

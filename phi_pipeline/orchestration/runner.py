@@ -1,6 +1,6 @@
 """The only place that starts Olive: `olive run` on a generated workflow config, in a subprocess.
 
-Each run goes through `python -m phi_pipeline.build.olive_compat run --config ...` so the
+Each run goes through `python -m phi_pipeline.orchestration.olive_compat run --config ...` so the
 onnxruntime-genai shim is applied inside Olive's process. Olive's log is streamed to a log file
 (and, with `echo`, to the console); a non-zero exit or a missing output is a PipelineError
 that quotes the end of the log. Olive exits 0 when a workflow produces no model, so the caller
@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from phi_pipeline.build.diskspace import disk_full, is_enospc_text
+from phi_pipeline.orchestration.diskspace import disk_full, is_enospc_text
 from phi_pipeline.errors import PipelineError
-from phi_pipeline.build.olive_compat import SEED_ENV
+from phi_pipeline.orchestration.olive_compat import SEED_ENV
 
 # Offline by design: nothing may reach a model hub at run time, and Olive's telemetry waits
 # about 9 s per process for its host unless CI is set.
@@ -67,7 +67,7 @@ def run_olive(
     """Run one workflow; return its wall time in seconds. `seed` seeds Olive's process (olive_compat);
     `env` adds variables to its environment; `python`: another environment's interpreter (a target's pass
     environment) to run Olive with; `space_needed`, an estimate of what it writes, is quoted if the disk
-    fills up; `launcher` replaces `python -m phi_pipeline.build.olive_compat` (torchrun and the rank entry point)."""
+    fills up; `launcher` replaces `python -m phi_pipeline.orchestration.olive_compat` (torchrun and the rank entry point)."""
     return run_olive_command(
         ["run", "--config", str(config_path)],
         log_path,
@@ -114,7 +114,7 @@ def run_olive_command(
     if python:
         cmd = [python, "-m", "olive", *olive_args]
     else:
-        cmd = [*(launcher or [sys.executable, "-m", "phi_pipeline.build.olive_compat"]), *olive_args]
+        cmd = [*(launcher or [sys.executable, "-m", "phi_pipeline.orchestration.olive_compat"]), *olive_args]
     what = " ".join(olive_args)
     tail: collections.deque[str] = collections.deque(maxlen=25)
     start = time.perf_counter()

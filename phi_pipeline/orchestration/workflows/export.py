@@ -11,8 +11,8 @@ from __future__ import annotations
 from copy import deepcopy
 from typing import Any
 
-from phi_pipeline.spec.plan import Plan
-from phi_pipeline.build.workflows.common import engine, hf_model, target_system
+from phi_pipeline.pipeline_spec.plan import Plan
+from phi_pipeline.orchestration.workflows.common import engine, hf_model, target_system
 
 TEMPLATE: dict[str, Any] = {
     "input_model": None,

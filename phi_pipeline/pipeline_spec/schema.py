@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from phi_pipeline.errors import UsageError
-from phi_pipeline.spec.targets import TARGETS, Layout, Precision
+from phi_pipeline.pipeline_spec.targets import TARGETS, Layout, Precision
 
 # A hub split name, or one with an absolute slice: train, train[:4096], train[100:900].
 _HUB_SPLIT = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)(?:\[(?P<start>\d*):(?P<end>\d+)\])?")

@@ -14,9 +14,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from phi_pipeline.errors import UsageError
-from phi_pipeline.spec.paths import PipelinePaths
-from phi_pipeline.spec.schema import DEFAULT_TARGET_MODULES, AdapterSpec, DataSpec, ExportSearchSpec, PipelineSpec
-from phi_pipeline.spec.targets import Target, TrainingDevice, check_precision, get_target
+from phi_pipeline.pipeline_spec.paths import PipelinePaths
+from phi_pipeline.pipeline_spec.schema import DEFAULT_TARGET_MODULES, AdapterSpec, DataSpec, ExportSearchSpec, PipelineSpec
+from phi_pipeline.pipeline_spec.targets import Target, TrainingDevice, check_precision, get_target
 from phi_pipeline.tiny import builtin_config
 
 

@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline.spec.plan import Plan, export_search, variant_plan
-from phi_pipeline.build.workflows.export import export_config
-from phi_pipeline.build.workflows.finetune import finetune_config
-from phi_pipeline.build.workflows.merged import merged_export_config
+from phi_pipeline.pipeline_spec.plan import Plan, export_search, variant_plan
+from phi_pipeline.orchestration.workflows.export import export_config
+from phi_pipeline.orchestration.workflows.finetune import finetune_config
+from phi_pipeline.orchestration.workflows.merged import merged_export_config
 
 EXPORT_FILE = "export.json"
 README_FILE = "README.md"
@@ -75,7 +75,7 @@ def readme(plan: Plan, names: list[str]) -> str:
         if target.export_python and name.startswith("export"):
             lines.append(f"    {target.export_python} -m olive run --config {folder}/{name}")
         else:
-            lines.append(f"    {target.venv}/bin/python -m phi_pipeline.build.olive_compat run --config {folder}/{name}")
+            lines.append(f"    {target.venv}/bin/python -m phi_pipeline.orchestration.olive_compat run --config {folder}/{name}")
     lines += [
         "",
         f"The fine-tunes train on {' and '.join(devices)} and do not depend on the target: every target of this",
@@ -123,7 +123,7 @@ def readme(plan: Plan, names: list[str]) -> str:
 def _route_text(plan: Plan) -> str:
     if plan.target.export_route == "model_builder":
         return f"Model Builder at {plan.precision}"
-    return f"Olive's {plan.target.export_route} pass chain at {plan.precision} (see phi_pipeline/build/workflows/npu.py)"
+    return f"Olive's {plan.target.export_route} pass chain at {plan.precision} (see phi_pipeline/orchestration/workflows/npu.py)"
 
 
 def render(config: dict[str, Any]) -> str:

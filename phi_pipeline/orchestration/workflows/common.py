@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline.spec.plan import AdapterPlan
-from phi_pipeline.spec.targets import Target, TrainingDevice
+from phi_pipeline.pipeline_spec.plan import AdapterPlan
+from phi_pipeline.pipeline_spec.targets import Target, TrainingDevice
 
 # Olive's (device, execution provider) for each training device.
 _TRAINING_ACCELERATORS: dict[TrainingDevice, tuple[str, str]] = {

@@ -44,7 +44,7 @@ When to delete this module
 When the Olive release we pin calls ``parse_extra_options``/``check_extra_options`` itself before
 ``create_model`` (and no longer imports ``quantized_model`` unconditionally), i.e. when a plain
 ``olive run`` of a ModelBuilder workflow works with the pinned onnxruntime-genai. Then replace
-``python -m phi_pipeline.build.olive_compat run ...`` with ``olive run ...`` and drop this file and its tests.
+``python -m phi_pipeline.orchestration.olive_compat run ...`` with ``olive run ...`` and drop this file and its tests.
 
 Trainer hooks
 -------------
@@ -73,7 +73,7 @@ run by :func:`apply`, declares it ``Optional[list[str]]``, for LoRA and every pa
 
 Usage
 -----
-``python -m phi_pipeline.build.olive_compat run --config workflow.json`` is ``olive run --config
+``python -m phi_pipeline.orchestration.olive_compat run --config workflow.json`` is ``olive run --config
 workflow.json`` with :func:`apply` done first in the same process (Olive runs passes of a local
 system in-process, so the patches take effect).
 
@@ -446,7 +446,7 @@ def seed_from_env() -> int | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m phi_pipeline.build.olive_compat <olive args>``: apply() then Olive's own CLI with the same argv."""
+    """``python -m phi_pipeline.orchestration.olive_compat <olive args>``: apply() then Olive's own CLI with the same argv."""
     args = list(sys.argv[1:] if argv is None else argv)
     apply()
     seed_from_env()
