@@ -38,6 +38,7 @@ from phi_pipeline.orchestration.training import (
     ADAPTER_FILES,
     collect_finetune_result,
     content_form,
+    discard_finetune_dir,
     prepare_finetune_dir,
     prepare_splits,
     training_key,
@@ -190,7 +191,7 @@ def _plan_finetune(
     if task.entry is not None:
         return task
     out = plan.paths.finetune_dir(adapter.name)
-    resumed = prepare_finetune_dir(out, key)
+    resumed = prepare_finetune_dir(out, key, say=lambda text: ctx.stages.say(f"{adapter.name}: {text}"))
     if resumed:
         ctx.stages.say(f"{adapter.name}: resuming the interrupted fine-tune from {resumed}")
     env = {HOOKS_ENV: json.dumps(hooks)}
@@ -225,8 +226,10 @@ def _finish_finetune(plan: Plan, task: _Finetune, ctx: FinetuneContext) -> Train
             task.pending.result()
         if ctx.launch.node_rank > 0:
             return None
-        result = collect_finetune_result(plan.paths.finetune_dir(name), task.distributed)
+        out = plan.paths.finetune_dir(name)
+        result = collect_finetune_result(out, task.distributed)
         task.entry = ctx.cache.put("adapters", task.key, result, {"adapter": name, "datasets": task.splits[0]})
+        discard_finetune_dir(out)
     return TrainedAdapter(task.adapter, task.entry, task.key, *task.splits)
 
 
@@ -477,7 +480,7 @@ def _searched_bundle(
         return export_base(plan, stages, cache, base, echo, executor, config_file,
                            None if variant == SPEC_VARIANT else variant)
 
-    outcome = run_search(plan, search, trained, stages, cache, export, enforced=not no_gate, remeasure=remeasure)
+    outcome = run_search(plan, search, trained, stages, cache, export, base=base, enforced=not no_gate, remeasure=remeasure)
     try:
         results = write_staged_report(outcome.plan, outcome.staged, trained, {**outcome.results, "export_search": outcome.record})
         _record_evaluation(outcome.plan, outcome.staged, results, stages, no_gate, {"export_search": outcome.record})

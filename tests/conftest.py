@@ -68,10 +68,13 @@ def fast_spec() -> dict:
     spec["name"] = "fast"
     spec["export"].pop("search")  # one export, as these tests expect (test_export_search.py covers the search)
     spec["training"]["max_steps"] = FAST_STEPS
+    # a checkpoint every other step: a completed fine-tune must leave none to resume from (tests/test_integrity_e2e.py)
+    spec["training"].update(eval_steps=2, save_steps=2)
     for adapter in spec["adapters"]:
         adapter.pop("training", None)
         adapter.pop("gates", None)
-    spec["gates"] = {"min_gain_over_base": -1000.0, "max_drop_vs_pytorch": 1000.0, "max_perplexity_ratio": 1000.0}
+    spec["gates"] = {"min_gain_over_base": -1000.0, "min_validation_loss_drop": 0.0, "max_drop_vs_pytorch": 1000.0,
+                     "max_perplexity_ratio": 1000.0}
     return spec
 
 

@@ -118,10 +118,53 @@ def _results(metric="exact_match", base=0.45, onnx=0.41, torch=0.44, ppl=(3.3, 3
 
 def test_gate_message_names_adapter_metric_figures_and_bound_when_adapter_does_not_beat_base():
     failures = check_gates(_results(), {"tone": GateSpec(min_gain_over_base=0.0)})
-    assert (
+    assert len(failures) == 1 and failures[0].startswith(
         "adapter 'tone': exact_match 0.410 does not beat the base model's 0.450 by more than 0.000 "
-        "(gates.min_gain_over_base)"
-    ) in failures
+        "(gates.min_gain_over_base); the adapter learned too little to ship. Likely causes: the learning rate"
+    )
+    assert "`phi-pipeline search SPEC`" in failures[0] and "lower gates.min_gain_over_base in the spec" in failures[0]
+
+
+def _learned(results: dict, before: float, shipped: float) -> dict:
+    results["adapters"]["tone"]["learning"] = {"validation_loss_before": before, "validation_loss_shipped": shipped}
+    return results
+
+
+def test_learned_floor_refuses_an_adapter_stuck_on_a_plateau_with_figures_causes_and_search():
+    # case 2 of issue 29: a Llama-layout base, the default recipe: exact match 0.03 over the base's 0.00,
+    # validation loss barely moved; ONNX matched PyTorch, so every other gate passed
+    results = _learned(_results(base=0.0, onnx=0.03, torch=0.03, ppl=(7.0, 7.0)), before=2.31, shipped=2.26)
+    failures = check_gates(results, {"tone": GateSpec()})
+    assert len(failures) == 2
+    assert failures[0].startswith("adapter 'tone': exact_match 0.030 does not beat the base model's 0.000 by more "
+                                  "than 0.100 (gates.min_gain_over_base); the adapter learned too little to ship")
+    assert failures[1].startswith("adapter 'tone': validation loss 2.3100 before training -> 2.2600 shipped, a drop "
+                                  "of 2.2%, below 5.0% (gates.min_validation_loss_drop); the adapter learned too little")
+    assert all("alpha" in f and "phi-pipeline search" in f for f in failures)
+    # lowering the floor in the spec is the one way to ship it
+    assert check_gates(results, {"tone": GateSpec(min_gain_over_base=0.0, min_validation_loss_drop=0.0)}) == []
+
+
+def test_learned_floor_passes_a_learned_adapter_and_is_unchecked_without_a_validation_loss():
+    results = _learned(_results(base=0.0, onnx=0.9, torch=0.9, ppl=(3.0, 3.0)), before=2.31, shipped=1.90)
+    drop = {c.gate: c for c in gate_checks(results)}["min_validation_loss_drop"]
+    assert drop.passed is True and drop.value == pytest.approx(1 - 1.90 / 2.31)
+    assert "a drop of 17.7%, at least 5.0%" in drop.message
+    results["adapters"]["tone"]["learning"] = {"validation_loss_before": None, "validation_loss_shipped": 1.9}
+    drop = {c.gate: c for c in gate_checks(results)}["min_validation_loss_drop"]
+    assert drop.passed is None and "not checked" in drop.message
+
+
+def test_validation_losses_read_before_training_and_the_shipped_checkpoint_from_the_history():
+    from phi_pipeline.orchestration.trained import validation_losses
+
+    history = [{"step": 0, "eval_loss": 2.3}, {"step": 10, "loss": 2.2}, {"step": 20, "eval_loss": 1.9},
+               {"step": 40, "eval_loss": 2.0}]
+    assert validation_losses(history, load_best=True) == (2.3, 1.9)
+    assert validation_losses(history, load_best=False) == (2.3, 2.0)
+    # a fine-tune that only got worse never ships the base's loss: step 0 is no checkpoint
+    assert validation_losses([{"step": 0, "eval_loss": 1.0}, {"step": 20, "eval_loss": 3.0}], True) == (1.0, 3.0)
+    assert validation_losses([{"step": 10, "loss": 2.0}], True) == (None, None)
 
 
 def test_every_gate_fails_with_its_own_message_when_bounds_are_impossible():
@@ -130,7 +173,7 @@ def test_every_gate_fails_with_its_own_message_when_bounds_are_impossible():
     assert len(failures) == 4
     assert all(f.startswith("adapter 'tone': ") for f in failures)
     joined = "\n".join(failures)
-    assert "exact_match 0.500 does not beat the base model's 0.100 by more than 2.000 (gates.min_gain_over_base)" in joined
+    assert "exact_match 0.500 does not beat the base model's 0.100 by more than 2.000 (gates.min_gain_over_base);" in joined
     assert "ONNX exact_match 0.500 trails PyTorch+PEFT's 0.600 by 0.100, more than 0.000 (gates.max_drop_vs_pytorch)" in joined
     assert "ONNX perplexity 3.300 is 1.100x PyTorch's 3.000, above 1.000 (gates.max_perplexity_ratio)" in joined
     assert "token agreement with PyTorch 0.900 is below 1.000 (gates.min_token_agreement)" in joined
@@ -142,7 +185,7 @@ def test_gates_pass_when_adapter_beats_base_and_matches_pytorch():
 
 def test_chrf_gate_figures_use_metric_units():
     failures = check_gates(_results(metric="chrf", base=40.0, onnx=38.5, torch=45.0), {"tone": GateSpec(max_drop_vs_pytorch=5.0)})
-    assert "adapter 'tone': chrf 38.50 does not beat the base model's 40.00 by more than 0.00 (gates.min_gain_over_base)" in failures
+    assert failures[0].startswith("adapter 'tone': chrf 38.50 does not beat the base model's 40.00 by more than 0.10 (gates.min_gain_over_base);")
     assert "adapter 'tone': ONNX chrf 38.50 trails PyTorch+PEFT's 45.00 by 6.50, more than 5.00 (gates.max_drop_vs_pytorch)" in failures
 
 
@@ -153,6 +196,7 @@ def test_pytorch_gates_are_not_checked_and_not_failed_when_reference_unavailable
     checks = {c.gate: c.passed for c in gate_checks(results)}
     assert checks == {
         "min_gain_over_base": True,
+        "min_validation_loss_drop": None,
         "max_drop_vs_pytorch": None,
         "max_perplexity_ratio": None,
         "min_token_agreement": None,
@@ -164,9 +208,9 @@ def test_pytorch_gates_are_not_checked_and_not_failed_when_reference_unavailable
 def test_gates_recorded_in_results_come_from_the_adapter_when_spec_not_given():
     results = _results(base=0.1, onnx=0.5, torch=0.5, ppl=(3.0, 3.0), gates=GateSpec(min_gain_over_base=0.5))
     failures = record_gates(results, None, enforced=False)
-    assert failures == [
-        "adapter 'tone': exact_match 0.500 does not beat the base model's 0.100 by more than 0.500 (gates.min_gain_over_base)"
-    ]
+    assert len(failures) == 1 and failures[0].startswith(
+        "adapter 'tone': exact_match 0.500 does not beat the base model's 0.100 by more than 0.500 (gates.min_gain_over_base);"
+    )
     assert results["gates"]["enforced"] is False and results["gates"]["passed"] is False
 
 
@@ -327,7 +371,7 @@ def test_eval_command_exits_1_when_gate_fails_and_0_with_onnx_only_figures(fast_
     bundle = str(_fast_bundle(fast_project))
     assert main(["eval", bundle, "--adapter", "tone", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "tone" in out and "antonyms" not in out and "gates: 4 passed, 0 failed" in out
+    assert "tone" in out and "antonyms" not in out and "gates: 5 passed, 0 failed" in out
     assert (tmp_path / "out" / "report.md").is_file()
 
     spec = yaml.safe_load((fast_project / "pipelines/fast.yaml").read_text())

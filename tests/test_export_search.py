@@ -187,13 +187,13 @@ def fake_build(project, monkeypatch):
     monkeypatch.setattr(xs, "time_variants", timed)
     trained = [SimpleNamespace(plan=a, key=f"key-{a.name}") for a in plan.adapters]
 
-    def run(**kwargs):
+    def run(adapters=trained, **kwargs):
         stages = Stages(io.StringIO())
         exports = lambda variant, config_file: (project / "exports" / variant, f"export-{variant}")  # noqa: E731
-        return xs.run_search(plan, plan.spec.export.search, trained, stages, Cache(project / "cache"), exports,
-                             enforced=True, **kwargs), stages
+        return xs.run_search(plan, plan.spec.export.search, adapters, stages, Cache(project / "cache"), exports,
+                             base="base-digest", enforced=True, **kwargs), stages
 
-    return SimpleNamespace(run=run, calls=calls, project=project)
+    return SimpleNamespace(run=run, calls=calls, project=project, trained=trained)
 
 
 def test_export_search_figures_are_cached_and_a_rerun_measures_nothing_unless_asked(fake_build):
@@ -209,6 +209,40 @@ def test_export_search_figures_are_cached_and_a_rerun_measures_nothing_unless_as
     assert len(fake_build.calls["gated"]) == 4 and len(fake_build.calls["timed"]) == 1  # nothing measured again
     fake_build.run(remeasure=True)
     assert len(fake_build.calls["gated"]) == 8 and len(fake_build.calls["timed"]) == 2
+
+
+def test_export_choice_is_kept_when_an_adapter_is_added_and_made_again_only_on_remeasure(fake_build, monkeypatch):
+    # case 4 of issue 29: a third adapter re-ran the search, whose noisy timings then shipped another graph
+    first, _ = fake_build.run()
+    assert first.winner == "block-64"
+    monkeypatch.setattr(xs, "time_variants", lambda bundles, adapter, search, say: {
+        n: _rounds(150 if n == "block-128" else 100, 0.1) for n in bundles})  # now block-128 would time faster
+    import phi_pipeline.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "gated_results", lambda p, folder, trained, enforced: _results(1.0))
+    third = SimpleNamespace(plan=SimpleNamespace(name="tone2", spec=fake_build.trained[0].plan.spec), key="key-tone2")
+    added, stages = fake_build.run(adapters=[*fake_build.trained, third])
+    assert added.winner == "block-64" and added.record["reused_choice"]["adapters"] == ["antonyms", "tone"]
+    assert "chosen for this base model, target and machine" in stages.stream.getvalue()
+    assert "time-variants" in stages.cached and fake_build.calls["timed"] == [fake_build.calls["timed"][0]]
+    again, _ = fake_build.run(adapters=[*fake_build.trained, third], remeasure=True)
+    assert again.winner == "block-128"  # --remeasure chooses again, for this adapter set
+
+
+def test_export_choice_refuses_an_adapter_that_fails_the_chosen_variant_instead_of_switching(fake_build, monkeypatch):
+    import phi_pipeline.evaluate as evaluate
+
+    assert fake_build.run()[0].winner == "block-64"
+    monkeypatch.setattr(evaluate, "gated_results", lambda p, folder, trained, enforced: _results(
+        0.5 if len(trained) > 2 else 1.0, passed=len(trained) <= 2))
+    third = SimpleNamespace(plan=SimpleNamespace(name="tone2", spec=fake_build.trained[0].plan.spec), key="key-tone2")
+    with pytest.raises(PipelineError) as err:
+        fake_build.run(adapters=[*fake_build.trained, third])
+    message = str(err.value)
+    assert message.startswith("export variant 'block-64', which the export search chose for this base model, target "
+                              "and machine on ")
+    assert "(adapters then: antonyms, tone), fails a publish gate with this run's adapters; the graph is kept" in message
+    assert "  - tone: exact_match drop" in message and "--remeasure" in message
 
 
 def test_export_search_with_no_passing_variant_refuses_naming_each_variants_failures(fake_build, monkeypatch):
@@ -250,6 +284,33 @@ def test_tiny_default_export_search_ships_a_variant_with_todays_exact_match(tiny
     assert all(a["adapter_onnx"] == 1.0 for a in manifest["evaluation"]["adapters"].values())
     assert "## Export search" in (tiny_bundle / "report.md").read_text()
     assert f"Variant `{search['winner']}`, chosen by the export search" in (tiny_bundle / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_adding_an_adapter_keeps_model_onnx_byte_identical_with_the_export_search_on(tiny_bundle, monkeypatch, capfd):
+    import yaml
+
+    from phi_pipeline.cli import main
+
+    project = tiny_bundle.parents[2]
+    monkeypatch.chdir(project)
+    spec = yaml.safe_load(Path("pipelines/tiny-phi3.yaml").read_text())
+    spec["name"] = "tiny-phi3-more"  # a copy under another name: the same base, target and machine
+    extra = json.loads(json.dumps(spec["adapters"][0]))
+    extra["name"] = "tone2"
+    extra["lora"] = {"r": 4, "alpha": 8}
+    spec["adapters"].append(extra)
+    Path("pipelines/tiny-phi3-more.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    capfd.readouterr()
+    assert main(["run", "pipelines/tiny-phi3-more.yaml"]) == 0
+    assert "chosen for this base model, target and machine" in capfd.readouterr().err
+    before = json.loads((tiny_bundle / "manifest.json").read_text())
+    after = json.loads(Path("dist/tiny-phi3-more/cpu/manifest.json").read_text())
+    assert [a["name"] for a in after["adapters"]] == ["tone", "antonyms", "tone2"]
+    assert after["export_search"]["winner"] == before["export_search"]["winner"]
+    assert "time-variants" in after["cached_stages"]  # no timing rounds: the choice was not made again
+    for name in ("model.onnx", "model.onnx.data"):
+        assert after["files"][name] == before["files"][name]
 
 
 def test_run_remeasure_flag_reaches_the_pipeline(project, monkeypatch):

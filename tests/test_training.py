@@ -139,7 +139,8 @@ def test_trainer_hooks_add_early_stopping_and_progress_callbacks_to_any_trainer(
     from phi_pipeline.orchestration.olive_compat import trainer_callbacks
 
     callbacks = trainer_callbacks({"early_stopping": {"patience": 2, "threshold": 0.5}, "progress_file": str(tmp_path / "p.jsonl")})
-    stop, progress = callbacks
+    seal, stop, progress = callbacks
+    assert type(seal).__name__ == "CheckpointSeal"  # always: a resumed run reads only sealed checkpoints
     assert isinstance(stop, EarlyStoppingCallback)
     assert (stop.early_stopping_patience, stop.early_stopping_threshold) == (2, 0.5)
     assert type(progress).__name__ == "ProgressWriter"
@@ -170,8 +171,13 @@ def test_copy_of_spec_under_another_name_reuses_every_adapter_and_the_export(fas
 
 
 @pytest.mark.slow
-def test_early_stopping_ends_training_before_max_steps_and_ships_the_best_checkpoint(fast_project, capsys):
+def test_early_stopping_ends_training_before_max_steps_and_ships_the_best_checkpoint(fast_project, capsys, monkeypatch):
     from safetensors.numpy import load_file
+
+    import phi_pipeline.pipeline
+
+    # keep the checkpoints a completed fine-tune leaves (the run discards them once cached) to compare with
+    monkeypatch.setattr(phi_pipeline.pipeline, "discard_finetune_dir", lambda out: None)
 
     # threshold 100: no evaluation after the first counts as an improvement, so patience 1 stops at the second
     spec = _write_spec(fast_project, "early", max_steps=40, logging_steps=2, eval_steps=2, save_steps=2,
@@ -183,7 +189,7 @@ def test_early_stopping_ends_training_before_max_steps_and_ships_the_best_checkp
     manifest = json.loads((bundle / "manifest.json").read_text())
     entry = manifest["adapters"][0]
     steps = [h["step"] for h in entry["training_history"] if "eval_loss" in h]
-    assert steps == [2, 4] and entry["dataset"]["validation_rows"]["fraction"] == 0.1
+    assert steps == [0, 2, 4] and entry["dataset"]["validation_rows"]["fraction"] == 0.1
     state = json.loads((fast_project / ".phi-pipeline/cache/adapters" / entry["cache_key"] / "trainer_state.json").read_text())
     assert state["global_step"] == 4 < 40
     best = fast_project / state["best_model_checkpoint"]
@@ -257,18 +263,54 @@ def test_array_hub_and_modules_to_save_configs_pass_olive_validation(tmp_path, m
         olive_check(configs[name], tmp_path)
 
 
-def test_interrupted_fine_tune_keeps_complete_checkpoints_of_its_own_key_only(tmp_path):
+def _sealed_checkpoint(folder: Path, files: dict[str, str]) -> Path:
+    """A checkpoint as the trainer saves it, sealed by olive_compat's CheckpointSeal callback."""
+    from types import SimpleNamespace
+
+    from phi_pipeline.orchestration.olive_compat import checkpoint_seal_class
+
+    folder.mkdir(parents=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    args = SimpleNamespace(output_dir=str(folder.parent))
+    state = SimpleNamespace(is_world_process_zero=True, global_step=int(folder.name.rsplit("-", 1)[1]))
+    checkpoint_seal_class()().on_save(args, state, None)
+    return folder
+
+
+def test_interrupted_fine_tune_keeps_sealed_checkpoints_of_its_own_key_only(tmp_path):
     from phi_pipeline.orchestration.training import TRAINING_KEY_FILE, prepare_finetune_dir
 
     out = tmp_path / "tone"
-    (out / "trainer/checkpoint-2").mkdir(parents=True)
-    (out / "trainer/checkpoint-2/trainer_state.json").write_text("{}")
-    (out / "trainer/checkpoint-4").mkdir()  # killed while being written: no trainer_state.json
+    _sealed_checkpoint(out / "trainer/checkpoint-2", {"trainer_state.json": "{}", "adapter_model.safetensors": "w2"})
+    (out / "trainer/checkpoint-4").mkdir()  # killed while being written: not sealed yet
+    (out / "trainer/checkpoint-4/trainer_state.json").write_text("{}")
     (out / "trainer/runs").mkdir()
     (out / "adapter").mkdir()
     (out / TRAINING_KEY_FILE).write_text("key-a")
-    assert prepare_finetune_dir(out, "key-a") == "checkpoint-2"
+    said = []
+    assert prepare_finetune_dir(out, "key-a", said.append) == "checkpoint-2"
     assert sorted(p.name for p in (out / "trainer").iterdir()) == ["checkpoint-2", "runs"]
+    assert said == ["not resuming from checkpoint-4: no seal (written before it was complete, or by an older phi-pipeline)"]
     assert not (out / "adapter").exists()
     assert prepare_finetune_dir(out, "key-b") is None
     assert [p.name for p in out.iterdir()] == [TRAINING_KEY_FILE] and (out / TRAINING_KEY_FILE).read_text() == "key-b"
+
+
+def test_resume_drops_a_damaged_checkpoint_and_every_later_one(tmp_path):
+    from phi_pipeline.orchestration.training import TRAINING_KEY_FILE, checkpoint_problem, prepare_finetune_dir
+
+    out = tmp_path / "tone"
+    files = {"trainer_state.json": "{}", "adapter_model.safetensors": "weights"}
+    for step in (2, 4, 6):
+        _sealed_checkpoint(out / f"trainer/checkpoint-{step}", files)
+    (out / TRAINING_KEY_FILE).write_text("key-a")
+    (out / "trainer/checkpoint-4/adapter_model.safetensors").write_text("weightS")  # a flipped byte
+    assert checkpoint_problem(out / "trainer/checkpoint-4") == "adapter_model.safetensors: content differs from the seal"
+    said = []
+    assert prepare_finetune_dir(out, "key-a", said.append) == "checkpoint-2"
+    assert said == ["not resuming from checkpoint-4: adapter_model.safetensors: content differs from the seal"]
+    assert [p.name for p in (out / "trainer").iterdir()] == ["checkpoint-2"]
+    (out / "trainer/checkpoint-2/extra.bin").write_text("x")
+    assert checkpoint_problem(out / "trainer/checkpoint-2") == "its files differ from those sealed"
+    assert prepare_finetune_dir(out, "key-a") is None and [p.name for p in out.iterdir()] == [TRAINING_KEY_FILE]

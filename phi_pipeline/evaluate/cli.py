@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from phi_pipeline.bundle.layout import MANIFEST
 from phi_pipeline.errors import UsageError
-from phi_pipeline.evaluate.gates import record_gates
+from phi_pipeline.evaluate.gates import learning_record, record_gates
 from phi_pipeline.evaluate.run import evaluate_bundle
 from phi_pipeline.evaluate.tasks import tasks_from_manifest, tasks_from_plan
 
@@ -45,6 +45,13 @@ def gated_results(plan: "Plan", staged: Path, trained: Sequence[Any], *, enforce
         trust_remote_code=plan.spec.base_model.trust_remote_code,
         require_pytorch=True,
     )
+    from phi_pipeline.bundle.staging import training_history
+
+    for t in trained:
+        if t.plan.name in results["adapters"]:
+            results["adapters"][t.plan.name]["learning"] = learning_record(
+                training_history(t.folder), t.plan.spec.training.load_best_model_at_end
+            )
     record_gates(results, None, enforced=enforced)
     return results
 
@@ -152,6 +159,10 @@ def eval_cli(
             "gates that compare with PyTorch are not checked",
             file=sys.stderr,
         )
+    for a in manifest.get("adapters", []):
+        if a["name"] in results["adapters"]:
+            load_best = a.get("training", {}).get("load_best_model_at_end", True)
+            results["adapters"][a["name"]]["learning"] = learning_record(a.get("training_history", []), load_best)
     failures = record_gates(results, None, enforced=True)
     if out:
         write_report(

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from phi_pipeline.evaluate.metrics import fmt
+from phi_pipeline.orchestration.trained import validation_losses
 from phi_pipeline.pipeline_spec.schema import GateSpec, PipelineSpec
+
+LEARNED_FLOOR = ("min_gain_over_base", "min_validation_loss_drop")
+LEARNED_TOO_LITTLE = (
+    "; the adapter learned too little to ship. Likely causes: the learning rate (too high stalls a fine-tune "
+    "on a plateau, too low barely moves it), max_steps, the rank r and alpha (alpha / r scales every update; "
+    "a family with more adapted projections per layer, such as Llama's seven, changes more per step). "
+    "`phi-pipeline search SPEC` finds a recipe on the validation split; to ship it anyway, lower gates.{gate} "
+    "in the spec"
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ def gate_checks(results: Mapping[str, Any], spec: PipelineSpec | Mapping[str, An
                 GateCheck(name, g, getattr(gates, g), None, False, f"{who}: no ONNX figures to check (gates.{g})")
                 for g in ("min_gain_over_base", "max_drop_vs_pytorch", "max_perplexity_ratio", "min_token_agreement")
             ]
+            checks.append(_loss_drop_check(name, who, gates.min_validation_loss_drop, r.get("learning")))
             continue
         base_figures, base_label = r["base"]["onnx"], "the base model's"
         if base_figures is None:  # a merged bundle ships no base model: compare with the PyTorch base
@@ -56,8 +67,10 @@ def gate_checks(results: Mapping[str, Any], spec: PipelineSpec | Mapping[str, An
                 f"{who}: {metric} {fmt(metric, onnx['metric'])} "
                 + (f"beats {base_label} {fmt(metric, base)} by {fmt(metric, gain)}, more than {fmt(metric, bound)}"
                    if ok else f"does not beat {base_label} {fmt(metric, base)} by more than {fmt(metric, bound)}")
-                + " (gates.min_gain_over_base)",
+                + " (gates.min_gain_over_base)" + ("" if ok else LEARNED_TOO_LITTLE.format(gate="min_gain_over_base")),
             ))
+
+        checks.append(_loss_drop_check(name, who, gates.min_validation_loss_drop, r.get("learning")))
 
         bound = gates.max_drop_vs_pytorch
         if torch_ is None:
@@ -99,6 +112,27 @@ def gate_checks(results: Mapping[str, Any], spec: PipelineSpec | Mapping[str, An
                 + ("at least" if ok else "below") + f" {bound:.3f} (gates.min_token_agreement)",
             ))
     return checks
+
+
+def _loss_drop_check(name: str, who: str, bound: float, learning: Mapping[str, Any] | None) -> GateCheck:
+    gate = "min_validation_loss_drop"
+    before, shipped = (learning or {}).get("validation_loss_before"), (learning or {}).get("validation_loss_shipped")
+    if before is None or shipped is None or before <= 0:
+        return GateCheck(name, gate, bound, None, None, f"{who}: {gate} not checked: no validation loss logged "
+                         f"before and after training (no validation split?) (gates.{gate})")
+    drop = 1.0 - shipped / before
+    ok = drop >= bound
+    return GateCheck(
+        name, gate, bound, drop, ok,
+        f"{who}: validation loss {before:.4f} before training -> {shipped:.4f} shipped, a drop of {drop:.1%}, "
+        + ("at least" if ok else "below") + f" {bound:.1%} (gates.{gate})" + ("" if ok else LEARNED_TOO_LITTLE.format(gate=gate)),
+    )
+
+
+def learning_record(history: Sequence[Mapping[str, Any]], load_best: bool) -> dict[str, float | None]:
+    """What the learned floor reads besides the metric: the validation loss before training and shipped."""
+    before, shipped = validation_losses(history, load_best)
+    return {"validation_loss_before": before, "validation_loss_shipped": shipped}
 
 
 def _unchecked(name: str, gate: str, bound: float, who: str) -> GateCheck:

@@ -61,6 +61,10 @@ option for early stopping or for reporting progress. :func:`install_trainer_hook
   and an ``end`` line; at the
   end it also writes the trainer's whole state (``trainer_state.json``, the loss history) beside it.
 
+Always, whatever the hooks: :class:`CheckpointSeal` writes the sha256 of every file of each checkpoint the
+trainer has just saved into it (``SEAL_FILE``), so a resumed run reads only a checkpoint it can verify
+(``orchestration.training.prepare_finetune_dir``).
+
 Delete these when Olive's LoRA pass accepts callbacks.
 
 ``modules_to_save``
@@ -384,9 +388,38 @@ def progress_writer_class() -> type:
     return ProgressWriter
 
 
+SEAL_FILE = "phi-pipeline-seal.json"
+"""In each trainer checkpoint: {"files": {relative path: sha256}} of the checkpoint as saved."""
+
+
+def checkpoint_seal_class() -> type:
+    """transformers.TrainerCallback sealing each checkpoint once saved (imported lazily: torch)."""
+    import json
+    from pathlib import Path
+
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from phi_pipeline.orchestration.cache import file_sha256, tree_files
+
+    class CheckpointSeal(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:  # only the main process writes checkpoints
+                return
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if not folder.is_dir():
+                return
+            files = {p.relative_to(folder).as_posix(): file_sha256(p) for p in tree_files(folder) if p.name != SEAL_FILE}
+            tmp = folder / f".{SEAL_FILE}.tmp"
+            tmp.write_text(json.dumps({"files": files}, indent=1))
+            os.replace(tmp, folder / SEAL_FILE)  # a kill leaves no seal, never half of one
+
+    return CheckpointSeal
+
+
 def trainer_callbacks(hooks: dict[str, Any]) -> list[Any]:
-    """The callbacks a hooks setting (see the module docstring) asks for."""
-    callbacks: list[Any] = []
+    """The callbacks a hooks setting (see the module docstring) asks for, and the checkpoint seal."""
+    callbacks: list[Any] = [checkpoint_seal_class()()]
     if "early_stopping" in hooks:
         from transformers import EarlyStoppingCallback
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from phi_pipeline.pipeline_spec.plan import AdapterPlan
 
@@ -25,3 +25,14 @@ class TrainedAdapter:
     """Which rows the trainer validated on: a file, a hub split, or the training rows held out."""
     search: dict[str, Any] | None = None
     """The hyperparameter search that picked this adapter (search.study.SearchOutcome.to_dict()), if any."""
+
+
+def validation_losses(history: Sequence[dict[str, Any]], load_best: bool) -> tuple[float | None, float | None]:
+    """(before training, shipped): the validation loss the trainer measured before its first step (the
+    fine-tune evaluates on start), and that of the adapter it ships: the lowest evaluation's after training
+    started when it keeps its best checkpoint (load_best_model_at_end), else the last one's. None where not logged."""
+    evaluations = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    before = next((loss for step, loss in evaluations if step == 0), None)
+    trained = [loss for step, loss in evaluations if step > 0]
+    shipped = (min(trained) if load_best else trained[-1]) if trained else None
+    return before, shipped

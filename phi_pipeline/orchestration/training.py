@@ -7,10 +7,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from phi_pipeline.orchestration.cache import content_key, file_sha256
+from phi_pipeline.orchestration.cache import content_key, file_sha256, tree_files
 from phi_pipeline.orchestration.distributed import DISTRIBUTED_FILE
+from phi_pipeline.orchestration.olive_compat import SEAL_FILE
 from phi_pipeline.orchestration.trained import TRAINER_STATE
 from phi_pipeline.pipeline_spec.data import read_file_rows, validation_indices
 from phi_pipeline.pipeline_spec.plan import Plan
@@ -133,17 +134,36 @@ def training_key(plan: Plan, workflow: dict[str, Any], hooks: dict[str, Any], ba
     return content_key(document)
 
 
-def prepare_finetune_dir(out: Path, key: str) -> str | None:
-    """Keep the checkpoints of an interrupted fine-tune with this key (returned: the last one's name), else
-    start from an empty folder."""
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a trainer checkpoint cannot be resumed from (None: its files are exactly those it was sealed
+    with when saved: olive_compat's CheckpointSeal)."""
+    try:
+        sealed: dict[str, str] = json.loads((checkpoint / SEAL_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no seal (written before it was complete, or by an older phi-pipeline)"
+    present = {p.relative_to(checkpoint).as_posix(): p for p in tree_files(checkpoint) if p.name != SEAL_FILE}
+    if set(present) != set(sealed):
+        return "its files differ from those sealed"
+    damaged = [rel for rel, p in present.items() if file_sha256(p) != sealed[rel]]
+    return f"{', '.join(sorted(damaged))}: content differs from the seal" if damaged else None
+
+
+def prepare_finetune_dir(out: Path, key: str, say: Callable[[str], None] = lambda _: None) -> str | None:
+    """Keep the verified checkpoints of an interrupted fine-tune with this key (returned: the last one's
+    name), else start from an empty folder. The trainer resumes from the newest checkpoint it finds, so one
+    that fails its seal is removed with every later one (`say` tells which and why)."""
     trainer = out / "trainer"
     stamp = out / TRAINING_KEY_FILE
-    # a checkpoint the kill interrupted has no trainer_state.json yet: it cannot be resumed from
-    done = sorted(
-        (c for c in trainer.glob("checkpoint-*") if (c / TRAINER_STATE).is_file()),
-        key=lambda c: int(c.name.rsplit("-", 1)[1]),
-    )
-    if done and stamp.is_file() and stamp.read_text() == key:
+    checkpoints = sorted(trainer.glob("checkpoint-*"), key=lambda c: int(c.name.rsplit("-", 1)[1]))
+    done: list[Path] = []
+    if stamp.is_file() and stamp.read_text() == key:
+        for checkpoint in checkpoints:
+            problem = checkpoint_problem(checkpoint)
+            if problem is not None:
+                say(f"not resuming from {checkpoint.name}: {problem}")
+                break
+            done.append(checkpoint)
+    if done:
         keep = {trainer / "runs", *done}
         for child in [*out.iterdir(), *trainer.iterdir()]:
             if child in (trainer, stamp) or child in keep:
@@ -155,3 +175,9 @@ def prepare_finetune_dir(out: Path, key: str) -> str | None:
     stamp.write_text(key)
     return None
 
+
+def discard_finetune_dir(out: Path) -> None:
+    """Once a fine-tune's result is cached its work folder holds nothing to resume from: its checkpoints
+    (and Olive's full copy of the base) go, so a rebuild of a damaged cache entry retrains from the start
+    and reproduces a clean build's bytes."""
+    shutil.rmtree(out, ignore_errors=True)

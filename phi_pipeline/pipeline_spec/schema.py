@@ -354,9 +354,18 @@ class GateSpec(_Model):
         None, description="The eval metric the metric gates compare (default: the first of eval.metric)."
     )
     min_gain_over_base: float = Field(
-        0.0,
-        description="The adapter's ONNX metric must exceed the base model's by more than this "
-        "(metric units: 0-100 for chrf and bleu, 0-1 for the others).",
+        0.10,
+        description="Learned floor: the adapter's ONNX metric must exceed the base model's by more than this "
+        "(metric units: 0-100 for chrf and bleu, 0-1 for the others). Lower it only for a task the base "
+        "already does well.",
+    )
+    min_validation_loss_drop: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Learned floor: the shipped adapter's validation loss must be at least this fraction below "
+        "the loss before training (the trainer evaluates once before its first step; labels cover the prompt "
+        "too, so a learned answer moves it less than the metric). Not checked without a validation split.",
     )
     max_drop_vs_pytorch: float = Field(
         0.05,

@@ -31,6 +31,7 @@ import math
 import platform
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -269,6 +270,15 @@ def _put_json(cache: Cache, kind: str, key: str, value: Any, meta: dict[str, Any
         cache.put(kind, key, Path(tmp), meta)
 
 
+def choice_key(plan: Plan, search: ExportSearchSpec, base: str) -> str:
+    """What an export choice belongs to: the base model, the target, the candidates and the search's
+    settings, this machine and the packages; never the adapters (adding or retraining one keeps the graph)."""
+    exports = {name: variant_plan(plan, changes).spec.export.model_dump(mode="json", exclude={"search"})
+               for name, changes in [(SPEC_VARIANT, {}), *((c.name, c.changes) for c in search.candidates)]}
+    return content_key({"stage": "export-choice", "base": base, "target": plan.target, "exports": exports,
+                        "search": search.model_dump(mode="json"), "machine": machine(), "packages": package_versions()})
+
+
 def run_search(
     plan: Plan,
     search: ExportSearchSpec,
@@ -277,10 +287,16 @@ def run_search(
     cache: Cache,
     export: Callable[[str, str], tuple[Path, str]],
     *,
+    base: str,
     enforced: bool,
     remeasure: bool = False,
 ) -> Outcome:
     """Export, stage and gate every variant, time the passing ones and choose (module docstring).
+
+    The choice is made once for a base model (digest `base`), target and machine, recorded in the cache
+    (choice_key) and reused on later runs, whatever their adapters, so adding an adapter leaves model.onnx
+    as it was: then only the chosen variant is gated, with the run's adapters, and an adapter that fails
+    its gates fails the run rather than switching the graph. `remeasure` chooses again.
 
     `export(variant, config_file)` returns the variant's exported folder and its cache key. Evaluation
     figures and timing rounds are cache entries too (keyed by the exports, the adapters, the eval
@@ -299,6 +315,7 @@ def run_search(
     results: dict[str, dict[str, Any]] = {}
     variants: list[Variant] = []
     export_keys: dict[str, str] = {}
+    folders: dict[str, Path] = {}
 
     def staged_variant(name: str, folder: Path) -> Path:
         if name not in staged:
@@ -309,25 +326,52 @@ def run_search(
                                     + "\n".join(f"  - {p}" for p in problems))
         return staged[name]
 
+    def gated(name: str, changes: dict[str, Any], config_file: str) -> Variant:
+        """Export the variant, stage it and gate it with the run's adapters (figures cached by content)."""
+        folders[name], export_keys[name] = export(name, config_file)
+        key = content_key({"stage": "export-search-eval", "export": export_keys[name], "adapters": adapters,
+                           "tasks": tasks, "enforced": enforced, "packages": package_versions()})
+        cached = None if remeasure else _json_entry(cache, "export-search", key)
+        if cached is None:
+            with stages.stage(f"evaluate:{name}", f"gating export variant {name!r} (ONNX vs PyTorch+PEFT)"):
+                folder = staged_variant(name, folders[name])
+                cached = {"results": gated_results(plans[name], folder, trained, enforced=enforced),
+                          # the adapters are the same in every variant
+                          "size_bytes": tree_size(folder, exclude=(ADAPTERS_DIR,))}
+            _put_json(cache, "export-search", key, cached, {"pipeline": plan.spec.name, "variant": name})
+        results[name] = cached["results"]
+        variant = from_results(name, changes, cached["results"], cached["size_bytes"])
+        variants.append(variant)
+        stages.say(f"export variant {name!r}: " + ("gates passed" if variant.passed else
+                                                  f"{len(variant.failures)} gate(s) failed"))
+        return variant
+
+    chosen_key = choice_key(plan, search, base)
+    chosen = None if remeasure else _json_entry(cache, "export-choice", chosen_key)
     winner: str | None = None
     try:
-        folders = {}
+        if chosen is not None:
+            winner = chosen["winner"]
+            name, changes, config_file = next(c for c in candidates if c[0] == winner)
+            variant = gated(name, changes, config_file)
+            if not variant.passed and enforced:
+                raise PipelineError(
+                    f"export variant {winner!r}, which the export search chose for this base model, target and machine "
+                    f"on {chosen['chosen_at']} (adapters then: {', '.join(chosen['adapters'])}), fails a publish gate with "
+                    f"this run's adapters; the graph is kept, not switched, and {plan.paths.bundle_dir} was left as it was:\n"
+                    + "\n".join(f"  - {f}" for f in variant.failures)
+                    + "\n(fix the adapter's recipe, or `phi-pipeline run --remeasure` to choose again for this adapter set: "
+                    "model.onnx may then change and devices download the base again)"
+                )
+            record = {**chosen["record"], "reused_choice": {"chosen_at": chosen["chosen_at"], "adapters": chosen["adapters"]},
+                      "cached": True}
+            stages.mark_cached("time-variants")
+            stages.say(f"export search: shipping variant {winner!r}, chosen for this base model, target and machine on "
+                       f"{chosen['chosen_at']} (`phi-pipeline run --remeasure` chooses again)")
+            return Outcome(winner, plans[winner], staged_variant(winner, folders[winner]), results[winner], record)
+
         for name, changes, config_file in candidates:
-            folders[name], export_keys[name] = export(name, config_file)
-            key = content_key({"stage": "export-search-eval", "export": export_keys[name], "adapters": adapters,
-                               "tasks": tasks, "enforced": enforced, "packages": package_versions()})
-            cached = None if remeasure else _json_entry(cache, "export-search", key)
-            if cached is None:
-                with stages.stage(f"evaluate:{name}", f"gating export variant {name!r} (ONNX vs PyTorch+PEFT)"):
-                    folder = staged_variant(name, folders[name])
-                    cached = {"results": gated_results(plans[name], folder, trained, enforced=enforced),
-                              # the adapters are the same in every variant
-                              "size_bytes": tree_size(folder, exclude=(ADAPTERS_DIR,))}
-                _put_json(cache, "export-search", key, cached, {"pipeline": plan.spec.name, "variant": name})
-            results[name] = cached["results"]
-            variants.append(from_results(name, changes, cached["results"], cached["size_bytes"]))
-            stages.say(f"export variant {name!r}: " + ("gates passed" if variants[-1].passed else
-                                                      f"{len(variants[-1].failures)} gate(s) failed"))
+            gated(name, changes, config_file)
 
         passing = [v.name for v in variants if v.passed]
         timing_key = content_key({"stage": "export-search-timing", "exports": {n: export_keys[n] for n in passing},
@@ -359,6 +403,11 @@ def run_search(
             record["winner"] = winner
             record["variants"][winner]["outcome"] = "won"
             record["variants"][winner]["why"] = "most accurate variant; none passed every gate (--no-gate)"
+        else:  # a real choice: later runs of this base on this machine ship the same graph
+            _put_json(cache, "export-choice", chosen_key,
+                      {"winner": winner, "record": record, "adapters": sorted(adapters),
+                       "chosen_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+                      {"pipeline": plan.spec.name, "winner": winner})
         stages.say(f"export search: shipping variant {winner!r}: {record['variants'][winner]['why']}")
         return Outcome(winner, plans[winner], staged_variant(winner, folders[winner]), results[winner], record)
     finally:

@@ -9,18 +9,18 @@ from phi_pipeline.pipeline_spec.data import load_examples
 from phi_pipeline.pipeline_spec.plan import AdapterPlan, Plan
 from phi_pipeline.search.study import TrialFailed
 from phi_pipeline.bundle.staging import training_history
-from phi_pipeline.orchestration.trained import TrainedAdapter
+from phi_pipeline.orchestration.trained import TrainedAdapter, validation_losses
 
 
 def validation_loss(trained: TrainedAdapter) -> float:
-    """The validation loss of the adapter the trial ships: the best evaluation's when the trainer kept its
-    best checkpoint (load_best_model_at_end), else the last one's."""
-    losses = [h["eval_loss"] for h in training_history(trained.folder) if "eval_loss" in h]
-    if not losses:
+    """The validation loss of the adapter the trial ships (orchestration.trained.validation_losses)."""
+    history = training_history(trained.folder)
+    _, shipped = validation_losses(history, trained.plan.spec.training.load_best_model_at_end)
+    if shipped is None:
         raise TrialFailed("the trainer logged no validation loss (no trainer state, or no validation split?)")
-    if any(not math.isfinite(x) for x in losses):
+    if any(not math.isfinite(h["eval_loss"]) for h in history if "eval_loss" in h):
         return float("nan")
-    return min(losses) if trained.plan.spec.training.load_best_model_at_end else losses[-1]
+    return shipped
 
 
 def validation_metric(plan: Plan, adapter: AdapterPlan, trained: TrainedAdapter) -> float:

@@ -53,6 +53,8 @@ def training_args(plan: AdapterPlan, plan_paths: PipelinePaths) -> dict[str, Any
     if validates:
         # the best checkpoint (and early stopping's yardstick) is the lowest validation loss
         args.update({"metric_for_best_model": "eval_loss", "greater_is_better": False})
+        # the validation loss before training: the learned floor's yardstick (gates.min_validation_loss_drop)
+        args["eval_on_start"] = True
         args["load_best_model_at_end"] = t.load_best_model_at_end
     if t.max_steps is not None:
         args["max_steps"] = t.max_steps
