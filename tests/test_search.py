@@ -98,6 +98,25 @@ def test_search_empty_space_is_refused():
     assert any("space is empty" in p for p in problems), problems
 
 
+def test_search_grid_trains_every_combination_once_and_finishes(tmp_path):
+    from phi_pipeline.search.study import run_study
+
+    grid = SearchSpec.model_validate({"strategy": "grid", "objective": "metric", "baseline": False, "space": {
+        "training.learning_rate": {"choices": [0.002, 0.003, 0.004]}, "training.seed": {"choices": [42, 1]}}})
+    seen = []
+
+    def train(params, number):
+        seen.append(params)
+        return params["training.learning_rate"], 1.0
+
+    outcome = run_study("a", grid, tmp_path / "s.sqlite3", "k", train, lambda _: None)
+    assert seen == [{"training.learning_rate": lr, "training.seed": seed} for lr in (0.002, 0.003, 0.004) for seed in (42, 1)]
+    assert outcome.best.params == {"training.learning_rate": 0.004, "training.seed": 42}
+    # a rerun of a finished grid trains nothing more
+    run_study("a", grid, tmp_path / "s.sqlite3", "k", train, lambda _: None)
+    assert len(seen) == 6
+
+
 def test_search_grid_refuses_ranges_and_counts_combinations():
     with pytest.raises(ValueError, match="strategy grid tries listed values only"):
         search(strategy="grid")

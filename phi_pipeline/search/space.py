@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from phi_pipeline.pipeline_spec.schema import AdapterSpec, SearchChoices, SearchSpec, _field_types, _searched_field
@@ -17,9 +18,11 @@ def sampler(search: SearchSpec, trial_number: int):
     import optuna
 
     seed = search.seed + trial_number
-    if search.strategy == "grid":
-        return optuna.samplers.GridSampler(grid(search), seed=seed)
-    if search.strategy == "random":
+    # grid: run_study enqueues each combination itself (grid_points), so the sampler only has fixed values to
+    # return. Optuna's GridSampler is not used: under ask-and-tell with a sampler per trial it revisited
+    # combinations and left others out, and it calls Study.stop() when the grid is done, which raises outside
+    # Study.optimize.
+    if search.strategy in ("grid", "random"):
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS)
 
@@ -29,11 +32,14 @@ def grid(search: SearchSpec) -> dict[str, list[Any]]:
     return {path: list(dim.choices) for path, dim in search.space.items() if isinstance(dim, SearchChoices)}
 
 
+def grid_points(search: SearchSpec) -> list[dict[str, Any]]:
+    """strategy grid: every combination of the listed values, in the spec's order."""
+    values = grid(search)
+    return [dict(zip(values, combination)) for combination in itertools.product(*values.values())]
+
+
 def grid_size(search: SearchSpec) -> int:
-    size = 1
-    for values in grid(search).values():
-        size *= len(values)
-    return size
+    return len(grid_points(search))
 
 
 def suggest(trial, search: SearchSpec) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from phi_pipeline.errors import PipelineError
-from phi_pipeline.search.space import describe, grid_size, sampler, suggest
+from phi_pipeline.search.space import describe, grid_points, grid_size, sampler, suggest
 from phi_pipeline.pipeline_spec.schema import OBJECTIVE_NAMES, SearchSpec
 
 
@@ -93,6 +93,9 @@ def run_study(
     finished = _finished(study)
     while len(finished) < budget:
         study.sampler = sampler(search, len(finished))
+        if search.strategy == "grid" and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            done = [t.params for t in finished]
+            study.enqueue_trial(next(p for p in grid_points(search) if p not in done))
         trial = study.ask()
         params = suggest(trial, search)
         start = time.perf_counter()
