@@ -364,6 +364,26 @@ def test_failing_gate_exits_1_names_adapter_and_metric_and_leaves_published_bund
 
 
 @pytest.mark.slow
+def test_learned_floor_refuses_a_fine_tune_that_learned_nothing_and_publishes_nothing(fast_project, monkeypatch, capsys):
+    from phi_pipeline.cli import main
+
+    monkeypatch.chdir(fast_project)
+    spec = yaml.safe_load((fast_project / "pipelines/fast.yaml").read_text())
+    spec["name"] = "broken-recipe"
+    spec["adapters"] = spec["adapters"][:1]
+    spec["training"]["learning_rate"] = 1.0e-9  # a deliberately broken recipe: the adapter cannot move
+    spec["gates"] = {"max_perplexity_ratio": 1000.0}  # the learned floor at its defaults
+    (fast_project / "pipelines/broken-recipe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["run", "pipelines/broken-recipe.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "adapter 'tone': exact_match 0.016 does not beat the base model's 0.016 by more than 0.100 " \
+           "(gates.min_gain_over_base); the adapter learned too little to ship" in err
+    assert "before training ->" in err and "below 5.0% (gates.min_validation_loss_drop)" in err
+    assert "phi-pipeline search SPEC" in err
+    assert not (fast_project / "dist/broken-recipe/cpu").exists()
+
+
+@pytest.mark.slow
 def test_eval_command_exits_1_when_gate_fails_and_0_with_onnx_only_figures(fast_project, monkeypatch, capsys, tmp_path):
     from phi_pipeline.cli import main
 

@@ -352,6 +352,7 @@ def run_search(
     try:
         if chosen is not None:
             winner = chosen["winner"]
+            stages.mark_cached("time-variants")  # before staging: the manifest lists what was not measured again
             name, changes, config_file = next(c for c in candidates if c[0] == winner)
             variant = gated(name, changes, config_file)
             if not variant.passed and enforced:
@@ -365,7 +366,6 @@ def run_search(
                 )
             record = {**chosen["record"], "reused_choice": {"chosen_at": chosen["chosen_at"], "adapters": chosen["adapters"]},
                       "cached": True}
-            stages.mark_cached("time-variants")
             stages.say(f"export search: shipping variant {winner!r}, chosen for this base model, target and machine on "
                        f"{chosen['chosen_at']} (`phi-pipeline run --remeasure` chooses again)")
             return Outcome(winner, plans[winner], staged_variant(winner, folders[winner]), results[winner], record)
