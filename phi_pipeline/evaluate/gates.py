@@ -9,11 +9,11 @@ from phi_pipeline.evaluate.metrics import fmt
 from phi_pipeline.orchestration.trained import validation_losses
 from phi_pipeline.pipeline_spec.schema import GateSpec, PipelineSpec
 
-LEARNED_FLOOR = ("min_gain_over_base", "min_validation_loss_drop")
 LEARNED_TOO_LITTLE = (
     "; the adapter learned too little to ship. Likely causes: the learning rate (too high stalls a fine-tune "
-    "on a plateau, too low barely moves it), max_steps, the rank r and alpha (alpha / r scales every update; "
-    "a family with more adapted projections per layer, such as Llama's seven, changes more per step). "
+    "on a plateau, too low barely moves it), max_steps, the rank r and alpha (alpha / r scales every update, "
+    "and the number of adapted projections per layer changes what a setting does: 4 in Phi-3's fused layout, "
+    "7 in Llama's). "
     "`phi-pipeline search SPEC` finds a recipe on the validation split; to ship it anyway, lower gates.{gate} "
     "in the spec"
 )

@@ -275,7 +275,7 @@ def choice_key(plan: Plan, search: ExportSearchSpec, base: str) -> str:
     settings, this machine and the packages; never the adapters (adding or retraining one keeps the graph)."""
     exports = {name: variant_plan(plan, changes).spec.export.model_dump(mode="json", exclude={"search"})
                for name, changes in [(SPEC_VARIANT, {}), *((c.name, c.changes) for c in search.candidates)]}
-    return content_key({"stage": "export-choice", "base": base, "target": plan.target, "exports": exports,
+    return content_key({"stage": "export-choice", "base": base, "target": plan.target.name, "exports": exports,
                         "search": search.model_dump(mode="json"), "machine": machine(), "packages": package_versions()})
 
 
