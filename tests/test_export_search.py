@@ -245,6 +245,31 @@ def test_export_choice_refuses_an_adapter_that_fails_the_chosen_variant_instead_
     assert "  - tone: exact_match drop" in message and "--remeasure" in message
 
 
+def test_a_candidate_that_fails_to_load_is_a_failed_variant_with_its_reason_not_the_end_of_the_run(fake_build, monkeypatch):
+    import phi_pipeline.evaluate as evaluate
+
+    gated = evaluate.gated_results
+
+    def fails_for_int8_head(p, folder, trained, enforced):
+        if p.spec.export.int4_lm_head == "int8":  # as on a tied-embedding model (issue 33)
+            raise RuntimeError("Load model from model.onnx failed: Invalid model. Node input "
+                               "'lm_head.MatMul.weight_Q8G32' is not a graph input\nmore detail")
+        return gated(p, folder, trained, enforced)
+
+    monkeypatch.setattr(evaluate, "gated_results", fails_for_int8_head)
+    outcome, stages = fake_build.run()
+    assert outcome.winner == "block-64"
+    row = outcome.record["variants"]["lm-head-int8"]
+    assert row["passed"] is False and row["outcome"] == "lost"
+    assert row["why"] == ("failed: could not be built or loaded: Load model from model.onnx failed: Invalid model. "
+                          "Node input 'lm_head.MatMul.weight_Q8G32' is not a graph input")
+    assert "export variant 'lm-head-int8': could not be built or loaded" in stages.stream.getvalue()
+    from phi_pipeline.evaluate.report import export_search_markdown
+
+    assert "| `lm-head-int8` | int4_lm_head=int8 | **FAIL** |" in "\n".join(export_search_markdown(outcome.record))
+    assert sorted(p.name for p in (fake_build.project / "staging").iterdir()) == ["block-64"]
+
+
 def test_export_search_with_no_passing_variant_refuses_naming_each_variants_failures(fake_build, monkeypatch):
     import phi_pipeline.evaluate as evaluate
 

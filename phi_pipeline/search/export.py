@@ -220,7 +220,7 @@ def _metric_drop(v: Variant, reference: Variant) -> float | None:
 def _why(v: Variant, winner: Variant | None, reference: Variant | None, rows: dict[str, dict[str, Any]],
          too_noisy: bool) -> str:
     if not v.passed:
-        return "failed a publish gate: " + "; ".join(v.failures)
+        return ("failed a publish gate: " if v.metric is not None else "failed: ") + "; ".join(v.failures)
     vs = rows[v.name].get("vs_reference")
     if v is winner:
         if v is not reference:
@@ -371,7 +371,17 @@ def run_search(
             return Outcome(winner, plans[winner], staged_variant(winner, folders[winner]), results[winner], record)
 
         for name, changes, config_file in candidates:
-            gated(name, changes, config_file)
+            if name == SPEC_VARIANT:  # the spec's own settings: a failure there is the run's
+                gated(name, changes, config_file)
+                continue
+            try:
+                gated(name, changes, config_file)
+            except Exception as exc:  # noqa: BLE001 - any export, staging or load failure of a candidate
+                # a candidate that cannot be built or loaded (e.g. a setting the model's layout does not
+                # support) is a failed candidate with its reason, not the end of the run
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                variants.append(Variant(name, changes, passed=False, failures=[f"could not be built or loaded: {reason}"]))
+                stages.say(f"export variant {name!r}: could not be built or loaded: {reason}")
 
         passing = [v.name for v in variants if v.passed]
         timing_key = content_key({"stage": "export-search-timing", "exports": {n: export_keys[n] for n in passing},
