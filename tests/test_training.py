@@ -212,27 +212,31 @@ def test_tiny_default_validates_on_held_out_rows_and_reports_both_loss_curves(ti
 
 
 @pytest.mark.slow
-def test_killed_fine_tune_resumes_from_its_checkpoint_and_publishes(fast_project, capsys):
-    spec = _write_spec(fast_project, "resume", max_steps=24, logging_steps=2, eval_steps=2, save_steps=2)
+def test_killed_fine_tune_resumes_from_its_sealed_checkpoint_to_the_bytes_of_an_uninterrupted_one(fast_project, capsys):
+    spec = _write_spec(fast_project, "resume", max_steps=60, logging_steps=2, eval_steps=2, save_steps=2)
+    clean = json.loads((_run_in(fast_project, spec) / "manifest.json").read_text())["adapters"][0]
+    shutil.rmtree(fast_project / ".phi-pipeline/cache/adapters" / clean["cache_key"])  # train it again, killed
+    published = (fast_project / "dist/resume/cpu/manifest.json").read_bytes()
     trainer = fast_project / ".phi-pipeline/runs/resume/finetune/tone/trainer"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "phi_pipeline.cli", "run", spec], cwd=fast_project, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
-        while not list(trainer.glob("checkpoint-*/trainer_state.json")):
+        while not list(trainer.glob("checkpoint-*/phi-pipeline-seal.json")):
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-            time.sleep(0.5)
+            time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its Olive process, as a power cut would
         proc.wait()
-    assert not (fast_project / "dist/resume").exists()
+    assert (fast_project / "dist/resume/cpu/manifest.json").read_bytes() == published
     capsys.readouterr()
     bundle = _run_in(fast_project, spec)
     err = capsys.readouterr().err
     assert "tone: resuming the interrupted fine-tune from checkpoint-" in err
     assert "Resuming training at" in (fast_project / ".phi-pipeline/runs/resume/cpu/logs/finetune-tone.log").read_text()
-    assert (bundle / "manifest.json").is_file()
+    resumed = json.loads((bundle / "manifest.json").read_text())["adapters"][0]
+    assert (resumed["cache_key"], resumed["sha256"]) == (clean["cache_key"], clean["sha256"])
 
 
 def test_array_hub_and_modules_to_save_configs_pass_olive_validation(tmp_path, monkeypatch):

@@ -126,6 +126,11 @@ def _run_task(job: OliveJob) -> float:
     ctx = ray.get_runtime_context()
     header = (f"# ray task {ctx.get_task_id()} on node {ctx.get_node_id()}, "
               f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
+    # Ray sets OMP_NUM_THREADS to the task's num_cpus; torch's kernels then sum in another order than a local
+    # run's (its default: every physical core), and a fine-tune ends a few bits apart. Olive runs with the
+    # node's default, as it does locally, so the executor does not change what is published (a job that
+    # pins its threads, like a torchrun rank, keeps them through job.env).
+    os.environ.pop("OMP_NUM_THREADS", None)
     return job.run(header=header)
 
 
