@@ -69,6 +69,8 @@ class Variant:
     """Mean over the adapters of ONNX / PyTorch perplexity of the eval answers."""
     token_agreement: float | None = None
     size_bytes: int | None = None
+    built: bool = True
+    """False: the variant could not be exported, staged or loaded (its failures say why)."""
 
 
 def from_results(name: str, changes: dict[str, Any], results: dict[str, Any], size_bytes: int) -> Variant:
@@ -220,7 +222,7 @@ def _metric_drop(v: Variant, reference: Variant) -> float | None:
 def _why(v: Variant, winner: Variant | None, reference: Variant | None, rows: dict[str, dict[str, Any]],
          too_noisy: bool) -> str:
     if not v.passed:
-        return ("failed a publish gate: " if v.metric is not None else "failed: ") + "; ".join(v.failures)
+        return ("failed a publish gate: " if v.built else "failed: ") + "; ".join(v.failures)
     vs = rows[v.name].get("vs_reference")
     if v is winner:
         if v is not reference:
@@ -380,7 +382,8 @@ def run_search(
                 # a candidate that cannot be built or loaded (e.g. a setting the model's layout does not
                 # support) is a failed candidate with its reason, not the end of the run
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                variants.append(Variant(name, changes, passed=False, failures=[f"could not be built or loaded: {reason}"]))
+                variants.append(Variant(name, changes, passed=False, failures=[f"could not be built or loaded: {reason}"],
+                                        built=False))
                 stages.say(f"export variant {name!r}: could not be built or loaded: {reason}")
 
         passing = [v.name for v in variants if v.passed]
