@@ -35,6 +35,13 @@ def evaluate_staged(plan: "Plan", staged: Path, trained: Sequence[Any], *, enfor
     return write_staged_report(plan, staged, trained, results)
 
 
+def _record_learning(results: dict[str, Any], trained: Mapping[str, tuple[Sequence[Any], bool]]) -> None:
+    """What the learned floor reads, per evaluated adapter: from its (training history, load_best_model_at_end)."""
+    for name, (history, load_best) in trained.items():
+        if name in results["adapters"]:
+            results["adapters"][name]["learning"] = learning_record(history, load_best)
+
+
 def gated_results(plan: "Plan", staged: Path, trained: Sequence[Any], *, enforced: bool) -> dict[str, Any]:
     """The staged bundle's figures against PyTorch + PEFT (required), gates checked; nothing written."""
     results = evaluate_bundle(
@@ -47,11 +54,8 @@ def gated_results(plan: "Plan", staged: Path, trained: Sequence[Any], *, enforce
     )
     from phi_pipeline.bundle.staging import training_history
 
-    for t in trained:
-        if t.plan.name in results["adapters"]:
-            results["adapters"][t.plan.name]["learning"] = learning_record(
-                training_history(t.folder), t.plan.spec.training.load_best_model_at_end
-            )
+    _record_learning(results, {t.plan.name: (training_history(t.folder), t.plan.spec.training.load_best_model_at_end)
+                               for t in trained})
     record_gates(results, None, enforced=enforced)
     return results
 
@@ -159,10 +163,8 @@ def eval_cli(
             "gates that compare with PyTorch are not checked",
             file=sys.stderr,
         )
-    for a in manifest.get("adapters", []):
-        if a["name"] in results["adapters"]:
-            load_best = a.get("training", {}).get("load_best_model_at_end", True)
-            results["adapters"][a["name"]]["learning"] = learning_record(a.get("training_history", []), load_best)
+    _record_learning(results, {a["name"]: (a.get("training_history", []), a.get("training", {}).get("load_best_model_at_end", True))
+                               for a in manifest.get("adapters", [])})
     failures = record_gates(results, None, enforced=True)
     if out:
         write_report(

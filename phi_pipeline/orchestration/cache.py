@@ -49,6 +49,11 @@ def tree_files(folder: Path) -> list[Path]:
     return sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.relative_to(folder).as_posix())
 
 
+def file_digests(folder: Path, exclude: str | None = None) -> dict[str, str]:
+    """sha256 of every file below folder by relative path (a record of what it held), but `exclude`."""
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in tree_files(folder) if p.name != exclude}
+
+
 def tree_sha256(folder: Path, memo: "DigestMemo | None" = None) -> str:
     """Digest of a folder's files (relative names and contents)."""
     h = hashlib.sha256()
@@ -201,7 +206,7 @@ class Cache:
             with space_for(self.root / kind, tree_size(source), f"cache entry {kind}/{key}"):
                 shutil.rmtree(tmp, ignore_errors=True)
                 shutil.copytree(source, tmp)
-                files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in tree_files(tmp)}
+                files = file_digests(tmp)
                 record = {"key": key, **meta, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
                 (tmp / ENTRY_RECORD).write_text(json.dumps(record, indent=2, default=str))
         except BaseException:  # a full disk or an interrupt leaves no partial entry

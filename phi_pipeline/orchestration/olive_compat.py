@@ -400,7 +400,7 @@ def checkpoint_seal_class() -> type:
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    from phi_pipeline.orchestration.cache import file_sha256, tree_files
+    from phi_pipeline.orchestration.cache import file_digests
 
     class CheckpointSeal(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -409,9 +409,8 @@ def checkpoint_seal_class() -> type:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if not folder.is_dir():
                 return
-            files = {p.relative_to(folder).as_posix(): file_sha256(p) for p in tree_files(folder) if p.name != SEAL_FILE}
             tmp = folder / f".{SEAL_FILE}.tmp"
-            tmp.write_text(json.dumps({"files": files}, indent=1))
+            tmp.write_text(json.dumps({"files": file_digests(folder, exclude=SEAL_FILE)}, indent=1))
             os.replace(tmp, folder / SEAL_FILE)  # a kill leaves no seal, never half of one
 
     return CheckpointSeal

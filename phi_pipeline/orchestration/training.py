@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from phi_pipeline.orchestration.cache import content_key, file_sha256, tree_files
+from phi_pipeline.orchestration.cache import content_key, file_digests, file_sha256
 from phi_pipeline.orchestration.distributed import DISTRIBUTED_FILE
 from phi_pipeline.orchestration.olive_compat import SEAL_FILE
 from phi_pipeline.orchestration.trained import TRAINER_STATE
@@ -141,10 +141,10 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         sealed: dict[str, str] = json.loads((checkpoint / SEAL_FILE).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return "no seal (written before it was complete, or by an older phi-pipeline)"
-    present = {p.relative_to(checkpoint).as_posix(): p for p in tree_files(checkpoint) if p.name != SEAL_FILE}
+    present = file_digests(checkpoint, exclude=SEAL_FILE)
     if set(present) != set(sealed):
         return "its files differ from those sealed"
-    damaged = [rel for rel, p in present.items() if file_sha256(p) != sealed[rel]]
+    damaged = [rel for rel, digest in present.items() if digest != sealed[rel]]
     return f"{', '.join(sorted(damaged))}: content differs from the seal" if damaged else None
 
 
