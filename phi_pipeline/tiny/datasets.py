@@ -1,4 +1,4 @@
-"""The two shipped fine-tuning tasks, generated deterministically from closed word lists.
+"""The shipped fine-tuning tasks, generated deterministically from closed word lists.
 
 The machine has no hub access, so the project ships its own data. Both tasks are sized for the
 ~1M-parameter tiny base (see base_model.py) and Olive's LoRA recipe (loss on the whole text, a
@@ -17,6 +17,10 @@ pairs for tone, new (adjective, noun) pairs for antonyms, so eval cannot be pass
 - tone: chat rows ``Classify the tone: <phrase>`` -> ``positive`` | ``negative`` | ``neutral``,
   balanced over labels.
 - antonyms: ``{"input": "the hot drink", "output": "the cold drink"}``.
+- extract (for the real smollm2 base, which can follow such a request but not the exact format):
+  chat rows ``Extract name, age and city as JSON: <sentence>`` -> ``{"name": ..., "age": ..., "city": ...}``
+  (compact, keys in that order; the ``json_fields`` metric scores each field). Eval rows use names and
+  cities that no training row has, so only the skill transfers, not the values.
 
 ``python -m phi_pipeline.tiny.datasets`` rewrites ``pipelines/data``; a test checks that the
 committed files equal this generator's output.
@@ -60,6 +64,33 @@ ANTONYM_PAIRS: tuple[tuple[str, str], ...] = (
 ANTONYM_NOUNS = ("drink", "box", "car", "room", "road", "river", "coat", "bag", "dog", "house", "book", "bed")
 ANTONYM_DETERMINERS = ("the", "my")
 OPPOSITE = {a: b for a, b in ANTONYM_PAIRS} | {b: a for a, b in ANTONYM_PAIRS}
+
+EXTRACT_PROMPT = "Extract name, age and city as JSON: "
+FIRST_NAMES = (
+    "Maria", "James", "Aiko", "Omar", "Lena", "Carlos", "Priya", "Tom", "Fatima", "Lucas", "Mei", "Ivan",
+    "Sara", "David", "Amara", "Noah", "Elena", "Kofi", "Hana", "Pedro", "Nina", "Yusuf", "Clara", "Raj",
+)
+LAST_NAMES = (
+    "Lopez", "Smith", "Tanaka", "Haddad", "Fischer", "Silva", "Patel", "Brown", "Khan", "Martin", "Chen",
+    "Petrov", "Jensen", "Cohen", "Okafor", "Walker", "Rossi", "Mensah", "Sato", "Costa", "Novak", "Demir",
+)
+CITIES = (
+    "Lyon", "Boston", "Osaka", "Cairo", "Munich", "Lisbon", "Pune", "Denver", "Lahore", "Quebec", "Taipei",
+    "Kazan", "Oslo", "Haifa", "Lagos", "Leeds", "Turin", "Accra", "Kyoto", "Porto", "Prague", "Izmir",
+    "Dublin", "Perth", "Nairobi", "Seville", "Bergen", "Austin",
+)
+# Names and cities from index EXTRACT_EVAL_FROM on appear only in eval rows.
+EXTRACT_EVAL_FROM = {"first": 18, "last": 17, "city": 22}
+EXTRACT_TEMPLATES = (
+    "{name}, {age}, lives in {city}.",
+    "Meet {name} from {city}, who is {age} years old.",
+    "{name} ({age}) just moved to {city}.",
+    "Our new customer is {name}, aged {age}, based in {city}.",
+    "{city} resident {name} turned {age} this year.",
+    "At {age}, {name} opened a bakery in {city}.",
+    "Please ship the order to {name} in {city}; the buyer is {age}.",
+    "{name} is a {age}-year-old nurse working in {city}.",
+)
 
 Rows = list[dict]
 
@@ -107,9 +138,33 @@ def antonym_rows(seed: int = SEED) -> tuple[Rows, Rows]:
     return [row(*t) for t in train[:N_TRAIN]], [row(*t) for t in evaluation]
 
 
+def extract_rows(seed: int = SEED) -> tuple[Rows, Rows]:
+    """Sentences about a person -> their name, age and city as compact JSON; eval people are unseen."""
+    rng = random.Random(seed)
+
+    def rows(n: int, held_out: bool) -> Rows:
+        def pick(words: tuple[str, ...], key: str) -> str:
+            cut = EXTRACT_EVAL_FROM[key]
+            return rng.choice(words[cut:] if held_out else words[:cut])
+
+        out: Rows = []
+        for _ in range(n):
+            name = f"{pick(FIRST_NAMES, 'first')} {pick(LAST_NAMES, 'last')}"
+            age, city = rng.randint(18, 79), pick(CITIES, "city")
+            sentence = rng.choice(EXTRACT_TEMPLATES).format(name=name, age=age, city=city)
+            answer = json.dumps({"name": name, "age": age, "city": city})
+            out.append({"messages": [
+                {"role": "user", "content": EXTRACT_PROMPT + sentence},
+                {"role": "assistant", "content": answer},
+            ]})
+        return out
+
+    return rows(N_TRAIN, held_out=False), rows(N_EVAL, held_out=True)
+
+
 def all_datasets() -> dict[str, tuple[Rows, Rows]]:
     """Task name -> (train rows, eval rows)."""
-    return {"tone": tone_rows(), "antonyms": antonym_rows()}
+    return {"tone": tone_rows(), "antonyms": antonym_rows(), "extract": extract_rows()}
 
 
 def to_jsonl(rows: Rows) -> str:

@@ -82,6 +82,11 @@ def model_builder_pass(plan: Plan, *, lora_nodes: list[str] | None = None) -> di
             extra["algo_config"] = export.int4_algorithm
         if export.int4_lm_head != "int4":
             extra["matmul_mixed_precision"] = {"last_matmul": export.int4_lm_head}
+        if export.int4_lm_head != "int4" or not export.int4_quantize_embeddings:
+            # Model Builder shares a tied table between embedding and LM head by default (SmolLM2, Qwen2.5-0.5B,
+            # Llama-3.2-1B), and forces both into int4 then: GatherBlockQuantized reads 4 bits only, so an int8
+            # head left the embedding reading a missing initializer, and unquantized embeddings were ignored.
+            extra["shared_embeddings"] = False
         if lora_nodes:
             extra["nodes_to_exclude"] = lora_nodes
     if extra:
