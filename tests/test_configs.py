@@ -139,6 +139,8 @@ def test_int4_export_settings_reach_model_builder_when_changed(monkeypatch, tmp_
     assert (builder["int4_is_symmetric"], builder["int4_block_size"], builder["int4_accuracy_level"]) == (False, 64, 4)
     assert builder["extra_options"]["matmul_mixed_precision"] == {"last_matmul": "int8"}
     assert builder["extra_options"]["shared_embeddings"] is False  # a tied table is no longer forced into int4
+    sensitive = workflow_configs(_tiny_plan_with_export(monkeypatch, int4_sensitive_layers="int8"))[EXPORT_FILE]
+    assert sensitive["passes"]["builder"]["extra_options"]["matmul_mixed_precision"] == {"mixed_layers": "int8"}
     assert builder["extra_options"]["nodes_to_exclude"]  # the LoRA MatMuls are still kept out
     olive_check(workflow_configs(plan)[EXPORT_FILE], tmp_path)
 

@@ -2,7 +2,8 @@
 
 Lines of README.md and docs/*.md of the form ``phi-pipeline generate dist/tiny-phi3/cpu ... # -> <output>``
 are run through the CLI against the ``tiny_bundle`` fixture (the shipped tiny pipeline, built once per
-session); the model card's Python snippet is executed in the bundle folder.
+session), those on ``dist/smollm2/cpu`` against ``real_bundle`` (the real-weights pipeline); the model card's
+Python snippet is executed in the tiny bundle's folder.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOC_PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 BUNDLE = "dist/tiny-phi3/cpu"
+# A shown bundle path -> the session fixture that builds it, and the adapters its spec ships.
+BUNDLES = {BUNDLE: ("tiny_bundle", {"tone", "antonyms"}), "dist/smollm2/cpu": ("real_bundle", {"tone", "antonyms", "extract"})}
 SHOWN = "# -> "
 
 
@@ -55,19 +58,23 @@ def test_shown_examples_are_parsed_with_command_and_output():
     ]
 
 
-def test_readme_shows_an_output_for_each_shipped_adapter_and_the_base():
+def test_readme_shows_an_output_for_each_shipped_adapter_and_the_base_of_each_bundle():
     examples = [e for e in documented_examples() if e.argv[0] == "generate"]
-    adapters = {e.argv[e.argv.index("--adapter") + 1] if "--adapter" in e.argv else None for e in examples}
-    assert adapters == {"antonyms", "tone", None}
-    assert all(e.argv[1] == BUNDLE and e.output for e in examples)
+    assert all(e.argv[1] in BUNDLES and e.output for e in examples)
+    for bundle, (_, shipped) in BUNDLES.items():
+        shown = {e.argv[e.argv.index("--adapter") + 1] if "--adapter" in e.argv else None
+                 for e in examples if e.argv[1] == bundle}
+        assert shown == shipped | {None}, bundle
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("example", documented_examples(), ids=lambda e: f"{e.page}:{e.line}")
-def test_readme_example_prints_the_output_it_shows(example, tiny_bundle, capsys):
+def test_readme_example_prints_the_output_it_shows(example, request, capsys):
     from phi_pipeline.cli import main
 
-    argv = [str(tiny_bundle) if a == BUNDLE else a for a in example.argv]
+    shown = next((a for a in example.argv if a in BUNDLES), BUNDLE)
+    bundle = request.getfixturevalue(BUNDLES[shown][0])
+    argv = [str(bundle) if a == shown else a for a in example.argv]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == example.output, f"{example.page}:{example.line}: {shlex.join(example.argv)}"
 

@@ -247,7 +247,8 @@ def _quantization_text(manifest: dict[str, Any]) -> str:
         return ""
     level = export["int4_accuracy_level"]
     text = (f"\nWeights: int4 in blocks of {export['int4_block_size']}, {'symmetric' if export['int4_symmetric'] else 'asymmetric'}, "
-            f"{export['int4_algorithm']} quantization, LM head {export['int4_lm_head']}, embeddings "
+            f"{export['int4_algorithm']} quantization, LM head {export['int4_lm_head']}, sensitive layers "
+            f"{export['int4_sensitive_layers']}, embeddings "
             f"{'int4' if export['int4_quantize_embeddings'] else 'fp32'}, MatMul activations at accuracy level "
             f"{level if level is not None else 'of the builder default'}.")
     search = manifest.get("export_search")

@@ -548,7 +548,15 @@ class _ExportSettings(_Model):
         "half of a small model's bytes stay fp32 otherwise.",
     )
     int4_lm_head: Literal["int4", "int8"] = Field(
-        "int4", description="Weight precision of the LM head in an int4 export (int8: more accurate, larger)."
+        "int4", description="Weight precision of the LM head in an int4 export (int8: more accurate, larger). On a "
+        "model whose LM head is tied to the embeddings the two are then stored apart (embeddings int4)."
+    )
+    int4_sensitive_layers: Literal["int4", "int8"] = Field(
+        "int4",
+        description="Weight precision of the most quantization-sensitive MatMuls in an int4 export: llama.cpp's "
+        "mixed strategy (as in Q4_K_M), the first and last eighth of the layers plus every third layer's q/k/v, "
+        "v and down projections (Model Builder matmul_mixed_precision mixed_layers). int8: more accurate, about "
+        "8 % larger (docs/real-weights.md).",
     )
     pack_projections: bool = Field(
         True,
