@@ -293,9 +293,9 @@ def test_export_search_section_and_model_card_name_the_choice_and_why():
     assert "| `block-128` | int4_block_size=128 | pass | 0.980 |" in text
     assert "1.300 [1.300-1.300]" in text  # paired decode ratio at each prompt length, median [min-max]
     export = {"int4_block_size": 128, "int4_symmetric": True, "int4_algorithm": "default", "int4_lm_head": "int4",
-              "int4_quantize_embeddings": True, "int4_accuracy_level": 4}
+              "int4_sensitive_layers": "int8", "int4_quantize_embeddings": True, "int4_accuracy_level": 4}
     card = _quantization_text({"precision": "int4", "export": export, "export_search": record})
-    assert "int4 in blocks of 128" in card and "Variant `block-128`, chosen by the export search among 2" in card
+    assert "int4 in blocks of 128" in card and "sensitive layers int8" in card and "Variant `block-128`, chosen by the export search among 2" in card
 
 
 @pytest.mark.slow
