@@ -93,6 +93,13 @@ def test_extract_answers_are_the_sentences_fields_as_json_and_eval_people_and_ci
                 seen["city"].add(fields["city"])
 
 
+def test_tiny_tokenizer_learns_from_the_tiny_tasks_only():
+    from phi_pipeline.tiny.base_model import _tokenizer_texts
+
+    texts = set(_tokenizer_texts())
+    assert "my short room" in texts and not any(t.startswith(EXTRACT_PROMPT) for t in texts)  # tiny-phi3's bytes stay put
+
+
 def test_antonym_eval_pairs_are_unseen_in_training():
     train, evaluation = all_datasets()["antonyms"]
     pair = lambda r: tuple(r["input"].split()[1:])  # noqa: E731

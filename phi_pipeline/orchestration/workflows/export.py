@@ -80,8 +80,8 @@ def model_builder_pass(plan: Plan, *, lora_nodes: list[str] | None = None) -> di
         builder["int4_op_types_to_quantize"] = ["MatMul", "Gather"] if export.int4_quantize_embeddings else ["MatMul"]
         if export.int4_algorithm != "default":
             extra["algo_config"] = export.int4_algorithm
-        mixed = {"last_matmul": export.int4_lm_head, "mixed_layers": export.int4_sensitive_layers}
-        if mixed := {group: bits for group, bits in mixed.items() if bits != "int4"}:
+        groups = {"last_matmul": export.int4_lm_head, "mixed_layers": export.int4_sensitive_layers}
+        if mixed := {group: bits for group, bits in groups.items() if bits != "int4"}:
             extra["matmul_mixed_precision"] = mixed
         if export.int4_lm_head != "int4" or not export.int4_quantize_embeddings:
             # Model Builder shares a tied table between embedding and LM head by default (SmolLM2, Qwen2.5-0.5B,
