@@ -91,14 +91,10 @@ def onnx_logits(folder: Path, seqs: list[list[int]]) -> list[np.ndarray]:
 
 
 def nll(logits: list[np.ndarray], seqs: list[list[int]]) -> float:
-    """Mean negative log-likelihood of each next token."""
-    total, count = 0.0, 0
-    for lg, s in zip(logits, seqs):
-        lg = lg[:-1] - lg[:-1].max(-1, keepdims=True)
-        logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
-        total -= float(logp[np.arange(len(s) - 1), s[1:]].sum())
-        count += len(s) - 1
-    return total / count
+    """Mean negative log-likelihood of each next token (the evaluation's token_nll, float64)."""
+    from phi_pipeline.evaluate.onnx_side import token_nll
+
+    return sum(token_nll(lg[:-1], s[1:]) for lg, s in zip(logits, seqs)) / sum(len(s) - 1 for s in seqs)
 
 
 def build(model_dir: Path, out: Path, precision: str, options: dict[str, str]) -> float:
