@@ -176,6 +176,12 @@ def test_openvino_export_runs_whole_in_its_own_environment_without_hub_data(proj
     assert "dataset" not in ov["passes"]["convert"]["ov_quant_config"]
 
 
+def test_openvino_int4_groups_adjust_to_a_width_that_128_does_not_divide(project):
+    # SmolLM2's hidden size 576 is no multiple of 128: NNCF's default refuses the export, "adjust" groups by 64
+    quant = workflow_configs(plan("openvino"))[export_file("chat")]["passes"]["convert"]["ov_quant_config"]
+    assert (quant["group_size"], quant["group_size_fallback"]) == (128, "adjust")
+
+
 def test_openvino_npu_budget_fits_a_small_context_window(project):
     config = {"model_type": "phi3", "num_hidden_layers": 2, "max_position_embeddings": 512}
     (project / "base/config.json").write_text(json.dumps(config))

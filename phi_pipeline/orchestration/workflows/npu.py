@@ -75,9 +75,18 @@ QNN_CONTEXT_LENGTH = 64
 OPENVINO_MAX_PROMPT_LEN = 1024
 OPENVINO_MIN_RESPONSE_LEN = 512
 # NNCF weight compression per precision: symmetric int4 is the format the NPU plugin runs fastest
-# (embeddings and lm_head fall back to int8); int8 is per-channel symmetric.
+# (embeddings and lm_head fall back to int8); int8 is per-channel symmetric. A layer whose input width is no
+# multiple of 128 (SmolLM2's 576) takes the largest power of two that divides it (NNCF's "adjust", as optimum's
+# own model presets do) instead of failing the export.
 OPENVINO_WEIGHTS: dict[str, dict[str, Any]] = {
-    "int4": {"weight_format": "int4", "group_size": 128, "ratio": 1.0, "sym": True, "backup_precision": "int8_asym"},
+    "int4": {
+        "weight_format": "int4",
+        "group_size": 128,
+        "group_size_fallback": "adjust",
+        "ratio": 1.0,
+        "sym": True,
+        "backup_precision": "int8_asym",
+    },
     "int8": {"weight_format": "int8", "sym": True},
 }
 
