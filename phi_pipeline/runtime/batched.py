@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from phi_pipeline.bundle.layout import MODEL_FILE
+from phi_pipeline.runtime.prefix_cache import KV
 
 _LORA_INPUT = re.compile(r"lora_[AB]\b")
 
@@ -208,6 +209,19 @@ class BatchedDecoder:
         for (k, v), (sk, sv) in zip(self.kv, self.staging):
             k[row, :, :length] = sk[0, :, :length]
             v[row, :, :length] = sv[0, :, :length]
+
+    def snapshot(self, row: int | None, length: int) -> KV:
+        """Copies of the first `length` positions of decode row `row` (None: the staging row), for the prefix cache."""
+        buffers, i = (self.staging, 0) if row is None else (self.kv, row)
+        return [(k[i, :, :length].copy(), v[i, :, :length].copy()) for k, v in buffers]
+
+    def restore(self, kv: KV, length: int) -> None:
+        """The first `length` positions of `kv` into the staging row: a prefill from position `length` continues it."""
+        if length > self.kv_len:
+            raise ValueError(f"{length} tokens do not fit the KV cache of {self.kv_len}")
+        for (sk, sv), (k, v) in zip(self.staging, kv, strict=True):
+            sk[0, :, :length] = k[:, :length]
+            sv[0, :, :length] = v[:, :length]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Row `src`'s first `length` positions to row `dst` (keeps the decoding rows a prefix)."""

@@ -5,7 +5,8 @@ Two engines share the request bookkeeping (queue, limits, events, stop strings, 
 - `BatchedEngine` (the default for multi-adapter CPU bundles): continuous batching on plain onnxruntime
   (batched.py). Every round feeds one prompt chunk of the request being prefilled, then runs one decode
   step for all the requests already decoding, each row with its own adapter; a request joins the batch as
-  soon as its prompt is in, and leaves it (freeing its row) when it ends.
+  soon as its prompt is in, and leaves it (freeing its row) when it ends. Its KV then goes to the prefix
+  cache (prefix_cache.py), so a later prompt that repeats its tokens (a chat's next turn) prefills only the rest.
 - `Engine`: one onnxruntime-genai generator per request, advanced round-robin (below); for the bundles
   the batched engine cannot run (merged layout, other execution providers).
 
@@ -30,13 +31,14 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from phi_pipeline.bundle.layout import MANIFEST
 from phi_pipeline.runtime.batched import BatchedDecoder, RowSampler
 from phi_pipeline.runtime.genai import BundleModel, Generation, Sampling
+from phi_pipeline.runtime.prefix_cache import PrefixCache
 
 log = logging.getLogger("phi_pipeline.serve")
 
@@ -49,6 +51,9 @@ class EngineSettings:
     """Requests waiting beyond max_active before new ones are refused (429)."""
     prefill_chunk: int = 128
     """Prompt tokens per model run: a longer prompt goes in over several rounds."""
+    prefix_cache_bytes: int = 1 << 30
+    """Batched engine: host RAM kept for finished requests' KV, reused by a later prompt that starts with the
+    same tokens under the same adapter (prefix_cache.py); 0: every prompt is prefilled whole."""
 
 
 class QueueFull(Exception):
@@ -153,6 +158,8 @@ class _Slot:
     length: int = 0
     fed: int = 0
     last: int = 0
+    generated: list[int] = field(default_factory=list)
+    """batched engine: the tokens chosen so far; those fed back are in the KV row after the prompt"""
 
 
 class Engine:
@@ -353,6 +360,7 @@ class BatchedEngine(Engine):
         """Requests decoding; row i of the KV buffers is self._rows[i]'s."""
         self._prefilling: _Slot | None = None
         self._defaults: dict[str, Any] = {}
+        self.prefix_cache = PrefixCache(settings.prefix_cache_bytes) if settings.prefix_cache_bytes > 0 else None
 
     @property
     def context_length(self) -> int:
@@ -402,13 +410,20 @@ class BatchedEngine(Engine):
                 self._finish(slot, CANCELLED)
             else:
                 prompt = slot.job.prompt
+                if slot.fed == 0 and self.prefix_cache is not None:
+                    reused, entry = self.prefix_cache.lookup(slot.job.adapter, prompt)
+                    if entry is not None:
+                        decoder.restore(entry.kv, reused)
+                        slot.fed = reused
                 chunk = prompt[slot.fed : slot.fed + self.settings.prefill_chunk]
                 logits = decoder.prefill(chunk, slot.fed, slot.job.adapter)
                 slot.fed += len(chunk)
                 if slot.fed == len(prompt):
                     self._prefilling = None
                     slot.length = len(prompt)
-                    if not self._take(slot, logits):
+                    if self._take(slot, logits):
+                        self._keep(slot, None)
+                    else:
                         decoder.join(len(self._rows), slot.length)
                         self._rows.append(slot)
         if self._rows:
@@ -427,6 +442,7 @@ class BatchedEngine(Engine):
         assert slot.sampler is not None and self.model is not None
         eos = self.model.eos_token_ids
         token = slot.sampler.pick(logits, eos if slot.produced < slot.job.min_tokens else frozenset())
+        slot.generated.append(token)
         if self._deliver(slot, token):
             return True
         slot.last = token
@@ -439,12 +455,19 @@ class BatchedEngine(Engine):
         """Take row i out of the batch: the last row moves into its place (rows stay a prefix)."""
         assert self.decoder is not None
         slot, last = self._rows[i], len(self._rows) - 1
+        self._keep(slot, i)
         if i != last:
             moved = self._rows[last]
             self.decoder.move(last, i, moved.length)
             self._rows[i] = moved
         self._rows.pop()
         return slot
+
+    def _keep(self, slot: _Slot, row: int | None) -> None:
+        """A leaving request's KV (decode row `row`; None: the staging row) into the prefix cache."""
+        if self.prefix_cache is not None and self.decoder is not None and slot.length:
+            tokens = [*slot.job.prompt, *slot.generated][: slot.length]
+            self.prefix_cache.store(slot.job.adapter, tokens, self.decoder.snapshot(row, slot.length))
 
 
 

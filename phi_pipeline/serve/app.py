@@ -148,6 +148,9 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
         body: dict[str, Any] = {"status": "ok" if engine.state == "ready" else engine.state}
         if engine.error:
             body["error"] = engine.error
+        cache = getattr(engine, "prefix_cache", None)
+        if cache is not None:
+            body["prefix_cache"] = cache.stats()
         return JSONResponse(body, status_code=200 if engine.state == "ready" else 503)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -78,12 +78,13 @@ def build_server(settings: ServeSettings, host: str, port: int, log_level: str =
 
 
 def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key: str | None, max_active: int,
-              max_queue: int, max_tokens: int, engine: str = "auto") -> int:
+              max_queue: int, max_tokens: int, engine: str = "auto", prefix_cache_mb: int = 1024) -> int:
     from phi_pipeline.runtime.engine import EngineSettings, engine_kind
 
     problems = [f"{name} must be >= 1" for name, v in
                 (("--threads", threads or 1), ("--max-active", max_active), ("--max-tokens", max_tokens)) if v < 1]
-    problems += ["--max-queue must be >= 0"] if max_queue < 0 else []
+    problems += [f"{name} must be >= 0" for name, v in (("--max-queue", max_queue), ("--prefix-cache-mb", prefix_cache_mb))
+                 if v < 0]
     if problems:
         raise UsageError("phi-pipeline serve", problems)
     path = Path(bundle)
@@ -94,7 +95,8 @@ def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key
     except ValueError as exc:
         raise UsageError("phi-pipeline serve", [str(exc)]) from None
     settings = ServeSettings(path, threads=threads, api_key=api_key, max_tokens=max_tokens,
-                             engine=EngineSettings(max_active=max_active, max_queue=max_queue), engine_kind=kind)
+                             engine=EngineSettings(max_active=max_active, max_queue=max_queue,
+                                                   prefix_cache_bytes=prefix_cache_mb << 20), engine_kind=kind)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # uvicorn's look
     server = build_server(settings, host, port)
     ids = [manifest["pipeline"], *(a["name"] for a in manifest["adapters"])]
@@ -102,7 +104,9 @@ def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key
     print(f"phi-pipeline serve: http://{shown}:{port} (OpenAI API at /v1, chat page at /)", file=sys.stderr)
     print(f"  models: {', '.join(ids)} (base: {ids[0]})", file=sys.stderr)
     print(f"  engine: {ENGINE_WORDS[kind]}; decoder threads: {decoder_threads(path, threads)}", file=sys.stderr)
-    print(f"  max active {max_active}, queue {max_queue}; API key {'required' if api_key else 'off'}", file=sys.stderr)
+    cache = f"prefix cache {prefix_cache_mb} MB" if kind == "batched" and prefix_cache_mb else "no prefix cache"
+    print(f"  max active {max_active}, queue {max_queue}; {cache}; API key {'required' if api_key else 'off'}",
+          file=sys.stderr)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"  warning: --host {host} takes requests from other machines and no --api-key is set", file=sys.stderr)
     threading.Thread(target=_exit_if_load_fails, args=(server,), daemon=True).start()
