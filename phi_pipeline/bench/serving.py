@@ -85,12 +85,12 @@ class Server:
     """`phi-pipeline serve BUNDLE` in a subprocess, ready when /health says so."""
 
     def __init__(self, bundle: Path, threads: int | None, max_active: int, max_tokens: int, log: Path,
-                 engine: str = "auto"):
+                 engine: str = "auto", extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "phi_pipeline.cli", "serve", str(bundle), "--port", str(self.port),
                 "--max-active", str(max_active), "--max-queue", str(4 * max_active), "--max-tokens", str(max_tokens),
-                "--engine", engine]
+                "--engine", engine, *extra_args]
         if threads:
             args += ["--threads", str(threads)]
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +219,7 @@ class LlamaServer(Server):
         self.url = f"127.0.0.1:{self.port}"
         args = [str(peer.tool), "-m", str(peer.model), "--host", "127.0.0.1", "--port", str(self.port),
                 "-np", str(slots), "-c", str(slots * peer.ctx_per_slot), "-t", str(peer.threads), "-tb", str(peer.threads),
-                "--lora-init-without-apply"]
+                "--lora-init-without-apply", "--jinja"]  # --jinja: the GGUF's own chat template (the chat bench)
         for gguf in peer.loras.values():
             args += ["--lora", str(gguf)]
         log.parent.mkdir(parents=True, exist_ok=True)
