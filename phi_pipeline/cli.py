@@ -183,7 +183,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     return serve_cli(args.bundle, host=args.host, port=args.port, threads=args.threads, api_key=args.api_key,
                      max_active=args.max_active, max_queue=args.max_queue, max_tokens=args.max_tokens,
-                     engine=args.engine, prefix_cache_mb=args.prefix_cache_mb)
+                     engine=args.engine, prefix_cache_mb=args.prefix_cache_mb, public_key=args.public_key)
 
 
 def _cmd_tiny_base(args: argparse.Namespace) -> int:
@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest max_tokens a request may ask for, and the default where the context allows (default 1024)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (default: $PHI_PIPELINE_API_KEY, "
                    "else none)")
+    p.add_argument("--public-key", help="check the bundle's signature (model.sig) with this EC public key (PEM) "
+                   "before serving adapters reloaded on SIGHUP or POST /v1/load_lora_adapter")
     p.add_argument("--prefix-cache-mb", type=int, default=1024,
                    help="batched engine: host RAM for finished requests' KV, so a prompt that repeats an earlier one's "
                    "tokens under the same adapter (a chat's next turn) prefills only what is new (default 1024; 0: off)")

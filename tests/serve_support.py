@@ -102,3 +102,23 @@ def pace(monkeypatch, seconds: float) -> None:
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, name, slow)
+
+
+def write_random_adapter(like: Path, out: Path, rank: int, seed: int, scale: float = 0.05) -> Path:
+    """An .onnx_adapter with the inputs of `like`, random weights (standard deviation `scale`) at another rank."""
+    import numpy as np
+    import onnxruntime
+
+    from phi_pipeline.runtime.batched import read_adapter
+
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, w in read_adapter("like", like).weights.items():
+        shape = (w.shape[0], rank) if "lora_A" in name else (rank, w.shape[1])
+        params[name] = onnxruntime.OrtValue.ortvalue_from_numpy((rng.standard_normal(shape) * scale).astype(np.float32))
+    adapter = onnxruntime.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters(params)
+    adapter.export_adapter(str(out))
+    return out

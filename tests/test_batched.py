@@ -10,32 +10,15 @@ import numpy as np
 import pytest
 
 from phi_pipeline.runtime.batched import BatchedDecoder, RowSampler, make_serving_graph, read_adapter
-from serve_support import CHAT_ADAPTER, TEMPLATE_ADAPTER
+from serve_support import CHAT_ADAPTER, TEMPLATE_ADAPTER, write_random_adapter
 
 RANK8 = "rank8"
-
-
-def _write_adapter(like: Path, out: Path, rank: int, seed: int) -> Path:
-    """An .onnx_adapter with the inputs of `like`, random weights at another rank."""
-    import onnxruntime
-
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, w in read_adapter("like", like).weights.items():
-        shape = (w.shape[0], rank) if "lora_A" in name else (rank, w.shape[1])
-        params[name] = onnxruntime.OrtValue.ortvalue_from_numpy((rng.standard_normal(shape) * 0.05).astype(np.float32))
-    adapter = onnxruntime.AdapterFormat()
-    adapter.set_adapter_version(1)
-    adapter.set_model_version(1)
-    adapter.set_parameters(params)
-    adapter.export_adapter(str(out))
-    return out
 
 
 @pytest.fixture(scope="module")
 def adapters(random_bundle, tmp_path_factory) -> dict[str, Path]:
     files = {a: random_bundle / "adapters" / f"{a}.onnx_adapter" for a in (CHAT_ADAPTER, TEMPLATE_ADAPTER)}
-    files[RANK8] = _write_adapter(files[CHAT_ADAPTER], tmp_path_factory.mktemp("rank8") / "r8.onnx_adapter", 8, 1)
+    files[RANK8] = write_random_adapter(files[CHAT_ADAPTER], tmp_path_factory.mktemp("rank8") / "r8.onnx_adapter", 8, 1)
     return files
 
 

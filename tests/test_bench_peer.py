@@ -233,3 +233,27 @@ def test_llama_shaped_bench_base_has_separate_projections_and_packs_like_phi3(tm
     graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
     names = [n.name for n in graph.node if n.op_type == "MatMulNBits" and "layers.0/" in n.name]
     assert len(names) == 4  # qkv packed, o, gate/up packed, down: as the Phi-3 bundle
+
+
+def test_chunked_perplexity_scores_only_the_second_half_of_each_chunk_as_llama_perplexity():
+    import numpy as np
+
+    chunks = [[0, 1, 2, 3, 0, 1, 2, 3], [3, 2, 1, 0, 3, 2, 1, 0]]
+    logits = []
+    for ids in chunks:
+        lg = np.full((len(ids), 4), -1e9)
+        lg[:, 0] = 0.0  # the first half predicts token 0 at full confidence: wrong for most targets there
+        for j in range(len(ids) // 2, len(ids) - 1):  # scored: the target at probability 1/2, two others at 1/4
+            lg[j] = np.log([0.25, 0.25, 0.25, 0.25])
+            lg[j, ids[j + 1]] = np.log(0.5)
+            lg[j, (ids[j + 1] + 1) % 4] = -1e9
+        logits.append(lg)
+    by_ids = {tuple(ids): lg for ids, lg in zip(chunks, logits)}
+    assert peer.chunked_perplexity(lambda ids, first: by_ids[tuple(ids)][first:], chunks) == pytest.approx(2.0)
+
+
+def test_perplexity_is_read_from_llama_perplexity_final_estimate():
+    text = "[1]9.1234,[2]10.5000,\nFinal estimate: PPL = 10.5000 +/- 0.81234\n"
+    assert peer.parse_perplexity(text) == {"perplexity": 10.5, "plus_minus": 0.81234}
+    with pytest.raises(peer.PeerError, match="no final perplexity"):
+        peer.parse_perplexity("main: error: you need at least 256 tokens")

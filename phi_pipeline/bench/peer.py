@@ -22,7 +22,9 @@ adapter option, so both LoRA rows come from llama-completion's own timings (prom
 from __future__ import annotations
 
 import json
+import math
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -46,14 +48,20 @@ if TYPE_CHECKING:
     from phi_pipeline.bench.options import BenchOptions
 
 PEERS = ("llama.cpp",)
-# llama-server: the serving bench's peer (bench/serving.py)
-TOOLS = ("llama-bench", "llama-quantize", "llama-completion", "llama-server")
+# llama-server: the serving bench's peer (bench/serving.py); llama-perplexity and llama-tokenize: the
+# real-weights comparison's quality on the same tokens (bench/real_peer.py)
+TOOLS = ("llama-bench", "llama-quantize", "llama-completion", "llama-server", "llama-perplexity", "llama-tokenize")
 QUANTS = ("Q4_0", "Q4_K_M")
 LORA_QUANT = "Q4_0"  # the llama.cpp quantization the adapter rows run on
 BUILD_STAMP = "built.json"
+# Without ggml's AMX kernels: on an AMX-advertising Xeon VM (2026-12-06) their tinygemm_kernel_amx died on
+# SIGILL at its first tile load (llama-perplexity, llama-completion on the Q4_1 SmolLM2 GGUF) although a plain
+# AMX tile load ran there; native AVX-512/VNNI code stays, as onnxruntime's int4 MatMulNBits kernels use.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if platform.machine() in ("x86_64", "AMD64") else ""
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+    *((f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}") if NO_AMX else ()),
 )
 
 
@@ -326,6 +334,49 @@ def llama_completion(peer: LlamaCpp, model: Path, prompt_file: Path, opts: "Benc
     if proc.returncode != 0:
         raise PeerError(f"llama-completion failed (exit {proc.returncode}); log {log}:\n{proc.stderr[-2000:]}")
     return parse_completion_timings(text)
+
+
+_FINAL_PPL = re.compile(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)")
+
+
+def parse_perplexity(text: str) -> dict[str, float]:
+    """llama-perplexity's output -> {"perplexity", "plus_minus"} (its final estimate)."""
+    found = _FINAL_PPL.search(text)
+    if not found:
+        raise PeerError(f"no final perplexity estimate in llama-perplexity's output:\n{text[-1500:]}")
+    return {"perplexity": float(found[1]), "plus_minus": float(found[2])}
+
+
+def llama_perplexity(peer: LlamaCpp, model: Path, text_file: Path, ctx: int, threads: int, log: Path) -> dict[str, float]:
+    """Perplexity of `text_file` as llama.cpp computes it: chunks of `ctx` tokens, see chunked_perplexity."""
+    _run([str(peer.tool("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(ctx), "-b", str(ctx),
+          "-t", str(threads)], log)
+    return parse_perplexity(log.read_text())
+
+
+def llama_tokens(peer: LlamaCpp, model: Path, text_file: Path, log: Path) -> list[int]:
+    """llama.cpp's token ids of a text file, as llama-perplexity reads it (a BOS only where the model adds one)."""
+    proc = subprocess.run([str(peer.tool("llama-tokenize")), "-m", str(model), "-f", str(text_file), "--ids",
+                           "--log-disable"], capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise PeerError(f"llama-tokenize failed (exit {proc.returncode}); log {log}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def chunked_perplexity(logits_from: Callable[[list[int], int], Any], chunks: list[list[int]]) -> float:
+    """llama-perplexity's score over whole chunks of token ids (tools/perplexity/perplexity.cpp): each chunk is
+    run from an empty cache and only its second half is scored, token j+1 from the logits at position j for
+    j >= len(chunk) // 2, so every scored token has at least half a chunk of context. `logits_from(ids, first)`
+    gives the logits at positions first.. of `ids` (GenaiModel.logits)."""
+    from phi_pipeline.evaluate.onnx_side import token_nll
+
+    nll, count = 0.0, 0
+    for ids in chunks:
+        first = len(ids) // 2
+        nll += token_nll(logits_from(ids, first)[:-1], ids[first + 1:])
+        count += len(ids) - 1 - first
+    return math.exp(nll / count)
 
 
 def _bundle_round(bundle: Path, adapter: Path | None, opts: "BenchOptions", scratch: Path, label: str,

@@ -135,12 +135,29 @@ class BatchedDecoder:
         shape = (max_batch, self.kv_heads, self.kv_len, self.head)
         self.kv = [(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(self.layers)]
         self.staging = [(np.zeros(shape[1:], dtype)[None], np.zeros(shape[1:], dtype)[None]) for _ in range(self.layers)]
-        self.adapters = {name: read_adapter(name, path) for name, path in adapters.items()}
-        for adapter in self.adapters.values():
-            missing = set(self.lora_inputs) - set(adapter.weights)
-            if missing:
-                raise ValueError(f"adapter {adapter.name}: no weights for {len(missing)} LoRA inputs (e.g. {min(missing)})")
+        self.adapters: dict[str, Adapter] = {}
         self._lora_cache: dict[tuple[str | None, ...], dict[str, np.ndarray]] = {}
+        for name, path in adapters.items():
+            self.add_adapter(name, path)
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        """Read an .onnx_adapter and serve it as `name`; one without weights for every LoRA input of this graph
+        (made for another base graph) is refused."""
+        adapter = read_adapter(name, path)
+        missing = set(self.lora_inputs) - set(adapter.weights)
+        if missing:
+            raise ValueError(f"adapter {name} ({path}): no weights for {len(missing)} LoRA inputs of this model "
+                             f"(e.g. {min(missing)}); it was made for another base graph")
+        wrong = [n for n in self.lora_inputs
+                 if adapter.weights[n].shape[0 if "lora_A" in n else 1] != self._lora_dims[n]]
+        if wrong:
+            raise ValueError(f"adapter {name} ({path}): {len(wrong)} LoRA weights do not fit this model's "
+                             f"projections (e.g. {wrong[0]}); it was made for another base graph")
+        self.adapters[name] = adapter
+
+    def remove_adapter(self, name: str) -> None:
+        del self.adapters[name]
+        self._lora_cache = {k: v for k, v in self._lora_cache.items() if name not in k}
 
     # --- LoRA inputs ---------------------------------------------------------------------------
 

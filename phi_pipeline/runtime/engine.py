@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import json
 import logging
 import os
@@ -158,6 +159,8 @@ class _Slot:
     length: int = 0
     fed: int = 0
     last: int = 0
+    adapter: str | None = None
+    """batched engine: the adapter version the request runs from start to end (a reload does not change it)"""
     generated: list[int] = field(default_factory=list)
     """batched engine: the tokens chosen so far; those fed back are in the KV row after the prompt"""
 
@@ -173,6 +176,7 @@ class Engine:
         self.state = "loading"  # loading -> ready -> draining -> stopped; or failed
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Slot] = collections.deque()
+        self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._active: list[_Slot] = []
         self._accepted = 0  # waiting + active, under _cv
         self.peak_active = 0
@@ -210,6 +214,23 @@ class Engine:
             self._cv.notify()
         return handle
 
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn` on the engine thread between two rounds (the model is only touched there); its result or
+        exception comes back in the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._stop or self.state in ("failed", "stopped"):
+                raise NotAccepting(self.state)
+            self._calls.append((fn, future))
+            self._cv.notify()
+        return future
+
+    def swap_adapters(self, changes: dict[str, tuple[Path, dict[str, Any]] | None]) -> None:
+        """Engine thread: serve each named adapter from a new file (with its prompt format), or stop serving it
+        (None). The genai engine loads its adapters once."""
+        raise ValueError("the genai engine loads its adapters when it starts; restart the server to change them "
+                         "(the batched engine, the default on CPU, reloads them)")
+
     def drain(self) -> None:
         """Refuse new requests; those accepted run to the end (`idle` is set then)."""
         with self._cv:
@@ -240,14 +261,23 @@ class Engine:
         self.ready.set()
         while True:
             with self._cv:
-                while not self._stop and not self._waiting and not self._active:
+                while not self._stop and not self._waiting and not self._active and not self._calls:
                     self._cv.wait()
                 if self._stop:
                     break
+                calls, self._calls = self._calls, collections.deque()
                 admitted = self._take_waiting()
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:  # the caller's to report
+                        future.set_exception(exc)
             self._step(admitted)
         for slot in [*self._active, *self._waiting]:
             self._finish(slot, Failed("the server is shutting down"))
+        for _, future in self._calls:
+            future.set_exception(NotAccepting("stopped"))
         with self._cv:
             self.state = "stopped"
 
@@ -361,6 +391,9 @@ class BatchedEngine(Engine):
         self._prefilling: _Slot | None = None
         self._defaults: dict[str, Any] = {}
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes) if settings.prefix_cache_bytes > 0 else None
+        self._versions: dict[str, str] = {}
+        """adapter name -> the key of the weights it is served from now (the decoder's and the prefix cache's)"""
+        self._loads = 0
 
     @property
     def context_length(self) -> int:
@@ -370,6 +403,7 @@ class BatchedEngine(Engine):
     def _start_up(self) -> None:
         self.model = self._load()
         self.decoder = self._make_decoder()
+        self._versions = {name: name for name in self.decoder.adapters}
         self._defaults = json.loads((self.decoder.model_dir / "genai_config.json").read_text()).get("search", {})
 
     def _take_waiting(self) -> list[_Slot]:
@@ -395,6 +429,7 @@ class BatchedEngine(Engine):
         assert self.model is not None
         job = slot.job
         self.model.check_adapter(job.adapter)
+        slot.adapter = None if job.adapter is None else self._versions[job.adapter]
         slot.sampler = RowSampler(job.sampling.search_options(), self._defaults, job.sampling.seed)
 
     def _round(self) -> None:
@@ -411,12 +446,12 @@ class BatchedEngine(Engine):
             else:
                 prompt = slot.job.prompt
                 if slot.fed == 0 and self.prefix_cache is not None:
-                    reused, entry = self.prefix_cache.lookup(slot.job.adapter, prompt)
+                    reused, entry = self.prefix_cache.lookup(slot.adapter, prompt)
                     if entry is not None:
                         decoder.restore(entry.kv, reused)
                         slot.fed = reused
                 chunk = prompt[slot.fed : slot.fed + self.settings.prefill_chunk]
-                logits = decoder.prefill(chunk, slot.fed, slot.job.adapter)
+                logits = decoder.prefill(chunk, slot.fed, slot.adapter)
                 slot.fed += len(chunk)
                 if slot.fed == len(prompt):
                     self._prefilling = None
@@ -428,7 +463,7 @@ class BatchedEngine(Engine):
                         self._rows.append(slot)
         if self._rows:
             rows = self._rows
-            logits = decoder.decode([r.last for r in rows], [r.length for r in rows], [r.job.adapter for r in rows])
+            logits = decoder.decode([r.last for r in rows], [r.length for r in rows], [r.adapter for r in rows])
             done = []
             for i, row in enumerate(rows):
                 row.length += 1
@@ -436,6 +471,8 @@ class BatchedEngine(Engine):
                     done.append(i)
             for i in reversed(done):
                 self._leave(i)
+        if len(decoder.adapters) > len(self._versions):  # an old version's last request may just have ended
+            self._drop_unused_versions()
 
     def _take(self, slot: _Slot, logits: Any) -> bool:
         """Choose the slot's next token from its logits and deliver it; True when the request has ended."""
@@ -463,11 +500,37 @@ class BatchedEngine(Engine):
         self._rows.pop()
         return slot
 
+    def swap_adapters(self, changes: dict[str, tuple[Path, dict[str, Any]] | None]) -> None:
+        """New versions get new keys, so requests already running keep the weights they started with; a version
+        no request uses any more is dropped with its prefix-cache entries."""
+        assert self.decoder is not None and self.model is not None
+        versions, formats = dict(self._versions), dict(self.model.formats)
+        for name, change in changes.items():
+            if change is None:
+                versions.pop(name, None)
+                formats.pop(name, None)
+                continue
+            path, prompt_format = change
+            self._loads += 1
+            key = f"{name}@{self._loads}"
+            self.decoder.add_adapter(key, path)  # checks its inputs against the graph: raises before any change
+            versions[name], formats[name] = key, prompt_format
+        self._versions, self.model.formats = versions, formats
+        self._drop_unused_versions()
+
+    def _drop_unused_versions(self) -> None:
+        assert self.decoder is not None
+        running = {s.adapter for s in [*self._rows, *([self._prefilling] if self._prefilling else [])]}
+        for key in set(self.decoder.adapters) - set(self._versions.values()) - running:
+            self.decoder.remove_adapter(key)
+            if self.prefix_cache is not None:
+                self.prefix_cache.drop_adapter(key)
+
     def _keep(self, slot: _Slot, row: int | None) -> None:
         """A leaving request's KV (decode row `row`; None: the staging row) into the prefix cache."""
         if self.prefix_cache is not None and self.decoder is not None and slot.length:
             tokens = [*slot.job.prompt, *slot.generated][: slot.length]
-            self.prefix_cache.store(slot.job.adapter, tokens, self.decoder.snapshot(row, slot.length))
+            self.prefix_cache.store(slot.adapter, tokens, self.decoder.snapshot(row, slot.length))
 
 
 

@@ -88,6 +88,11 @@ class PrefixCache:
         while self.bytes > self.budget_bytes:
             self._drop(next(iter(self._entries)))
 
+    def drop_adapter(self, adapter: str) -> None:
+        """Forget every entry of an adapter version that is no longer served."""
+        for key in [k for k, e in self._entries.items() if e.adapter == adapter]:
+            self._drop(key)
+
     def _drop(self, key: int) -> None:
         self.bytes -= self._entries.pop(key).nbytes
 

@@ -8,15 +8,16 @@ import contextlib
 import hmac
 import json
 import logging
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,8 +28,10 @@ from phi_pipeline.runtime.genai import PromptFormatError, Sampling
 from phi_pipeline.runtime.engine import (
     Delta, Engine, EngineSettings, Failed, Finished, Handle, Job, NotAccepting, QueueFull, serving_engine,
 )
+from phi_pipeline.serve.adapters import AdapterChangeError, Changes, ServedAdapters
 from phi_pipeline.serve.protocol import (
-    ChatCompletionRequest, Completion, CompletionRequest, UnsupportedOption, error_body, model_card, now,
+    ChatCompletionRequest, Completion, CompletionRequest, LoadLoraAdapterRequest, UnloadLoraAdapterRequest,
+    UnsupportedOption, error_body, model_card, now,
 )
 
 log = logging.getLogger("phi_pipeline.serve")
@@ -49,6 +52,8 @@ class ServeSettings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     engine_kind: str = "auto"
     """Which engine serves: auto (the batched one where the bundle allows it), batched or genai."""
+    public_key: Path | None = None
+    """Adapter reloads also check the bundle's signature with this key (serve/adapters.py)."""
 
 
 class APIError(Exception):
@@ -99,10 +104,50 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
     models = {base_id: None, **{a: a for a in adapters}}
     created = now()
     engine = engine or serving_engine(settings.bundle, settings.threads, settings.engine, settings.engine_kind)
+    served = ServedAdapters(settings.bundle, settings.public_key)
+    changing = asyncio.Lock()
+
+    async def change_adapters(plan: Callable[[], Changes]) -> Changes:
+        """Check a change against the bundle on disk (off the event loop: it hashes the bundle), let the engine
+        swap the weights between two steps, then route requests to the new set."""
+        async with changing:
+            try:
+                changes = await asyncio.to_thread(plan)
+                if changes:
+                    await asyncio.wrap_future(engine.call(lambda: engine.swap_adapters(changes)))
+            except AdapterChangeError as exc:
+                raise APIError(exc.status, str(exc)) from None
+            except NotAccepting as exc:
+                raise _not_accepting(str(exc)) from None
+            except ValueError as exc:  # the engine refused the weights (another graph) or cannot swap
+                raise APIError(400, str(exc)) from None
+            served.applied(changes)
+            for name, change in changes.items():
+                if change is None:
+                    models.pop(name, None)
+                else:
+                    models[name] = name
+            return changes
+
+    async def reload_on_signal() -> None:
+        log.info("SIGHUP: reloading the adapters of %s", settings.bundle)
+        try:
+            changes = await change_adapters(served.reload)
+        except APIError as exc:
+            log.error("adapter reload refused: %s", exc)
+            return
+        loaded = sorted(n for n, c in changes.items() if c is not None)
+        dropped = sorted(n for n, c in changes.items() if c is None)
+        log.info("adapters reloaded: %s new or changed, %s no longer served", ", ".join(loaded) or "none",
+                 ", ".join(dropped) or "none")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        loop = asyncio.get_running_loop()
+        # signals reach the main thread only (a server run in a thread, as in tests, has no SIGHUP reload)
+        with contextlib.suppress(ValueError, RuntimeError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_on_signal()))
         yield
         engine.stop(timeout=30)
 
@@ -235,6 +280,16 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
         finally:
             watcher.cancel()
             handle.cancel()  # a no-op once finished; frees the generator when this task was cancelled
+
+    @app.post("/v1/load_lora_adapter", dependencies=[Depends(authorized)], response_class=PlainTextResponse)
+    async def load_lora_adapter(body: LoadLoraAdapterRequest) -> str:
+        await change_adapters(lambda: served.load(body.lora_name, body.lora_path))
+        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(authorized)], response_class=PlainTextResponse)
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> str:
+        await change_adapters(lambda: served.unload(body.lora_name))
+        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:

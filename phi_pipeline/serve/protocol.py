@@ -139,6 +139,24 @@ class CompletionRequest(_Request):
         return self.max_tokens
 
 
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1, description="the adapter's name in the bundle's manifest (the request model id)")
+    lora_path: str = Field(min_length=1, description="its .onnx_adapter file, relative to the bundle or absolute inside it")
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1, description="the adapter to stop serving")
+    lora_int_id: int | None = Field(None, description="accepted and ignored (vLLM's numeric id)")
+
+
 ChatCompletionRequest.model_rebuild()
 CompletionRequest.model_rebuild()
 

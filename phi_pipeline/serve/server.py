@@ -1,7 +1,8 @@
 """`phi-pipeline serve`: uvicorn around the app, with a draining shutdown.
 
 Ctrl-C / SIGTERM: new requests get 503 and /health turns 503, running and queued requests finish,
-then the server exits; a second signal exits at once.
+then the server exits; a second signal exits at once. SIGHUP: serve the adapters the bundle on disk now holds
+(serve/adapters.py).
 """
 
 from __future__ import annotations
@@ -78,13 +79,16 @@ def build_server(settings: ServeSettings, host: str, port: int, log_level: str =
 
 
 def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key: str | None, max_active: int,
-              max_queue: int, max_tokens: int, engine: str = "auto", prefix_cache_mb: int = 1024) -> int:
+              max_queue: int, max_tokens: int, engine: str = "auto", prefix_cache_mb: int = 1024,
+              public_key: str | None = None) -> int:
     from phi_pipeline.runtime.engine import EngineSettings, engine_kind
 
     problems = [f"{name} must be >= 1" for name, v in
                 (("--threads", threads or 1), ("--max-active", max_active), ("--max-tokens", max_tokens)) if v < 1]
     problems += [f"{name} must be >= 0" for name, v in (("--max-queue", max_queue), ("--prefix-cache-mb", prefix_cache_mb))
                  if v < 0]
+    if public_key is not None and not Path(public_key).is_file():
+        problems.append(f"--public-key {public_key}: no such file")
     if problems:
         raise UsageError("phi-pipeline serve", problems)
     path = Path(bundle)
@@ -96,7 +100,8 @@ def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key
         raise UsageError("phi-pipeline serve", [str(exc)]) from None
     settings = ServeSettings(path, threads=threads, api_key=api_key, max_tokens=max_tokens,
                              engine=EngineSettings(max_active=max_active, max_queue=max_queue,
-                                                   prefix_cache_bytes=prefix_cache_mb << 20), engine_kind=kind)
+                                                   prefix_cache_bytes=prefix_cache_mb << 20), engine_kind=kind,
+                             public_key=Path(public_key) if public_key else None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # uvicorn's look
     server = build_server(settings, host, port)
     ids = [manifest["pipeline"], *(a["name"] for a in manifest["adapters"])]
