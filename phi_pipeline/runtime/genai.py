@@ -21,11 +21,14 @@ import string
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from phi_pipeline.bundle.layout import MANIFEST, variant_dir
+
+if TYPE_CHECKING:
+    from phi_pipeline.runtime.teacher_forcing import FullLogits
 from phi_pipeline.errors import UsageError
 
 
@@ -97,6 +100,9 @@ class GenaiModel:
 
         self.og = og
         self.model_dir = Path(model_dir)
+        self.threads = threads
+        self.adapter_files: dict[str, Path] = {}
+        """adapter name -> .onnx_adapter file, for what reads the weights outside onnxruntime-genai"""
         config = og.Config(str(self.model_dir))
         if provider is not None:
             config.clear_providers()
@@ -170,29 +176,22 @@ class GenaiModel:
 
     def logits(self, ids: Sequence[int], adapter: str | None, first: int = 0) -> np.ndarray:
         """(len(ids) - first, vocab): the teacher-forced logits at positions first.. of `ids`, row i
-        predicting the token after ids[first + i].
-
-        A full graph gives them in one run over `ids`. A pruned graph (prefill computes the LM head for
-        the last position only) runs ids[:first + 1] and then each later token on its own, reading the
-        last position after each run: the same graph the bundle ships, the same causal attention over
-        the same ids, so the same figures (within float rounding: cached keys and values instead of one
-        pass)."""
+        predicting the token after ids[first + i]: one run over `ids`. A full graph runs in onnxruntime-genai;
+        a pruned one (prefill computes the LM head for the last position only) runs with the prune undone
+        (teacher_forcing.py), where genai would need one run per position."""
         if not 0 <= first < len(ids):
             raise ValueError(f"first={first} is outside the {len(ids)} ids")
+        if self.prunes_logits:
+            return self._full_logits(ids, self.active_adapter(adapter), first)
         generation = self.start(ids, adapter, 1)
-        if not self.prunes_logits:
-            generation.feed()
-            return np.asarray(generation.generator.get_output("logits"))[0, first:].astype(np.float32)
-        generation.feed(first + 1)
-        rows = [self._last_logits(generation)]
-        while not generation.prefilled:
-            generation.feed(1)
-            rows.append(self._last_logits(generation))
-        return np.stack(rows)
+        generation.feed()
+        return np.asarray(generation.generator.get_output("logits"))[0, first:].astype(np.float32)
 
-    @staticmethod
-    def _last_logits(generation: "Generation") -> np.ndarray:
-        return np.asarray(generation.generator.get_output("logits"))[0, -1].astype(np.float32)
+    @cached_property
+    def _full_logits(self) -> "FullLogits":
+        from phi_pipeline.runtime.teacher_forcing import FullLogits
+
+        return FullLogits(self.model_dir, self.adapter_files, self.threads)
 
 
 def decoder_threads(model_dir: Path, threads: int | None) -> str:
@@ -281,6 +280,7 @@ class BundleModel(GenaiModel):
         for a in self.manifest["adapters"]:
             if "file" in a:
                 self.adapters.load(str(self.bundle / a["file"]), a["name"])
+                self.adapter_files[a["name"]] = self.bundle / a["file"]
                 self.formats[a["name"]] = a["prompt_format"]
             elif a["name"] == self.merged_variant:
                 self.formats[a["name"]] = a["prompt_format"]
