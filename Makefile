@@ -27,7 +27,7 @@ BIN := $(VENV)/bin
 # torch goes in first, alone: pip then takes the local CPU build instead of a multi-GB CUDA one.
 TORCH_PIN := $(shell grep -m1 -o '"torch==[0-9.]*"' pyproject.toml | tr -d '"')
 
-.PHONY: venv finetune-and-export configs test bench bench-peer serve clean
+.PHONY: venv finetune-and-export configs test bench bench-peer bench-real-peer serve clean
 
 $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,15 @@ bench-peer:
 	$(MAKE) venv EXTRAS=$(EXTRAS),peer
 	@test -f $(BUNDLE)/manifest.json || $(MAKE) finetune-and-export
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/phi-pipeline bench $(BUNDLE) --peer llama.cpp $(BENCH_ARGS)
+
+# The shipped SmolLM2 bundle (built first if missing) against llama.cpp on the same GGUF: perplexity on identical
+# tokens, decode and first-token speed with and without an adapter, an 8-client multi-turn chat against
+# llama-server (bench/real_peer.py -> bench/real-peer.json); REAL_PEER_ARGS="--sections quality" etc.
+REAL_PEER_ARGS ?=
+bench-real-peer:
+	$(MAKE) venv EXTRAS=$(EXTRAS),peer
+	@test -f dist/smollm2/cpu/manifest.json || $(MAKE) finetune-and-export PIPELINE=pipelines/smollm2.yaml
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/real_peer.py dist/smollm2/cpu $(REAL_PEER_ARGS)
 
 clean:
 	rm -rf .phi-pipeline dist

@@ -55,3 +55,25 @@ def test_pruned_graph_gives_the_teacher_forced_logits_of_the_full_graph(bundles,
     pruned, full = bundles[True].logits(PROMPT, adapter, first), bundles[False].logits(PROMPT, adapter, first)
     assert pruned.shape == full.shape == (len(PROMPT) - first, bundles[True].vocab_size)
     np.testing.assert_allclose(pruned, full, rtol=0, atol=1e-4)
+
+
+def test_teacher_forced_logits_of_a_dml_graph_with_position_ids_equal_its_own_runs(tmp_path):
+    """dml graphs (no GroupQueryAttention) take position_ids: the unpruned run feeds them, and each row equals
+    onnxruntime-genai's run that ends at that position."""
+    import subprocess
+    import sys
+
+    from phi_pipeline.runtime.genai import GenaiModel
+
+    base = build_bench_base(tmp_path / "base", SIZES["tiny"], _tokenizer(tmp_path / "tokenizer"))
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(base), "-o", str(tmp_path / "dml"),
+                    "-p", "int4", "-e", "dml", "-c", str(tmp_path / "cache"), "--extra_options", "prune_lm_head=true"],
+                   check=True, capture_output=True)
+    model = GenaiModel(tmp_path / "dml", provider="cpu")
+    assert model.prunes_logits
+    full = model.logits(PROMPT, None, 2)
+    for end in (3, len(PROMPT)):
+        generation = model.start(PROMPT[:end], None, 1)
+        generation.feed()
+        own = np.asarray(generation.generator.get_output("logits"))[0, -1].astype(np.float32)
+        np.testing.assert_allclose(full[end - 3], own, rtol=0, atol=1e-3)

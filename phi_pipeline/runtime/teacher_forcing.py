@@ -67,6 +67,7 @@ class FullLogits:
         past = [n for n in inputs if n.startswith("past_key_values")]
         dtype = np.float16 if past and "float16" in inputs[past[0]].type else np.float32
         self._empty = {n: np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype) for n in past}
+        self._positions = "position_ids" in inputs  # graphs without GroupQueryAttention (dml) take them
         self._files = adapter_files
         self._weights: dict[str, dict[str, np.ndarray]] = {}
 
@@ -82,4 +83,6 @@ class FullLogits:
         """(len(ids) - first, vocab) logits at positions first.. of `ids` (GenaiModel.logits)."""
         feed = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
                 **self._empty, **self._lora(adapter)}
+        if self._positions:
+            feed["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
         return self.session.run(["logits"], feed)[0][0, first:].astype(np.float32)
