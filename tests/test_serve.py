@@ -263,9 +263,10 @@ def test_disconnect_mid_stream_frees_the_slot(random_bundle, kind):
 
 
 @pytest.mark.parametrize("kind", ENGINES)
-def test_queue_full_gets_429_with_retry_after(random_bundle, kind):
+def test_queue_full_gets_429_with_retry_after(random_bundle, monkeypatch, kind):
     settings = ServeSettings(random_bundle, max_tokens=1000, engine=EngineSettings(max_active=1, max_queue=1),
                              engine_kind=kind)
+    pace(monkeypatch, 0.01)  # the first request still decodes when the third comes (the tiny model is quick)
     with running(settings) as (url, _):
         oa = client(url)
         # one request decoding, one waiting: the queue is full
