@@ -16,7 +16,6 @@ the same model with the same adapters as GGUF LoRAs (`cache_prompt` on, its defa
 
 from __future__ import annotations
 
-import http.client
 import json
 import string
 import threading
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from phi_pipeline.bench.serving import percentiles
+from phi_pipeline.bench.serving import percentiles, stream_events
 from phi_pipeline.evaluate.stats import load_average
 
 
@@ -78,34 +77,16 @@ class TurnTiming:
 
 def chat_turn(url: str, model: str, messages: list[dict[str, str]], new_tokens: int, extra: dict[str, Any]) -> TurnTiming:
     """One streamed chat completion, timed at this client."""
-    body = json.dumps({"model": model, "messages": messages, "max_tokens": new_tokens, "temperature": 0,
-                       "stream": True, "stream_options": {"include_usage": True}, **extra})
-    host, port = url.split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    body = {"model": model, "messages": messages, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, **extra}
     start = time.perf_counter()
     stamps: list[float] = []
     tokens = 0
-    try:
-        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:500]!r}")
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: "):
-                continue
-            data = line[len("data: "):]
-            if data == "[DONE]":
-                break
-            event = json.loads(data)
-            if "error" in event:
-                raise RuntimeError(event["error"]["message"])
-            if event.get("choices") and event["choices"][0].get("delta", {}).get("content"):
-                stamps.append(time.perf_counter())
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    finally:
-        conn.close()
+    for event in stream_events(url, "/v1/chat/completions", body):
+        if event.get("choices") and event["choices"][0].get("delta", {}).get("content"):
+            stamps.append(time.perf_counter())
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
     if not stamps:
         raise RuntimeError(f"no content streamed for model {model}")
     # gaps between content events: a token that completes no text (part of a character) joins the next one

@@ -33,7 +33,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from phi_pipeline.evaluate.stats import load_average, summary
 
@@ -130,17 +130,13 @@ class Server:
         self._log.close()
 
 
-def send(url: str, request: Request, new_tokens: int) -> Outcome:
-    """One streamed completion; times measured at this client."""
-    body = json.dumps({"model": request.model, "prompt": request.prompt, "max_tokens": new_tokens,
-                       "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **request.extra})
+def stream_events(url: str, route: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """POST `body` to `route` of the server at `url` (host:port) and yield each server-sent event as it arrives,
+    until [DONE]; an HTTP error or an error event raises RuntimeError."""
     host, port = url.split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=600)
-    start = time.perf_counter()
-    first = None
-    tokens = events = 0
     try:
-        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        conn.request("POST", route, json.dumps(body), {"Content-Type": "application/json"})
         resp = conn.getresponse()
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:500]!r}")
@@ -150,19 +146,30 @@ def send(url: str, request: Request, new_tokens: int) -> Outcome:
                 continue
             data = line[len("data: "):]
             if data == "[DONE]":
-                break
+                return
             event = json.loads(data)
             if "error" in event:
                 raise RuntimeError(event["error"]["message"])
-            if event["choices"]:
-                events += 1
-                if event["choices"][0]["text"] and first is None:
-                    first = time.perf_counter()
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-        end = time.perf_counter()
+            yield event
     finally:
         conn.close()
+
+
+def send(url: str, request: Request, new_tokens: int) -> Outcome:
+    """One streamed completion; times measured at this client."""
+    body = {"model": request.model, "prompt": request.prompt, "max_tokens": new_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, **request.extra}
+    start = time.perf_counter()
+    first = None
+    tokens = events = 0
+    for event in stream_events(url, "/v1/completions", body):
+        if event["choices"]:
+            events += 1
+            if event["choices"][0]["text"] and first is None:
+                first = time.perf_counter()
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+    end = time.perf_counter()
     # a server that sends no usage (llama-server without include_usage): one event per token
     return Outcome((first or end) - start, end - start, tokens or events)
 
