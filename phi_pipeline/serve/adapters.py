@@ -44,6 +44,8 @@ class ServedAdapters:
         manifest = json.loads((bundle / MANIFEST).read_text())
         self.graph = _graph(manifest)
         self.digests = {a["name"]: manifest["files"][a["file"]] for a in manifest["adapters"] if "file" in a}
+        self._planned: dict[str, str] = {}
+        """the verified manifest's digest of each file the last reload or load planned to serve"""
 
     def _checked_manifest(self) -> dict[str, Any]:
         from phi_pipeline.bundle.staging import verify
@@ -57,7 +59,8 @@ class ServedAdapters:
                                      "restart the server to serve the new one")
         return manifest
 
-    def _change(self, adapter: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    def _change(self, manifest: dict[str, Any], adapter: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+        self._planned[adapter["name"]] = manifest["files"][adapter["file"]]
         return self.bundle / adapter["file"], adapter["prompt_format"]
 
     def reload(self) -> Changes:
@@ -67,7 +70,7 @@ class ServedAdapters:
         changes: Changes = {name: None for name in self.digests if name not in listed}
         for name, a in listed.items():
             if self.digests.get(name) != manifest["files"][a["file"]]:
-                changes[name] = self._change(a)
+                changes[name] = self._change(manifest, a)
         return changes
 
     def load(self, name: str, path: str) -> Changes:
@@ -86,7 +89,7 @@ class ServedAdapters:
                                      f"(it lists {listed})")
         if self.digests.get(name) == manifest["files"][adapter["file"]]:
             raise AdapterChangeError(400, f"The lora adapter '{name}' has already been loaded.")
-        return {name: self._change(adapter)}
+        return {name: self._change(manifest, adapter)}
 
     def unload(self, name: str) -> Changes:
         if name not in self.digests:
@@ -94,11 +97,9 @@ class ServedAdapters:
         return {name: None}
 
     def applied(self, changes: Changes) -> None:
-        """Record what the engine now serves."""
-        from phi_pipeline.digests import file_sha256
-
+        """Record what the engine now serves (the digests verification checked: no second read of the files)."""
         for name, change in changes.items():
             if change is None:
                 self.digests.pop(name, None)
             else:
-                self.digests[name] = file_sha256(change[0])
+                self.digests[name] = self._planned[name]
