@@ -45,6 +45,11 @@ def check_private_key(path: Path) -> list[str]:
     return _check_key(path, private=True)
 
 
+def check_public_key(path: Path) -> list[str]:
+    """Why `path` cannot check a bundle's signature ([] if it can): checked before the server starts."""
+    return _check_key(path, private=False)
+
+
 def sign_folder(folder: Path, sig: Path, private_key: Path) -> Path:
     """Sign every file of `folder` but the signature `sig` (inside it), written atomically."""
     from model_signing import hashing, signing

@@ -87,8 +87,10 @@ def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key
                 (("--threads", threads or 1), ("--max-active", max_active), ("--max-tokens", max_tokens)) if v < 1]
     problems += [f"{name} must be >= 0" for name, v in (("--max-queue", max_queue), ("--prefix-cache-mb", prefix_cache_mb))
                  if v < 0]
-    if public_key is not None and not Path(public_key).is_file():
-        problems.append(f"--public-key {public_key}: no such file")
+    if public_key is not None:
+        from phi_pipeline.bundle.signing import check_public_key
+
+        problems += check_public_key(Path(public_key))
     if problems:
         raise UsageError("phi-pipeline serve", problems)
     path = Path(bundle)
