@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from phi_pipeline.bundle.layout import MANIFEST, variant_dir
+from phi_pipeline.errors import UsageError
 
 if TYPE_CHECKING:
     from phi_pipeline.runtime.teacher_forcing import FullLogits
-from phi_pipeline.errors import UsageError
 
 
 class PromptFormatError(ValueError):
