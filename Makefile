@@ -27,7 +27,7 @@ BIN := $(VENV)/bin
 # torch goes in first, alone: pip then takes the local CPU build instead of a multi-GB CUDA one.
 TORCH_PIN := $(shell grep -m1 -o '"torch==[0-9.]*"' pyproject.toml | tr -d '"')
 
-.PHONY: venv finetune-and-export configs test bench bench-peer bench-real-peer serve clean
+.PHONY: venv web finetune-and-export configs test bench bench-peer bench-real-peer bench-browser serve clean
 
 $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+# The in-browser page's JavaScript packages (onnxruntime-web, tokenizers, jinja, flatbuffers), exactly as
+# phi_pipeline/web/package-lock.json pins them; no CDN at run time.
+WEB_DIR := phi_pipeline/web
+$(WEB_DIR)/node_modules/.package-lock.json: $(WEB_DIR)/package-lock.json
+	cd $(WEB_DIR) && npm ci --no-audit --no-fund --loglevel=error
+
+web: $(WEB_DIR)/node_modules/.package-lock.json
 
 ifneq ($(PASS_VENV),)
 # Only the dependency group, not phi-pipeline: Olive runs passes there by subprocess.
@@ -64,7 +72,7 @@ configs: venv
 # The tests execute the cpu, openvino and qnn targets end to end, so `make test` first installs what those
 # need: the qnn and openvino extras in the main venv and the openvino target's pass venv (.venv-openvino,
 # about 1.9 GB; make's stamps skip what is installed already).
-test: venv
+test: venv web
 	$(MAKE) venv TARGET=openvino PYTHON=$(PYTHON)
 	$(MAKE) venv TARGET=qnn PYTHON=$(PYTHON)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -77,10 +85,10 @@ bench: venv
 	@test -f $(BUNDLE)/manifest.json || $(MAKE) finetune-and-export
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/phi-pipeline bench $(BUNDLE) $(BENCH_ARGS)
 
-# Serve the bundle (built first if missing) with an OpenAI-compatible API on http://127.0.0.1:8000 (chat page at /);
-# SERVE_ARGS="--port 9000 --threads 2 --api-key KEY" etc.
+# Serve the bundle (built first if missing) with an OpenAI-compatible API on http://127.0.0.1:8000 (chat page at /,
+# the model running in the browser at /web/ for cpu and webgpu bundles); SERVE_ARGS="--port 9000 --threads 2" etc.
 SERVE_ARGS ?=
-serve: venv
+serve: venv web
 	@test -f $(BUNDLE)/manifest.json || $(MAKE) finetune-and-export
 	$(BIN)/phi-pipeline serve $(BUNDLE) $(SERVE_ARGS)
 
@@ -101,6 +109,13 @@ bench-real-peer:
 	$(MAKE) venv EXTRAS=$(EXTRAS),peer
 	@test -f dist/smollm2/cpu/manifest.json || $(MAKE) finetune-and-export PIPELINE=pipelines/smollm2.yaml
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/real_peer.py dist/smollm2/cpu $(REAL_PEER_ARGS)
+
+# The page's speed in headless chromium (WASM backend) against the Python runtime on the same bundle and machine:
+# bench/browser.json (phi_pipeline/bench/browser.py); BROWSER_ARGS="--rounds 5" etc.
+BROWSER_ARGS ?=
+bench-browser: venv web
+	@test -f $(BUNDLE)/manifest.json || $(MAKE) finetune-and-export
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m phi_pipeline.bench.browser $(BUNDLE) $(BROWSER_ARGS)
 
 clean:
 	rm -rf .phi-pipeline dist

@@ -186,6 +186,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                      engine=args.engine, prefix_cache_mb=args.prefix_cache_mb, public_key=args.public_key)
 
 
+def _cmd_web(args: argparse.Namespace) -> int:
+    from phi_pipeline.web.site import write_site
+
+    out = write_site(Path(args.bundle), Path(args.out))
+    print(f"{out}: the page of {args.bundle}, static files. Host it over https (or http://localhost) with the headers "
+          "in _headers for WASM threads, e.g. `python -m http.server -d OUT` for one thread")
+    return 0
+
+
 def _cmd_tiny_base(args: argparse.Namespace) -> int:
     from phi_pipeline.tiny.base_model import build_tiny_base
 
@@ -333,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batched engine: host RAM for finished requests' KV, so a prompt that repeats an earlier one's "
                    "tokens under the same adapter (a chat's next turn) prefills only what is new (default 1024; 0: off)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("web", help="write a bundle's in-browser page (onnxruntime-web, an adapter per message) as static "
+                       "files anyone can host; `serve` also serves it at /web/")
+    p.add_argument("bundle", help="a bundle published for --target webgpu or cpu, e.g. dist/tiny-phi3/webgpu")
+    p.add_argument("out", help="folder to write (new, empty, or an earlier page, which is replaced whole)")
+    p.set_defaults(func=_cmd_web)
 
     p = sub.add_parser("tiny-base", help="build the embedded tiny Phi-3 base model (no hub access)")
     p.add_argument("out", help="output folder")

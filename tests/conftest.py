@@ -38,13 +38,13 @@ def project(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def _run_in(project: Path, spec: str) -> Path:
+def _run_in(project: Path, spec: str, target: str = "cpu") -> Path:
     from phi_pipeline.pipeline import run
 
     old = Path.cwd()
     os.chdir(project)
     try:
-        return project / run(spec, "cpu")
+        return project / run(spec, target)
     finally:
         os.chdir(old)
 
@@ -55,6 +55,13 @@ def tiny_bundle(tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("tiny-project")
     shutil.copytree(ROOT / "pipelines", project / "pipelines")
     return _run_in(project, "pipelines/tiny-phi3.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_webgpu_bundle(tiny_bundle) -> Path:
+    """The shipped tiny pipeline's webgpu bundle, in tiny_bundle's project: its adapters come from the cache
+    the cpu run filled, so this is an export and an evaluation (about 10 s)."""
+    return _run_in(tiny_bundle.parents[2], "pipelines/tiny-phi3.yaml", "webgpu")
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,13 @@
 """What the serve tests share: a tiny random multi-adapter bundle built in seconds, and the real
-server (uvicorn) started on port 0 in a thread of the test process."""
+server (uvicorn) started on port 0 in a thread of the test process (phi_pipeline.serve.server.running)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+from phi_pipeline.serve.server import running  # noqa: F401  (the serve tests' way to start a server)
 
 PHI3_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 # random_bundle's adapters: "chatty" is declared a chat adapter, "templ" keeps its text template
@@ -57,29 +56,6 @@ def build_random_bundle(work: Path) -> Path:
             a["prompt_format"] = {"type": "chat"}
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return bundle
-
-
-@contextlib.contextmanager
-def running(settings, *, wait_ready: bool = True, engine=None) -> Iterator[tuple[str, object]]:
-    """The server of `settings` on 127.0.0.1, port 0, in a thread (uvicorn leaves signals alone
-    outside the main thread): (base URL, uvicorn server)."""
-    from phi_pipeline.serve.server import build_server
-
-    server = build_server(settings, "127.0.0.1", 0, log_level="warning", engine=engine)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    if wait_ready:
-        assert server.engine.ready.wait(120), "the model did not load"
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def client(url: str, api_key: str = "none", **kwargs):

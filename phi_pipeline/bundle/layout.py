@@ -4,6 +4,9 @@ Layout of dist/<pipeline>/<target>/ (the one place that defines it):
     genai_config.json, model.onnx, model.onnx.data, tokenizer files   ONNX Runtime GenAI model folder
     adapters/<name>.onnx_adapter                                      one per adapter (multi-adapter layout)
     variants/<name>/ (model.onnx, genai_config.json, tokenizer ...)   one model per adapter (merged layout)
+    model.web.onnx, web.json (cpu, webgpu)                            the graph with required LoRA inputs for
+                                                                      onnxruntime-web (its weights: model.onnx.data)
+                                                                      and what the page needs to drive it (web.py)
     manifest.json                                                     what, from what, with what, sha256 of every file
     model.sig                                                         optional: OpenSSF model-signing signature of every other file
     README.md                                                         model card: how to load it
@@ -17,6 +20,8 @@ CARD = "README.md"
 ADAPTERS_DIR = "adapters"
 VARIANTS_DIR = "variants"
 MODEL_FILE = "model.onnx"
+WEB_GRAPH = "model.web.onnx"
+WEB_MANIFEST = "web.json"
 
 
 def adapter_file(name: str) -> str:

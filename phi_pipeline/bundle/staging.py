@@ -168,6 +168,10 @@ def stage(plan: "Plan", export: Path, trained: list["TrainedAdapter"], stages: "
         out.parent.mkdir(parents=True, exist_ok=True)
         convert_adapter(t.folder / "adapter", staged / MODEL_FILE, out)
         adapters.append(_adapter_entry(t, {"file": adapter_file(t.plan.name), "sha256": file_sha256(out)}, bos))
+    if plan.target.web_page:
+        from phi_pipeline.bundle.web import stage_web
+
+        stage_web(staged)
     _write_manifest(plan, staged, adapters, stages)
     return staged
 

@@ -55,6 +55,9 @@ class Target:
     """Extra Model Builder options always used for this target."""
     decoder_session_options: dict[str, object] = field(default_factory=dict)
     """onnxruntime session options written into a published bundle's genai_config.json (the decoder's)."""
+    web_page: bool = False
+    """Whether the bundle also gets the web graph and page manifest (bundle/web.py): its operators run on
+    onnxruntime-web, so `phi-pipeline serve` and `phi-pipeline web` give a page that runs it in the browser."""
     export_search: bool = False
     """Whether the spec's export.search runs for this target: its bundles run on the build machine's CPU,
     so the variants can be timed where they are built."""
@@ -108,6 +111,7 @@ TARGETS: dict[str, Target] = {
             # 0: one intra-op thread per core; onnxruntime-genai's default when none is named is one thread
             # (1.6x slower decode on 2 cores, bench/report.md). --threads / a config overlay still override it.
             decoder_session_options={"intra_op_num_threads": 0},
+            web_page=True,  # on the WASM backend
             export_search=True,
         ),
         Target(
@@ -136,6 +140,7 @@ TARGETS: dict[str, Target] = {
             multi_lora=True,
             training_device="cpu",
             model_builder_options=PRUNED_LM_HEAD,
+            web_page=True,
             note="WebGPU ships in the Windows and macOS onnxruntime-genai wheels and in onnxruntime-web.",
         ),
         Target(

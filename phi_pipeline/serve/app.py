@@ -29,6 +29,7 @@ from phi_pipeline.runtime.engine import (
     Delta, Engine, EngineSettings, Failed, Finished, Handle, Job, NotAccepting, QueueFull, serving_engine,
 )
 from phi_pipeline.serve.adapters import AdapterChangeError, Changes, ServedAdapters
+from phi_pipeline.serve.web_routes import web_router
 from phi_pipeline.serve.protocol import (
     ChatCompletionRequest, Completion, CompletionRequest, LoadLoraAdapterRequest, UnloadLoraAdapterRequest,
     UnsupportedOption, error_body, model_card, now,
@@ -201,6 +202,8 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
         return resources.files("phi_pipeline.serve").joinpath("static/index.html").read_text()
+
+    app.include_router(web_router(settings.bundle, settings.api_key))
 
     def card(model_id: str) -> dict[str, Any]:
         return model_card(model_id, created, None if model_id == base_id else base_id)

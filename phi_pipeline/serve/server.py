@@ -11,7 +11,10 @@ import json
 import logging
 import os
 import sys
+import contextlib
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,39 @@ def build_server(settings: ServeSettings, host: str, port: int, log_level: str =
     return DrainingServer(config, app.state.engine)
 
 
+@contextlib.contextmanager
+def running(settings, *, wait_ready: bool = True, engine=None) -> Iterator[tuple[str, object]]:
+    """The server of `settings` on 127.0.0.1, port 0, in a thread (uvicorn leaves signals alone
+    outside the main thread), for tests and benchmarks: (base URL, uvicorn server)."""
+    server = build_server(settings, "127.0.0.1", 0, log_level="warning", engine=engine)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    if wait_ready and not server.engine.ready.wait(120):
+        server.should_exit = True
+        raise RuntimeError("the model did not load in 120 s")
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _web_page_words(bundle: Path, api_key: str | None) -> str:
+    from phi_pipeline.bundle.web import read_web_manifest
+
+    if read_web_manifest(bundle) is None:
+        return "none (the bundle has no web graph: publish for --target webgpu or cpu)"
+    if api_key:
+        return "off while an API key is set (phi-pipeline web writes it as files)"
+    return "/web/ (onnxruntime-web runs the model in the browser)"
+
+
 def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key: str | None, max_active: int,
               max_queue: int, max_tokens: int, engine: str = "auto", prefix_cache_mb: int = 1024,
               public_key: str | None = None) -> int:
@@ -114,6 +150,7 @@ def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key
     cache = f"prefix cache {prefix_cache_mb} MB" if kind == "batched" and prefix_cache_mb else "no prefix cache"
     print(f"  max active {max_active}, queue {max_queue}; {cache}; API key {'required' if api_key else 'off'}",
           file=sys.stderr)
+    print(f"  in-browser page: {_web_page_words(path, api_key)}", file=sys.stderr)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"  warning: --host {host} takes requests from other machines and no --api-key is set", file=sys.stderr)
     threading.Thread(target=_exit_if_load_fails, args=(server,), daemon=True).start()
