@@ -242,7 +242,8 @@ def _say(page, adapter: str | None, text: str) -> str:
     page.select_option("#adapter", adapter or "")
     page.fill("#prompt", text)
     page.click("#send")
-    page.wait_for_selector(".assistant[data-state=done]", timeout=60_000)
+    # attached, not visible: an answer that is only the end token leaves the line empty
+    page.wait_for_selector(".assistant[data-state=done]", state="attached", timeout=60_000)
     return page.text_content(".assistant")
 
 
@@ -250,7 +251,8 @@ def _say(page, adapter: str | None, text: str) -> str:
 @needs_browser
 def test_browser_switches_adapters_back_and_forth_in_one_session_and_after_a_reload(tiny_webgpu_bundle, webgpu_answers):
     bm = webgpu_answers.model
-    said = [("tone", "The soup was awful."), ("antonyms", "the cold house"), (None, "hello"), ("tone", "What a lovely day.")]
+    said = [("tone", "Classify the tone: the soup was awful"), ("antonyms", "the cold house"), (None, "hello"),
+            ("tone", "Classify the tone: the staff were wonderful")]
     want = [bm.generate(bm.user_prompt(text, adapter), adapter, 128) for adapter, text in said]
     with running(ServeSettings(tiny_webgpu_bundle), wait_ready=False) as (url, _):
         with web_page(url + "/web/") as page:
@@ -319,6 +321,6 @@ def test_written_site_runs_from_a_plain_static_host(tiny_webgpu_bundle, tmp_path
     try:
         with web_page(f"http://127.0.0.1:{server.server_port}/") as page:
             assert page.get_attribute("body", "data-state") == "ready", page.text_content("#status")
-            assert _say(page, "tone", "The soup was awful.") == "negative"
+            assert _say(page, "tone", "Classify the tone: the soup was awful") == "negative"
     finally:
         server.shutdown()

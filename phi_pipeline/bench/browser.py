@@ -1,13 +1,14 @@
 """The in-browser page's speed against the Python runtime, same bundle, same machine, same prompts.
 
-`python -m phi_pipeline.bench.browser BUNDLE [--rounds 5] [--prompt-tokens 64,512] [--new-tokens 64]`
-(`make bench-browser`). The page runs in headless chromium on the WASM backend (the threads it gets when
+`python -m phi_pipeline.bench.browser BUNDLE [--rounds 5] [--prompt-tokens 64,512] [--new-tokens 64]
+[--screenshot docs/browser.png]` (`make bench-browser`). The page runs in headless chromium on the WASM backend (the threads it gets when
 served cross-origin isolated, as `phi-pipeline serve` does); the Python runtime is onnxruntime-genai on the
 CPU execution provider with as many threads. Each round times, on both, for the base model and the first
 adapter: the first token (a prompt of N tokens, prefill plus one token) and the decode (tokens/s over
 `--new-tokens` tokens, the end token ignored so both decode the same count). Medians over the rounds, the
 page's figures as ratios of the Python runtime's, the CPU and its instruction sets recorded; written to
-bench/browser.json and printed.
+bench/browser.json and printed. `--screenshot`: the page after a chat with each of the first two adapters, one
+message each from its eval split (read relative to the working directory), as the README shows it.
 """
 
 from __future__ import annotations
@@ -61,7 +62,20 @@ def page_round(page: Any, ids: list[int], adapter: str | None, new_tokens: int) 
     return out["firstTokenMs"], out["tokensPerSecond"]
 
 
-def run(bundle: Path, rounds: int, prompt_tokens: list[int], new_tokens: int) -> dict[str, Any]:
+def screenshot(page: Any, bundle: Path, path: Path) -> None:
+    """Chat with each of the first two adapters in the page, one eval-row message each; save the page as `path`."""
+    from phi_pipeline.bench.chat import eval_rows
+
+    for n, (adapter, rows) in enumerate(list(eval_rows(bundle, Path.cwd()).items())[:2], start=1):
+        page.select_option("#adapter", adapter)
+        page.fill("#prompt", rows[0][0])
+        page.click("#send")
+        page.wait_for_selector(f".assistant:nth-of-type({2 * n})[data-state=done]", timeout=120_000)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), full_page=True)
+
+
+def run(bundle: Path, rounds: int, prompt_tokens: list[int], new_tokens: int, shot: Path | None = None) -> dict[str, Any]:
     from phi_pipeline.runtime.genai import BundleModel
     from phi_pipeline.serve.app import ServeSettings
     from phi_pipeline.serve.server import running
@@ -87,6 +101,8 @@ def run(bundle: Path, rounds: int, prompt_tokens: list[int], new_tokens: int) ->
                         cell.setdefault(f"{side}_decode_tok_s", []).append(decode)
             print(f"round {r + 1}/{rounds} done", file=sys.stderr)
         chromium = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout.strip()
+        if shot is not None:
+            screenshot(page, bundle, shot)
     results = {}
     for key, cell in samples.items():
         med = {k: statistics.median(v) for k, v in cell.items()}
@@ -118,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", default="64,512", help="prompt lengths, comma-separated (default 64,512)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run (default 64)")
     parser.add_argument("--out", type=Path, default=Path("bench/browser.json"), help="where the figures go")
+    parser.add_argument("--screenshot", type=Path, help="also save the page after a chat with two adapters here (PNG)")
     args = parser.parse_args(argv)
-    report = run(args.bundle, args.rounds, [int(n) for n in args.prompt_tokens.split(",")], args.new_tokens)
+    report = run(args.bundle, args.rounds, [int(n) for n in args.prompt_tokens.split(",")], args.new_tokens, args.screenshot)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{report['pipeline']} {report['target']} {report['precision']}: page on {report['page_backend']} "

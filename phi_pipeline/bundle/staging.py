@@ -18,7 +18,9 @@ from phi_pipeline.orchestration.distributed import DISTRIBUTED_FILE, describe
 from phi_pipeline.orchestration.runlock import pid_alive
 from phi_pipeline.pipeline_spec.schema import OBJECTIVE_NAMES
 from phi_pipeline.orchestration.trained import TRAINER_STATE
-from phi_pipeline.bundle.layout import CARD, FORMAT, MANIFEST, MODEL_FILE, SIGNATURE, adapter_file, variant_dir
+from phi_pipeline.bundle.layout import (
+    CARD, FORMAT, MANIFEST, MODEL_FILE, SIGNATURE, WEB_GRAPH, WEB_MANIFEST, adapter_file, variant_dir,
+)
 from phi_pipeline.versions import package_versions
 
 if TYPE_CHECKING:
@@ -143,6 +145,8 @@ def _write_manifest(plan: "Plan", staged: Path, adapters: list[dict[str, Any]], 
         "packages": package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if (staged / WEB_MANIFEST).is_file():
+        manifest["web"] = WEB_MANIFEST  # the page manifest of the in-browser page (web.py)
     (staged / CARD).write_text(model_card(manifest))
     manifest["files"] = {
         p.relative_to(staged).as_posix(): file_sha256(p) for p in tree_files(staged) if p.name != MANIFEST
@@ -313,6 +317,14 @@ other work: `config = og.Config("."); config.overlay('{"model": {"decoder": {"se
 {"intra_op_num_threads": 1}}}}'); model = og.Model(config)`, or `--threads 1` on the command line below.
 
 """
+    browser = ""
+    if manifest.get("web"):
+        browser = f"""In a web page: `{WEB_GRAPH}` is the same model with its LoRA inputs required, for onnxruntime-web
+(`{manifest['web']}` tells the page how to drive it). `phi-pipeline serve <this folder>` serves a chat page at /web/
+that runs it in the browser (WebGPU, else WASM), an adapter per message; `phi-pipeline web <this folder> site/`
+writes that page as static files.
+
+"""
     return f"""# {manifest['pipeline']} ({manifest['target']}, {manifest['precision']}, {manifest['layout']})
 
 {manifest['description']}
@@ -340,7 +352,7 @@ print(tokenizer.decode(generator.get_sequence(0)))
 chat adapters use the model's chat template, template adapters the text before the answer.
 Or from the command line: `phi-pipeline generate <this folder> --adapter {first} --prompt "..."`.
 
-`report.md` and `eval.json`: each adapter's task metric against the base model, ONNX against the
+{browser}`report.md` and `eval.json`: each adapter's task metric against the base model, ONNX against the
 PyTorch reference (metric, perplexity, token agreement, logit differences) and the publish gates.
 `manifest.json` lists the sha256 of every file; `phi-pipeline verify <this folder>` checks them and
 that each adapter fits the model's LoRA inputs.

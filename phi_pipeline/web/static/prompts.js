@@ -60,7 +60,7 @@ export class Prompts {
     return this.tokenizer.encode(text).ids;
   }
 
-  decode(ids) {
-    return this.tokenizer.decode(ids, { skip_special_tokens: true });
+  decode(ids) {  // the tokenizer refuses an empty list: an answer that is only the end token is empty
+    return ids.length ? this.tokenizer.decode(ids, { skip_special_tokens: true }) : '';
   }
 }
