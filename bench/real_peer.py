@@ -15,8 +15,8 @@ EXTRAS=cpu,peer`); builds llama.cpp as `make bench-peer` does (phi_pipeline/benc
   fp32's perplexity on identical tokens: the text is tokenized once (llama-tokenize's ids must equal the Hugging
   Face tokenizer's), cut into llama-perplexity's chunks of `--ctx` tokens, and only the second half of each chunk
   is scored, as llama-perplexity does.
-- chat: 8 clients, 4 turns each, mixed adapters (phi_pipeline/bench/chat.py) on `phi-pipeline serve` with and
-  without its prefix cache and on llama-server (Q4_0, every adapter as a GGUF LoRA, per-request `lora`).
+- chat: 8 clients, 4 turns each, mixed adapters (phi_pipeline/bench/chat.py) on `phi-pipeline serve` as shipped,
+  without its prefix cache, without stall-free prefill pacing, and on llama-server (Q4_0, every adapter as a GGUF LoRA, per-request `lora`).
 """
 
 from __future__ import annotations
@@ -158,11 +158,13 @@ def chat(peer, ggufs: dict[str, Path], loras: dict[str, Path], bundle: Path, arg
     llama = PeerServer(peer.tool("llama-server"), ggufs[LORA_QUANT], loras, manifest["pipeline"], threads, 1024)
     n, logs = args.chat_clients, work / "chat"
 
-    def ours(cache_mb: int) -> Callable[[], Server]:
-        return lambda: Server(bundle, None, max_active=n, max_tokens=args.chat_tokens, log=logs / f"serve-{cache_mb}.log",
-                              extra_args=("--prefix-cache-mb", str(cache_mb)))
+    def ours(*options: str) -> Callable[[], Server]:
+        name = "-".join(o.strip("-") for o in options) or "default"
+        return lambda: Server(bundle, None, max_active=n, max_tokens=args.chat_tokens, log=logs / f"serve-{name}.log",
+                              extra_args=options)
 
-    servers = {"phi-pipeline serve": ours(1024), "phi-pipeline serve, --prefix-cache-mb 0": ours(0),
+    servers = {"phi-pipeline serve": ours(), "phi-pipeline serve, --prefix-cache-mb 0": ours("--prefix-cache-mb", "0"),
+               "phi-pipeline serve, --prefill-pacing off": ours("--prefill-pacing", "off"),
                f"llama-server {LORA_QUANT}": lambda: llama.start(n, logs / "llama-server.log")}
     runs = bench_chat(servers, chats, args.chat_tokens, args.chat_rounds)
     return {"clients": n, "turns": args.chat_turns, "new_tokens": args.chat_tokens, "rounds": args.chat_rounds,

@@ -183,7 +183,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     return serve_cli(args.bundle, host=args.host, port=args.port, threads=args.threads, api_key=args.api_key,
                      max_active=args.max_active, max_queue=args.max_queue, max_tokens=args.max_tokens,
-                     engine=args.engine, prefix_cache_mb=args.prefix_cache_mb, public_key=args.public_key)
+                     engine=args.engine, prefix_cache_mb=args.prefix_cache_mb, public_key=args.public_key,
+                     prefill_pacing=args.prefill_pacing)
 
 
 def _cmd_web(args: argparse.Namespace) -> int:
@@ -341,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-mb", type=int, default=1024,
                    help="batched engine: host RAM for finished requests' KV, so a prompt that repeats an earlier one's "
                    "tokens under the same adapter (a chat's next turn) prefills only what is new (default 1024; 0: off)")
+    p.add_argument("--prefill-pacing", choices=("decode-step", "off"), default="decode-step",
+                   help="batched engine: decode-step (default): while requests decode, a prompt goes in by runs that "
+                   "take about one decode step each, so streams keep their pace (stall-free); off: 128 prompt tokens a "
+                   "run, whatever waits")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("web", help="write a bundle's in-browser page (onnxruntime-web, an adapter per message) as static "

@@ -3,8 +3,9 @@
 Two engines share the request bookkeeping (queue, limits, events, stop strings, draining):
 
 - `BatchedEngine` (the default for multi-adapter CPU bundles): continuous batching on plain onnxruntime
-  (batched.py). Every round feeds one prompt chunk of the request being prefilled, then runs one decode
-  step for all the requests already decoding, each row with its own adapter; a request joins the batch as
+  (batched.py). Every round feeds one prompt chunk of the request being prefilled, sized to take no longer than
+  a decode step while others decode (scheduling.py: stall-free), then runs one decode step for all the requests
+  already decoding, each row with its own adapter; a request joins the batch as
   soon as its prompt is in, and leaves it (freeing its row) when it ends. Its KV then goes to the prefix
   cache (prefix_cache.py), so a later prompt that repeats its tokens (a chat's next turn) prefills only the rest.
 - `Engine`: one onnxruntime-genai generator per request, advanced round-robin (below); for the bundles
@@ -32,6 +33,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +42,7 @@ from phi_pipeline.bundle.layout import MANIFEST
 from phi_pipeline.runtime.batched import BatchedDecoder, RowSampler
 from phi_pipeline.runtime.genai import BundleModel, Generation, Sampling
 from phi_pipeline.runtime.prefix_cache import PrefixCache
+from phi_pipeline.runtime.scheduling import PrefillBudget
 
 log = logging.getLogger("phi_pipeline.serve")
 
@@ -51,7 +54,10 @@ class EngineSettings:
     max_queue: int = 32
     """Requests waiting beyond max_active before new ones are refused (429)."""
     prefill_chunk: int = 128
-    """Prompt tokens per model run: a longer prompt goes in over several rounds."""
+    """Prompt tokens per model run at most: a longer prompt goes in over several rounds."""
+    pace_prefill: bool = True
+    """Batched engine: while requests decode, a round's prompt run takes what fits in one decode step
+    (scheduling.py), so streams keep their pace; False: always prefill_chunk tokens."""
     prefix_cache_bytes: int = 1 << 30
     """Batched engine: host RAM kept for finished requests' KV, reused by a later prompt that starts with the
     same tokens under the same adapter (prefix_cache.py); 0: every prompt is prefilled whole."""
@@ -391,6 +397,7 @@ class BatchedEngine(Engine):
         self._prefilling: _Slot | None = None
         self._defaults: dict[str, Any] = {}
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes) if settings.prefix_cache_bytes > 0 else None
+        self.prefill_budget = PrefillBudget(settings.prefill_chunk, paced=settings.pace_prefill)
         self._versions: dict[str, str] = {}
         """adapter name -> the key of the weights it is served from now (the decoder's and the prefix cache's)"""
         self._loads = 0
@@ -450,8 +457,10 @@ class BatchedEngine(Engine):
                     if entry is not None:
                         decoder.restore(entry.kv, reused)
                         slot.fed = reused
-                chunk = prompt[slot.fed : slot.fed + self.settings.prefill_chunk]
+                chunk = prompt[slot.fed : slot.fed + self.prefill_budget.tokens(decoding=bool(self._rows))]
+                started = time.perf_counter()
                 logits = decoder.prefill(chunk, slot.fed, slot.adapter)
+                self.prefill_budget.prefilled(len(chunk), time.perf_counter() - started)
                 slot.fed += len(chunk)
                 if slot.fed == len(prompt):
                     self._prefilling = None
@@ -463,7 +472,9 @@ class BatchedEngine(Engine):
                         self._rows.append(slot)
         if self._rows:
             rows = self._rows
+            started = time.perf_counter()
             logits = decoder.decode([r.last for r in rows], [r.length for r in rows], [r.adapter for r in rows])
+            self.prefill_budget.decoded(time.perf_counter() - started)
             done = []
             for i, row in enumerate(rows):
                 row.length += 1

@@ -104,19 +104,19 @@ def running(settings, *, wait_ready: bool = True, engine=None) -> Iterator[tuple
         thread.join(30)
 
 
-def _web_page_words(bundle: Path, api_key: str | None) -> str:
+def _web_page_words(bundle: Path, api_key: str | None, url: str) -> str:
     from phi_pipeline.bundle.web import read_web_manifest
 
     if read_web_manifest(bundle) is None:
         return "none (the bundle has no web graph: publish for --target webgpu or cpu)"
     if api_key:
         return "off while an API key is set (phi-pipeline web writes it as files)"
-    return "/web/ (onnxruntime-web runs the model in the browser)"
+    return f"{url}/web/ (the model runs in the browser, on onnxruntime-web)"
 
 
 def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key: str | None, max_active: int,
               max_queue: int, max_tokens: int, engine: str = "auto", prefix_cache_mb: int = 1024,
-              public_key: str | None = None) -> int:
+              public_key: str | None = None, prefill_pacing: str = "decode-step") -> int:
     from phi_pipeline.runtime.engine import EngineSettings, engine_kind
 
     problems = [f"{name} must be >= 1" for name, v in
@@ -138,7 +138,8 @@ def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key
         raise UsageError("phi-pipeline serve", [str(exc)]) from None
     settings = ServeSettings(path, threads=threads, api_key=api_key, max_tokens=max_tokens,
                              engine=EngineSettings(max_active=max_active, max_queue=max_queue,
-                                                   prefix_cache_bytes=prefix_cache_mb << 20), engine_kind=kind,
+                                                   prefix_cache_bytes=prefix_cache_mb << 20,
+                                                   pace_prefill=prefill_pacing == "decode-step"), engine_kind=kind,
                              public_key=Path(public_key) if public_key else None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # uvicorn's look
     server = build_server(settings, host, port)
@@ -150,7 +151,7 @@ def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key
     cache = f"prefix cache {prefix_cache_mb} MB" if kind == "batched" and prefix_cache_mb else "no prefix cache"
     print(f"  max active {max_active}, queue {max_queue}; {cache}; API key {'required' if api_key else 'off'}",
           file=sys.stderr)
-    print(f"  in-browser page: {_web_page_words(path, api_key)}", file=sys.stderr)
+    print(f"  in-browser page: {_web_page_words(path, api_key, f'http://{shown}:{port}')}", file=sys.stderr)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"  warning: --host {host} takes requests from other machines and no --api-key is set", file=sys.stderr)
     threading.Thread(target=_exit_if_load_fails, args=(server,), daemon=True).start()

@@ -1,0 +1,49 @@
+"""How many prompt tokens the batched engine prefills in a round while other requests are decoding.
+
+GroupQueryAttention takes one prompt at a time with a past, so a prompt cannot join the decode step's call: it
+goes in by its own model run between two decode steps, and every decoding client waits for that run. Stall-free
+scheduling keeps the run within one decode step's time: a streaming client then waits about two steps between
+tokens however long the prompts going in, and a prompt still advances every round.
+
+The budget is found, not configured: the decode step's time (a running average, it grows with the batch) over the
+recent prefill runs' seconds per token. A run's time is a fixed part (the weights read once) plus a part per
+token, so seconds per token falls as runs grow; sizing the next run from the last one's rate moves the run
+length toward the one whose time is a decode step (a fixed point, reached in a few rounds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SMOOTHING = 0.3
+"""Weight of the newest run in the running averages."""
+
+
+@dataclass
+class PrefillBudget:
+    chunk: int
+    """The most prompt tokens in one run (EngineSettings.prefill_chunk), the whole of a round's when no one decodes."""
+    floor: int = 8
+    """The fewest tokens a run takes while others decode, so a long prompt still goes in at a steady pace."""
+    paced: bool = True
+    """False: every run takes `chunk` tokens (the engine before stall-free scheduling, for comparison)."""
+    _decode_s: float | None = field(default=None, init=False)
+    _token_s: float | None = field(default=None, init=False)
+
+    def tokens(self, decoding: bool) -> int:
+        """Prompt tokens for this round's run, `decoding`: whether any request is decoding."""
+        if not (self.paced and decoding):
+            return self.chunk
+        if self._decode_s is None or self._token_s is None:
+            return self.floor  # nothing measured yet: the smallest run, which the next rounds grow from
+        return max(self.floor, min(self.chunk, int(self._decode_s / self._token_s)))
+
+    def prefilled(self, tokens: int, seconds: float) -> None:
+        self._token_s = _average(self._token_s, seconds / tokens)
+
+    def decoded(self, seconds: float) -> None:
+        self._decode_s = _average(self._decode_s, seconds)
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else (1 - SMOOTHING) * old + SMOOTHING * new
