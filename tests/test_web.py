@@ -31,9 +31,11 @@ NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None or not NODE_MODULES.is_dir(), reason="needs node and `make web`")
 needs_browser = pytest.mark.skipif(CHROMIUM is None or not NODE_MODULES.is_dir(),
                                    reason="needs chromium (`apt-get install chromium`, .ci/run does) and `make web`")
-# The two tokens' logits may differ by a float16 step in a float16 graph (1/256 at magnitudes 4-8):
-# the runtimes then pick different tokens of an exact tie. Anything wider is a real difference.
-TIE = 0.02
+# Where the base model's two best tokens are this close in logits, the WASM kernels and onnxruntime's x86 ones
+# may pick either: a tie. Measured gaps at such rows: up to 0.004 on the webgpu bundle (float16: one step is
+# 1/256 at magnitudes 4-8), up to 0.015 on the cpu bundle (its int4 MatMuls take int8-quantized activations on
+# x86, accuracy level 4). Anything wider is a real difference.
+TIE = 0.05
 
 
 def _sha256(path: Path) -> str:
@@ -206,34 +208,42 @@ def test_web_page_is_off_while_the_server_has_an_api_key(random_bundle):
 
 # --- the page in headless chromium (WASM backend) ------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def webgpu_answers(tiny_webgpu_bundle) -> PythonAnswers:
-    """The Python runtime's greedy answers on every eval row of the tiny webgpu bundle (eval files are read
-    from its project)."""
+def _python_answers(bundle: Path) -> PythonAnswers:
+    """The Python runtime's greedy answers on every eval row of a bundle of the tiny project (its eval files)."""
     import os
 
     old = Path.cwd()
-    os.chdir(tiny_webgpu_bundle.parents[2])
+    os.chdir(bundle.parents[2])
     try:
-        return PythonAnswers(tiny_webgpu_bundle)
+        return PythonAnswers(bundle)
     finally:
         os.chdir(old)
 
 
+@pytest.fixture(scope="module")
+def webgpu_answers(tiny_webgpu_bundle) -> PythonAnswers:
+    return _python_answers(tiny_webgpu_bundle)
+
+
 @pytest.mark.slow
 @needs_browser
-def test_browser_answers_equal_the_python_runtime_on_every_eval_row(tiny_webgpu_bundle, webgpu_answers):
-    with running(ServeSettings(tiny_webgpu_bundle), wait_ready=False) as (url, _):
+@pytest.mark.parametrize("target", ["webgpu", "cpu"])
+def test_browser_answers_equal_the_python_runtime_on_every_eval_row(target, request):
+    """The webgpu bundle (float16 activations) and the cpu bundle (float32) on the WASM backend."""
+    bundle = request.getfixturevalue("tiny_webgpu_bundle" if target == "webgpu" else "tiny_bundle")
+    answers = request.getfixturevalue("webgpu_answers") if target == "webgpu" else _python_answers(bundle)
+    with running(ServeSettings(bundle, engine_kind="genai"), wait_ready=False) as (url, _):
         with web_page(url + "/web/") as page:
             assert page.get_attribute("body", "data-state") == "ready", page.text_content("#status")
             assert page.evaluate("[phi.backend, phi.threads]") == ["wasm", 2]  # served cross-origin isolated
-            differences = webgpu_answers.differences(page)
-    rows = len(webgpu_answers.rows)
-    assert rows >= 100 and not [d for d in differences if d.which == "prompt"]
-    # identical but for exact float16 ties, each listed; both runtimes' gaps at the differing token are one step
-    assert all(d.gaps and max(d.gaps) <= TIE for d in differences), "\n".join(map(str, differences))
-    assert len(differences) <= rows * 2 // 100, "\n".join(map(str, differences))
-    print(f"{rows} rows x (adapter, base): {len(differences)} differ, at float16 ties:", *differences, sep="\n  ")
+            differences = answers.differences(page)
+    rows = len(answers.rows)
+    listed = "\n".join(map(str, differences))
+    assert rows >= 100
+    assert not [d for d in differences if d.which != "base"], listed  # every prompt and every adapter answer identical
+    # the base model's free continuations may part at exact ties, each listed: both runtimes' gaps within TIE
+    assert all(d.gaps and max(d.gaps) <= TIE for d in differences), listed
+    print(f"{target}: {rows} rows x (adapter, base): {len(differences)} differ, at ties:", *differences, sep="\n  ")
 
 
 def _say(page, adapter: str | None, text: str) -> str:

@@ -72,7 +72,7 @@ def screenshot(page: Any, bundle: Path, path: Path) -> None:
         page.click("#send")
         page.wait_for_selector(f".assistant:nth-of-type({2 * n})[data-state=done]", timeout=120_000)
     path.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(path), full_page=True)
+    page.locator("body").screenshot(path=str(path))
 
 
 def run(bundle: Path, rounds: int, prompt_tokens: list[int], new_tokens: int, shot: Path | None = None) -> dict[str, Any]:
@@ -82,6 +82,10 @@ def run(bundle: Path, rounds: int, prompt_tokens: list[int], new_tokens: int, sh
     from phi_pipeline.web.browser import web_page
 
     manifest = json.loads((bundle / "manifest.json").read_text())
+    context = json.loads((bundle / "genai_config.json").read_text())["model"]["context_length"]
+    if max(prompt_tokens) + new_tokens > context:
+        raise SystemExit(f"--prompt-tokens {max(prompt_tokens)} + --new-tokens {new_tokens} exceed the model's context of "
+                         f"{context} tokens ({bundle}/genai_config.json)")
     adapter = next(a["name"] for a in manifest["adapters"] if "file" in a)
     # the server only hands out the page's files; its own engine loads before the rounds, then idles
     with running(ServeSettings(bundle, engine_kind="genai")) as (url, _), web_page(url + "/web/") as page:

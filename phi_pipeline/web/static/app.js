@@ -47,7 +47,6 @@ async function start() {
   return { bundle, prompts, model, backend, threads: ort.env.wasm.numThreads, refused };
 }
 
-// One answer: tokens streamed to onText; timings of the first token and of the decode.
 // Greedy ids after `promptIds`, timed: the first token's time (the prefill) and the decode's tokens/s.
 async function timedGenerate(engine, promptIds, adapter, maxNewTokens, { onToken, ignoreEos = false, t0 = performance.now() } = {}) {
   const times = [];
@@ -103,6 +102,7 @@ function wire(engine) {
     const line = addLine('assistant', '');
     line.dataset.state = 'streaming';
     const adapter = select.value || null;
+    line.dataset.model = adapter ?? 'base model';  // shown before the answer, so a chat across adapters reads well
     try {
       const messages = [...history, { role: 'user', content }];
       // the live tokens' text; the finished answer is shown stripped, as the server and the eval compare it
@@ -120,13 +120,11 @@ function wire(engine) {
   };
 }
 
-const ready = start().then((engine) => {
+start().then((engine) => {
   window.phi = {
     backend: engine.backend, threads: engine.threads, refused: engine.refused,
-    adapters: [...engine.model.adapters.keys()].filter((k) => k !== null),
     answer: (request) => answer(engine, request),
     generateIds: (ids, adapter, maxNewTokens, options) => timedGenerate(engine, ids, adapter, maxNewTokens, options),
-    encode: (text) => engine.prompts.encode(text),
     nextLogits: async (ids, adapter) => Array.from(await engine.model.nextLogits(ids, adapter)),
   };
   wire(engine);
@@ -135,4 +133,3 @@ const ready = start().then((engine) => {
   setState('failed', err.message);
   throw err;
 });
-window.phiReady = ready;
