@@ -191,8 +191,8 @@ def _cmd_web(args: argparse.Namespace) -> int:
     from phi_pipeline.web.site import write_site
 
     out = write_site(Path(args.bundle), Path(args.out))
-    print(f"{out}: the page of {args.bundle}, static files. Host it over https (or http://localhost) with the headers "
-          "in _headers for WASM threads, e.g. `python -m http.server -d OUT` for one thread")
+    print(f"{out}: the page of {args.bundle} as static files. Host it over https or on localhost, with the headers in "
+          f"_headers for WASM threads; e.g. `python -m http.server -d {out}` and http://localhost:8000/ (one thread)")
     return 0
 
 

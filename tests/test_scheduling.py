@@ -31,7 +31,7 @@ def test_prefill_budget_takes_the_whole_chunk_when_no_one_decodes():
 
 def test_prefill_budget_runs_settle_at_one_decode_steps_time():
     # a run costs 5 ms plus 0.5 ms a token; a decode step 20 ms: 30 tokens fill one step
-    chosen = _run(PrefillBudget(chunk=128), decode_s=0.020, fixed_s=0.005, per_token_s=0.0005, rounds=20)
+    chosen = _run(PrefillBudget(chunk=128, floor=8), decode_s=0.020, fixed_s=0.005, per_token_s=0.0005, rounds=20)
     assert chosen[0] == 8  # nothing measured yet: the smallest run
     assert all(abs(n - 30) <= 2 for n in chosen[-5:]), chosen
     assert 0.005 + 0.0005 * chosen[-1] <= 0.020 * 1.1

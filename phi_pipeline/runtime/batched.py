@@ -133,7 +133,9 @@ class BatchedDecoder:
         dtype = np.float16 if "float16" in inputs[self._past[0][0]].type else np.float32
         self.dtype = dtype
         shape = (max_batch, self.kv_heads, self.kv_len, self.head)
-        self.kv = [(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(self.layers)]
+        # written once here, not left to np.zeros' lazily mapped pages: otherwise the first request to use each
+        # row faults its pages in (huge pages zeroed by the kernel) inside a join, 0.9 s for SmolLM2 at 8 rows
+        self.kv = [(np.full(shape, 0, dtype), np.full(shape, 0, dtype)) for _ in range(self.layers)]
         self.staging = [(np.zeros(shape[1:], dtype)[None], np.zeros(shape[1:], dtype)[None]) for _ in range(self.layers)]
         self.adapters: dict[str, Adapter] = {}
         self._lora_cache: dict[tuple[str | None, ...], dict[str, np.ndarray]] = {}
@@ -220,6 +222,14 @@ class BatchedDecoder:
         mask = np.ones((1, start + n), np.int64)
         logits = self._run(np.asarray([ids], np.int64), mask, self.staging, self.lora_feed([adapter]))
         return np.asarray(logits[0, -1], np.float32)
+
+    def warm_up(self) -> None:
+        """A prompt run and a decode step of the base model: onnxruntime's first runs allocate and prepare kernels
+        (0.7 s for SmolLM2's first prompt), which the server does before it says ready, not in the first client's
+        time to first token. What they leave in the staging row and row 0 is overwritten by later prompts."""
+        lora = self.lora_feed([None])
+        self._run(np.zeros((1, 8), np.int64), np.ones((1, 8), np.int64), self.staging, lora)
+        self._run(np.zeros((1, 1), np.int64), np.ones((1, 1), np.int64), [(k[:1], v[:1]) for k, v in self.kv], lora)
 
     def join(self, row: int, length: int) -> None:
         """Copy the staging row's first `length` positions into decode row `row`."""

@@ -410,6 +410,7 @@ class BatchedEngine(Engine):
     def _start_up(self) -> None:
         self.model = self._load()
         self.decoder = self._make_decoder()
+        self.decoder.warm_up()
         self._versions = {name: name for name in self.decoder.adapters}
         self._defaults = json.loads((self.decoder.model_dir / "genai_config.json").read_text()).get("search", {})
 
