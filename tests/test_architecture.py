@@ -21,6 +21,7 @@ RANKS = {
     "orchestration": 3,
     "bundle": 4,
     "runtime": 5,
+    "web": 5,
     "evaluate": 6,
     "search": 7,
     "serve": 7,

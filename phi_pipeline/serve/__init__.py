@@ -5,7 +5,7 @@
   requests round-robin, swappable without touching the HTTP side;
 - app.py: FastAPI routes, authentication, errors in OpenAI's shape;
 - server.py: uvicorn with a draining shutdown, `phi-pipeline serve`;
-- static/index.html: the chat page at `/`.
+- static/index.html: the chat page at `/`; web_routes.py: the in-browser page at `/web/` (``web``).
 
-May import: ``runtime``, ``bundle``, ``pipeline_spec``, ``errors``.
+May import: ``runtime``, ``web``, ``bundle``, ``pipeline_spec``, ``errors``.
 """
