@@ -3,6 +3,8 @@ decode step (phi_pipeline/runtime/scheduling.py), between decode steps, and chan
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from phi_pipeline.runtime.engine import EngineSettings
@@ -57,6 +59,7 @@ def test_long_prompt_goes_in_between_decode_steps_and_answers_the_same(random_bu
 
     def prefill(self, ids, start, adapter):
         calls.append(("prefill", len(ids)))
+        time.sleep(0.0002 * len(ids))  # a prompt token costs 0.2 ms: a 10 ms decode step fits about 50
         return real_prefill(self, ids, start, adapter)
 
     def decode(self, tokens, lengths, adapters):

@@ -22,9 +22,9 @@ from phi_pipeline.bundle.layout import MANIFEST, MODEL_FILE, WEB_GRAPH, WEB_MANI
 from phi_pipeline.cli import main
 from phi_pipeline.errors import UsageError
 from phi_pipeline.serve.app import ServeSettings
+from phi_pipeline.web.browser import CHROMIUM, wait_settled, web_page
 from phi_pipeline.web.site import ISOLATION_HEADERS, MEDIA_TYPES, NODE_MODULES, PAGE, SITE_MARK, site_files, write_site
 from serve_support import CHAT_ADAPTER, TEMPLATE_ADAPTER, running
-from phi_pipeline.web.browser import CHROMIUM, wait_settled, web_page
 from web_support import PythonAnswers
 
 NODE = shutil.which("node")
