@@ -60,8 +60,8 @@ def bundle_files(bundle: Path) -> list[str]:
     manifest = json.loads((bundle / MANIFEST).read_text())
     if web is None:
         raise UsageError(str(bundle), [
-            f"no {WEB_MANIFEST}: this {manifest.get('target')} bundle has no web graph; the page runs bundles published "
-            "for --target webgpu or cpu (by this version of phi-pipeline)"])
+            f"no {WEB_MANIFEST}: this {manifest.get('target')} bundle has no web graph; bundles published for --target "
+            "webgpu or cpu by this version of phi-pipeline have one (republish it: phi-pipeline run SPEC --target ...)"])
     listed = manifest.get("files", {})
     wanted = [WEB_MANIFEST, web["graph"], *web["external_data"], "genai_config.json", "tokenizer.json",
               "tokenizer_config.json", "chat_template.jinja", *(a["file"] for a in manifest["adapters"] if "file" in a)]
