@@ -51,12 +51,12 @@ def rep(oa, adapters: list[str], long_text: str) -> dict[str, float]:
 
 
 def main() -> int:
-    sys.path.insert(0, str(ROOT / "tests"))
+    from openai import OpenAI
+
     from phi_pipeline.bench.browser import cpu_description
     from phi_pipeline.runtime.engine import EngineSettings
     from phi_pipeline.serve.app import ServeSettings
     from phi_pipeline.serve.server import running
-    from serve_support import client
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, nargs="?", default=ROOT / "dist/smollm2/cpu")
@@ -71,7 +71,7 @@ def main() -> int:
         settings = ServeSettings(args.bundle, max_tokens=400, engine_kind="batched",
                                  engine=EngineSettings(pace_prefill=pacing == "decode-step", prefix_cache_bytes=0))
         with running(settings) as (url, _):
-            oa = client(url)
+            oa = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
             result["runs"][pacing] = runs = [rep(oa, adapters, long_text) for _ in range(args.reps)]
         for r in runs:
             print(f"--prefill-pacing {pacing:11s} long prompt TTFT {r['long_prompt_ttft_s']:.2f} s; stream gap p50 "
