@@ -39,10 +39,12 @@ $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml
 venv: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 # The in-browser page's JavaScript packages (onnxruntime-web, tokenizers, jinja, flatbuffers), exactly as
-# phi_pipeline/web/package-lock.json pins them; no CDN at run time.
+# phi_pipeline/web/package-lock.json pins them; no CDN at run time. Without npm this says so and goes on: the
+# tests that need the packages skip and say why, and /web/ answers what to install.
 WEB_DIR := phi_pipeline/web
 $(WEB_DIR)/node_modules/.package-lock.json: $(WEB_DIR)/package-lock.json
-	cd $(WEB_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	@if command -v npm >/dev/null 2>&1; then cd $(WEB_DIR) && npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "note: npm is missing, so the in-browser page's packages are not installed (apt-get install nodejs npm, then make web)" >&2; fi
 
 web: $(WEB_DIR)/node_modules/.package-lock.json
 

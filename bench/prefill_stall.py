@@ -53,7 +53,7 @@ def rep(oa, adapters: list[str], long_text: str) -> dict[str, float]:
 def main() -> int:
     from openai import OpenAI
 
-    from phi_pipeline.bench.browser import cpu_description
+    from phi_pipeline.bench.run import machine
     from phi_pipeline.runtime.engine import EngineSettings
     from phi_pipeline.serve.app import ServeSettings
     from phi_pipeline.serve.server import running
@@ -66,7 +66,7 @@ def main() -> int:
     manifest = json.loads((args.bundle / "manifest.json").read_text())
     adapters = [a["name"] for a in manifest["adapters"]][:2]
     long_text = (ROOT / "README.md").read_text()[:6000]
-    result = {"bundle": str(args.bundle), "cpu": cpu_description(), "adapters": adapters, "runs": {}}
+    result = {"bundle": str(args.bundle), "machine": machine(), "adapters": adapters, "runs": {}}
     for pacing in ("decode-step", "off"):
         settings = ServeSettings(args.bundle, max_tokens=400, engine_kind="batched",
                                  engine=EngineSettings(pace_prefill=pacing == "decode-step", prefix_cache_bytes=0))

@@ -28,6 +28,7 @@ from serve_support import CHAT_ADAPTER, TEMPLATE_ADAPTER, running
 from web_support import PythonAnswers
 
 NODE = shutil.which("node")
+needs_packages = pytest.mark.skipif(not NODE_MODULES.is_dir(), reason="needs the page's packages: `make web` (npm ci)")
 needs_node = pytest.mark.skipif(NODE is None or not NODE_MODULES.is_dir(), reason="needs node and `make web`")
 needs_browser = pytest.mark.skipif(CHROMIUM is None or not NODE_MODULES.is_dir(),
                                    reason="needs chromium (`apt-get install chromium`, .ci/run does) and `make web`")
@@ -139,6 +140,7 @@ def test_javascript_adapter_reader_refuses_a_file_that_is_not_an_adapter(tmp_pat
 
 # --- the site: served at /web/, written by `phi-pipeline web` ------------------------------------------
 
+@needs_packages
 def test_site_has_the_page_its_packages_and_the_bundle_files_it_reads(random_bundle):
     files = site_files(random_bundle)
     assert {"index.html", "app.js", "model.js", "adapter_format.js"} <= set(files)
@@ -160,6 +162,7 @@ def test_bundle_without_web_graph_is_refused_naming_its_target(random_bundle, tm
     assert "no web.json: this cpu bundle has no web graph" in str(info.value)
 
 
+@needs_packages
 def test_web_command_writes_a_site_and_replaces_only_its_own(random_bundle, tmp_path, capsys):
     out = tmp_path / "site"
     assert main(["web", str(random_bundle), str(out)]) == 0
@@ -184,6 +187,7 @@ def test_web_command_refuses_a_bundle_that_fails_verification(random_bundle, tmp
     assert not (tmp_path / "site").exists()
 
 
+@needs_packages
 def test_web_page_is_served_cross_origin_isolated_beside_the_api(random_bundle):
     import httpx2 as httpx
 

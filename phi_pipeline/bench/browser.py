@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,18 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from phi_pipeline.bench.run import machine
 from phi_pipeline.web.browser import CHROMIUM
-
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "avx_vnni")
-
-
-def cpu_description() -> dict[str, Any]:
-    """The CPU's model name, cores and the instruction sets that pick onnxruntime's kernels."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return {"model": model, "cores": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags]}
-
 
 def prompt_ids(bm: Any, n: int) -> list[int]:
     """`n` token ids of plain English (this module's docstring, repeated), the same on both runtimes."""
@@ -115,7 +103,7 @@ def run(bundle: Path, rounds: int, prompt_tokens: list[int], new_tokens: int, sh
         results[key] = {k: round(v, 3) for k, v in med.items()}
     return {
         "bundle": str(bundle), "pipeline": manifest["pipeline"], "target": manifest["target"],
-        "precision": manifest["precision"], "cpu": cpu_description(), "browser": chromium,
+        "precision": manifest["precision"], "machine": machine(), "browser": chromium,
         "page_backend": backend, "threads": threads, "rounds": rounds, "new_tokens": new_tokens,
         "python_runtime": "onnxruntime-genai, CPUExecutionProvider", "results": results,
     }
@@ -144,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{report['pipeline']} {report['target']} {report['precision']}: page on {report['page_backend']} "
-          f"({report['threads']} threads, {report['browser']}) vs the Python runtime; {report['cpu']['model']} "
-          f"({', '.join(report['cpu']['isa'])}); medians of {report['rounds']} rounds")
+          f"({report['threads']} threads, {report['browser']}) vs the Python runtime; {report['machine']['cpu']['model']} "
+          f"({', '.join(report['machine']['cpu']['isa'])}); medians of {report['rounds']} rounds")
     print(table(report))
     print(f"written to {args.out}")
     return 0

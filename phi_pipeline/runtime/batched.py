@@ -136,7 +136,7 @@ class BatchedDecoder:
         # written once here, not left to np.zeros' lazily mapped pages: otherwise the first request to use each
         # row faults its pages in (huge pages zeroed by the kernel) inside a join, 0.9 s for SmolLM2 at 8 rows
         self.kv = [(np.full(shape, 0, dtype), np.full(shape, 0, dtype)) for _ in range(self.layers)]
-        self.staging = [(np.zeros(shape[1:], dtype)[None], np.zeros(shape[1:], dtype)[None]) for _ in range(self.layers)]
+        self.staging = [(np.full((1, *shape[1:]), 0, dtype), np.full((1, *shape[1:]), 0, dtype)) for _ in range(self.layers)]
         self.adapters: dict[str, Adapter] = {}
         self._lora_cache: dict[tuple[str | None, ...], dict[str, np.ndarray]] = {}
         for name, path in adapters.items():

@@ -70,10 +70,8 @@ def bundle_files(bundle: Path) -> list[str]:
 
 def site_files(bundle: Path) -> dict[str, Path]:
     """Every file of the page's site: its path in the site -> the file to serve."""
-    files = {p.name: p for p in sorted(PAGE.iterdir()) if p.is_file()}
-    files.update(vendor_files())
-    files.update({f"bundle/{rel}": bundle / rel for rel in bundle_files(bundle)})
-    return files
+    bundled = {f"bundle/{rel}": bundle / rel for rel in bundle_files(bundle)}  # first: a bundle without a page says so
+    return {**{p.name: p for p in sorted(PAGE.iterdir()) if p.is_file()}, **vendor_files(), **bundled}
 
 
 def write_site(bundle: Path, out: Path) -> Path:
