@@ -12,7 +12,7 @@ from phi_pipeline.serve.server import running  # noqa: F401  (the serve tests' w
 PHI3_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 # random_bundle's adapters: "chatty" is declared a chat adapter, "templ" keeps its text template
 CHAT_ADAPTER, TEMPLATE_ADAPTER = "chatty", "templ"
-# different ranks: the batched engine's rows pad each adapter to the largest rank in the batch
+# different ranks: the batched engine concatenates a step's adapters along the rank axis and masks each row
 RANKS = {CHAT_ADAPTER: 4, TEMPLATE_ADAPTER: 8}
 
 

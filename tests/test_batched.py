@@ -61,13 +61,21 @@ def _prefill(decoder, row, ids, adapter, chunk=5):
     return logits
 
 
-def test_serving_graph_gives_every_lora_input_a_batch_axis_and_no_default(random_bundle):
+def test_serving_graph_masks_each_lora_product_by_row_and_keeps_no_default(random_bundle):
     import onnx
 
     graph = onnx.load_model_from_string(make_serving_graph(random_bundle)).graph
-    lora = [i for i in graph.input if "lora" in i.name]
-    assert lora and all(len(i.type.tensor_type.shape.dim) == 3 for i in lora)
-    assert all(i.type.tensor_type.shape.dim[0].dim_param == "batch_size" for i in lora)
+    lora_a = [i.name for i in graph.input if i.name.endswith("lora_A.MatMul.weight")]
+    masks = {i.name: i for i in graph.input if i.name.endswith(".rows")}
+    assert lora_a and set(masks) == {f"{a}.rows" for a in lora_a}
+    assert all([d.dim_param or d.dim_value for d in m.type.tensor_type.shape.dim][:2] == ["batch_size", 1]
+               for m in masks.values())
+    muls = {n.input[1]: n for n in graph.node if n.op_type == "Mul" and n.input[1] in masks}
+    producers = {o: n for n in graph.node for o in n.output}
+    for a in lora_a:  # the mask multiplies x @ A, and the B product reads the masked rows
+        product = producers[muls[f"{a}.rows"].input[0]]
+        assert product.op_type == "MatMul" and product.input[1] == a
+        assert [n.op_type for n in graph.node if muls[f"{a}.rows"].output[0] in n.input] == ["MatMul"]
     assert not [i for i in graph.initializer if "lora" in i.name]
 
 
@@ -100,11 +108,33 @@ def test_a_moved_row_keeps_its_cache_and_the_batch_shrinks(decoder, reference):
         np.testing.assert_allclose(logits[i], reference(ids + [7], adapter)[-1], atol=1e-4)
 
 
-def test_lora_inputs_are_stacked_once_per_batch_composition(decoder):
-    first = decoder.lora_feed([CHAT_ADAPTER, None, RANK8])
-    assert decoder.lora_feed([CHAT_ADAPTER, None, RANK8]) is first
-    a = next(v for k, v in first.items() if "lora_A" in k)
-    assert a.shape[0] == 3 and a.shape[2] == 8 and not a[1].any() and not a[0, :, 4:].any()
+def test_grouped_lora_inputs_read_each_adapter_once_and_mask_rows_by_adapter(decoder):
+    feed = decoder.lora_feed([CHAT_ADAPTER, None, RANK8, CHAT_ADAPTER])
+    name = next(k for k in feed if k.endswith("lora_A.MatMul.weight"))
+    chat, rank8 = (decoder.adapters[a].weights[name] for a in (CHAT_ADAPTER, RANK8))
+    # the distinct adapters side by side along the rank axis, in name order (chat's rank 4, then rank 8)
+    np.testing.assert_array_equal(feed[name], np.concatenate([chat, rank8], axis=1))
+    mask = feed[f"{name}.rows"][:, 0]
+    np.testing.assert_array_equal(mask, [[1] * 4 + [0] * 8, [0] * 12, [0] * 4 + [1] * 8, [1] * 4 + [0] * 8])
+    # one adapter for every row: its own arrays, no copy; only base rows: rank 0
+    alone = decoder.lora_feed([RANK8, RANK8])
+    assert alone[name] is rank8 and alone[f"{name}.rows"].all()
+    assert decoder.lora_feed([None])[name].shape == (chat.shape[0], 0)
+
+
+def test_grouped_rows_equal_each_row_alone_across_steps_and_a_batch_change(decoder, reference):
+    """Grouped rows equal padded rows: a step of rows with different adapters (grouped) gives each row the
+    logits of its adapter's batch of one (nothing to pad), on a reused binding and after the batch changes."""
+    rows = [([8, 9, 10], RANK8), ([8, 9, 10], CHAT_ADAPTER), ([8, 9, 10], None), ([8, 9, 10], RANK8)]
+    for row, (ids, adapter) in enumerate(rows):
+        _prefill(decoder, row, ids, adapter)
+    for step in range(2):  # the second step reuses the first's binding
+        logits = decoder.decode([4] * 4, [3] * 4, [a for _, a in rows])
+        for i, (ids, adapter) in enumerate(rows):
+            np.testing.assert_allclose(logits[i], reference(ids + [4], adapter)[-1], atol=1e-4,
+                                       err_msg=f"step {step}, row {i} ({adapter})")
+    logits = decoder.decode([4] * 2, [3] * 2, [RANK8, CHAT_ADAPTER])
+    np.testing.assert_allclose(logits[1], reference([8, 9, 10, 4], CHAT_ADAPTER)[-1], atol=1e-4)
 
 
 def test_sampler_is_greedy_by_the_bundles_default_and_repeats_with_a_seed():

@@ -4,11 +4,13 @@ onnxruntime-genai applies one adapter to a whole generator and batches continuou
 attention on CUDA, so serving many requests with different adapters on CPU needs its own driver of the
 bundle's graph. This module is that driver; the serving engine (engine.py) schedules requests onto it.
 
-- The serving graph: the bundle's model.onnx with each LoRA input given a leading batch axis
-  (`A: [batch, in, r]`, `B: [batch, r, out]`). Nothing else changes: the LoRA MatMuls read 3-D
-  activations `[batch, seq, in]`, and ONNX MatMul broadcasts `[b, s, in] @ [b, in, r]` row by row, so
-  each row is multiplied by its own adapter's weights (zeros for the base model), ranks padded with zeros
-  to the largest in the batch. Made in memory when the server starts (the weights are read from the
+- The serving graph: the bundle's model.onnx with a row mask after each LoRA A product:
+  `x [batch, seq, in] @ A [in, R]`, times `mask [batch, 1, R]`, `@ B [R, out]`. A step's distinct
+  adapters are concatenated along the rank axis (R is the sum of their ranks), and row i's mask is one on
+  its adapter's slice and zero elsewhere (all zero for the base model). Each LoRA product is then one GEMM
+  over every row that reads each adapter's weights once, as SGMV kernels group rows by adapter on GPUs;
+  giving each row its own zero-padded copy (`A [batch, in, r_max]`) read the weights once per row: 8 ms of
+  a 30 ms SmolLM2 step at 8 rows. Made in memory when the server starts (the weights are read from the
   bundle): the published bundle stays what onnxruntime-genai loads, and its signature holds.
 - One KV buffer per layer, `[max_batch, kv_heads, kv_len, head]`, shared by past and present
   (GroupQueryAttention's shared-buffer mode, as onnxruntime-genai runs it). Rows `0..n-1` are the
@@ -25,7 +27,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -33,33 +35,64 @@ from phi_pipeline.bundle.layout import MODEL_FILE
 from phi_pipeline.runtime.prefix_cache import KV
 
 _LORA_INPUT = re.compile(r"lora_[AB]\b")
+_ROWS = ".rows"
 
 
 def is_lora_input(name: str) -> bool:
-    return bool(_LORA_INPUT.search(name))
+    """A LoRA weight input of the bundle's graph (not a serving graph's row mask)."""
+    return bool(_LORA_INPUT.search(name)) and not name.endswith(_ROWS)
+
+
+def is_lora_a(name: str) -> bool:
+    return is_lora_input(name) and "lora_A" in name
+
+
+def row_mask_input(lora_a: str) -> str:
+    """The serving graph's input that masks the rows of LoRA input `lora_a`'s product."""
+    return lora_a + _ROWS
 
 
 def make_serving_graph(model_dir: Path) -> bytes:
-    """The bundle's graph with a leading batch axis on every LoRA input, serialized; its weights stay in
-    the bundle's external data file, which the session reads from `model_dir`."""
+    """The bundle's graph with a row mask input after each LoRA A product (module docstring), serialized;
+    its weights stay in the bundle's external data file, which the session reads from `model_dir`."""
     import onnx
 
-    model = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
-    changed = 0
-    for value in model.graph.input:
-        if is_lora_input(value.name):
-            dims = value.type.tensor_type.shape.dim
-            if len(dims) != 2:
-                raise ValueError(f"{model_dir / MODEL_FILE}: LoRA input {value.name} has {len(dims)} axes, expected 2")
-            dims.insert(0, onnx.TensorShapeProto.Dimension(dim_param="batch_size"))
-            changed += 1
-    if not changed:
-        raise ValueError(f"{model_dir / MODEL_FILE} has no LoRA inputs: nothing to batch per row")
-    # every row's LoRA weights are fed, so the inputs' defaults (rank 0: no adapter) go: an input with a
-    # default is an overridable initializer, which IO binding cannot bind
-    defaults = [init for init in model.graph.initializer if is_lora_input(init.name)]
+    path = model_dir / MODEL_FILE
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    lora_a = {v.name: v for v in graph.input if is_lora_a(v.name)}
+    if not lora_a:
+        raise ValueError(f"{path} has no LoRA inputs: nothing to serve per row")
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            users.setdefault(i, []).append(node)
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        name = next((i for i in node.input if i in lora_a), None)
+        if name is None:
+            continue
+        if node.op_type != "MatMul" or node.input[1] != name:
+            raise ValueError(f"{path}: LoRA input {name} feeds a {node.op_type} ({node.name}), not a MatMul's weight")
+        value = lora_a[name]
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != 2:
+            raise ValueError(f"{path}: LoRA input {name} has {len(dims)} axes, expected 2")
+        product, masked = node.output[0], node.output[0] + "/rows"
+        for user in users.get(product, []):
+            user.input[:] = [masked if i == product else i for i in user.input]
+        nodes.append(onnx.helper.make_node("Mul", [product, row_mask_input(name)], [masked], name=f"{node.name}/rows"))
+        rank = dims[1].dim_param or dims[1].dim_value
+        graph.input.append(onnx.helper.make_tensor_value_info(
+            row_mask_input(name), value.type.tensor_type.elem_type, ["batch_size", 1, rank]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    # every LoRA input is fed, so the inputs' defaults (rank 0: no adapter) go: an input with a default is an
+    # overridable initializer, which IO binding cannot bind
+    defaults = [init for init in graph.initializer if is_lora_input(init.name)]
     for init in defaults:
-        model.graph.initializer.remove(init)
+        graph.initializer.remove(init)
     return model.SerializeToString()
 
 
@@ -129,7 +162,8 @@ class BatchedDecoder:
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.lora_inputs = sorted(n for n in inputs if is_lora_input(n))
         # [in, r] for A, [r, out] for B: the non-rank axis of each input, read from the graph
-        self._lora_dims = {n: inputs[n].shape[1] if "lora_A" in n else inputs[n].shape[2] for n in self.lora_inputs}
+        self._lora_dims = {n: inputs[n].shape[0] if is_lora_a(n) else inputs[n].shape[1] for n in self.lora_inputs}
+        self._lora_dtype = np.float16 if "float16" in inputs[self.lora_inputs[0]].type else np.float32
         dtype = np.float16 if "float16" in inputs[self._past[0][0]].type else np.float32
         self.dtype = dtype
         shape = (max_batch, self.kv_heads, self.kv_len, self.head)
@@ -138,7 +172,8 @@ class BatchedDecoder:
         self.kv = [(np.full(shape, 0, dtype), np.full(shape, 0, dtype)) for _ in range(self.layers)]
         self.staging = [(np.full((1, *shape[1:]), 0, dtype), np.full((1, *shape[1:]), 0, dtype)) for _ in range(self.layers)]
         self.adapters: dict[str, Adapter] = {}
-        self._lora_cache: dict[tuple[str | None, ...], dict[str, np.ndarray]] = {}
+        self._bindings: dict[tuple[bool, tuple[str | None, ...]], tuple[object, dict[str, np.ndarray]]] = {}
+        self._group_cache: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
         for name, path in adapters.items():
             self.add_adapter(name, path)
 
@@ -151,7 +186,7 @@ class BatchedDecoder:
             raise ValueError(f"adapter {name} ({path}): no weights for {len(missing)} LoRA inputs of this model "
                              f"(e.g. {min(missing)}); it was made for another base graph")
         wrong = [n for n in self.lora_inputs
-                 if adapter.weights[n].shape[0 if "lora_A" in n else 1] != self._lora_dims[n]]
+                 if adapter.weights[n].shape[0 if is_lora_a(n) else 1] != self._lora_dims[n]]
         if wrong:
             raise ValueError(f"adapter {name} ({path}): {len(wrong)} LoRA weights do not fit this model's "
                              f"projections (e.g. {wrong[0]}); it was made for another base graph")
@@ -159,57 +194,86 @@ class BatchedDecoder:
 
     def remove_adapter(self, name: str) -> None:
         del self.adapters[name]
-        self._lora_cache = {k: v for k, v in self._lora_cache.items() if name not in k}
+        self._bindings = {k: v for k, v in self._bindings.items() if name not in k[1]}
+        self._group_cache = {k: v for k, v in self._group_cache.items() if name not in k}
 
     # --- LoRA inputs ---------------------------------------------------------------------------
 
-    def lora_feed(self, rows: Sequence[str | None]) -> dict[str, np.ndarray]:
-        """Per-row LoRA inputs for a batch whose row i runs adapter rows[i] (None: the base model): each
-        input stacked along a new batch axis, ranks zero-padded to the batch's largest. Kept until the
-        batch's rows change (a decode step reuses them)."""
-        key = tuple(rows)
-        cached = self._lora_cache.get(key)
+    def _group_weights(self, group: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """The LoRA inputs of the adapters in `group` concatenated along the rank axis, in the group's order
+        (one adapter's own arrays: no copy)."""
+        cached = self._group_cache.get(group)
         if cached is not None:
             return cached
-        feed = {}
+        weights = {}
         for name in self.lora_inputs:
-            rank = max((self.adapters[a].rank(name) for a in rows if a is not None), default=0)
-            is_a = "lora_A" in name
-            other = self._lora_dims[name]
-            shape = (len(rows), other, rank) if is_a else (len(rows), rank, other)
-            stacked = np.zeros(shape, self.dtype)
-            for i, a in enumerate(rows):
-                if a is None:
-                    continue
-                w = self.adapters[a].weights[name]
-                if is_a:
-                    stacked[i, :, : w.shape[1]] = w
-                else:
-                    stacked[i, : w.shape[0], :] = w
-            feed[name] = stacked
-        if len(self._lora_cache) > 64:  # batches change as requests come and go: keep the recent ones
-            self._lora_cache.clear()
-        self._lora_cache[key] = feed
+            parts = [self.adapters[a].weights[name] for a in group]
+            if len(parts) == 1:
+                weights[name] = parts[0]
+            elif parts:
+                weights[name] = np.concatenate(parts, axis=1 if is_lora_a(name) else 0)
+            else:  # only base-model rows: rank 0
+                dim = self._lora_dims[name]
+                weights[name] = np.zeros((dim, 0) if is_lora_a(name) else (0, dim), self._lora_dtype)
+        if len(self._group_cache) >= 8:  # the sets of adapters that share a step: a few, each up to their size
+            self._group_cache.clear()
+        self._group_cache[group] = weights
+        return weights
+
+    def lora_feed(self, rows: Sequence[str | None]) -> dict[str, np.ndarray]:
+        """The LoRA inputs for a batch whose row i runs adapter rows[i] (None: the base model): the distinct
+        adapters' weights concatenated, and each row's mask."""
+        group = tuple(sorted({a for a in rows if a is not None}))
+        feed = dict(self._group_weights(group))
+        masks: dict[tuple[int, ...], np.ndarray] = {}  # inputs whose adapters' ranks agree share a mask
+        for name in self.lora_inputs:
+            if not is_lora_a(name):
+                continue
+            ranks = tuple(self.adapters[a].rank(name) for a in group)
+            mask = masks.get(ranks)
+            if mask is None:
+                starts = dict(zip(group, np.cumsum((0, *ranks[:-1])).tolist()))
+                mask = np.zeros((len(rows), 1, sum(ranks)), self._lora_dtype)
+                for i, a in enumerate(rows):
+                    if a is not None:
+                        mask[i, 0, starts[a] : starts[a] + ranks[group.index(a)]] = 1
+                masks[ranks] = mask
+            feed[row_mask_input(name)] = mask
         return feed
 
     # --- model runs ----------------------------------------------------------------------------
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, kv: list[tuple[np.ndarray, np.ndarray]],
-             lora: dict[str, np.ndarray]) -> np.ndarray:
+    def _binding(self, rows: tuple[str | None, ...], staging: bool) -> Any:
+        """An IO binding of the LoRA inputs and KV buffers for a run on these rows (staging: the staging row),
+        kept while the batch's rows stay the same: binding SmolLM2's 444 of them took 1 ms, a tenth of a step."""
         import onnxruntime
 
+        entry = self._bindings.get((staging, rows))
+        if entry is not None:
+            return entry[0]
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
         binding.bind_output("logits")  # first: outputs come back in the order they were bound
-        for name, value in lora.items():
+        feed = self.lora_feed(rows)
+        for name, value in feed.items():
             binding.bind_cpu_input(name, value)
+        kv = self.staging if staging else [(k[: len(rows)], v[: len(rows)]) for k, v in self.kv]
         for (past_k, past_v), (present_k, present_v), (k, v) in zip(self._past, self._present, kv):
             # one buffer for past and present: GroupQueryAttention writes the new positions in place
             for past, present, buf in ((past_k, present_k, k), (past_v, present_v, v)):
                 value = onnxruntime.OrtValue.ortvalue_from_numpy(buf)
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
+        if len(self._bindings) >= 64:  # batches change as requests come and go: keep the recent ones
+            self._bindings.clear()
+        # a binding holds raw pointers: the arrays it reads are kept with it (the KV buffers live as long as self)
+        self._bindings[(staging, rows)] = (binding, feed)
+        return binding
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, rows: Sequence[str | None], staging: bool) -> np.ndarray:
+        binding = self._binding(tuple(rows), staging)
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_output("logits")  # a new array each run, in the place bound first
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()  # the logits alone: copying every output would copy the KV buffers
 
@@ -220,16 +284,15 @@ class BatchedDecoder:
         if start + n > self.kv_len:
             raise ValueError(f"{start + n} tokens do not fit the KV cache of {self.kv_len}")
         mask = np.ones((1, start + n), np.int64)
-        logits = self._run(np.asarray([ids], np.int64), mask, self.staging, self.lora_feed([adapter]))
+        logits = self._run(np.asarray([ids], np.int64), mask, [adapter], staging=True)
         return np.asarray(logits[0, -1], np.float32)
 
     def warm_up(self) -> None:
         """A prompt run and a decode step of the base model: onnxruntime's first runs allocate and prepare kernels
         (0.7 s for SmolLM2's first prompt), which the server does before it says ready, not in the first client's
         time to first token. What they leave in the staging row and row 0 is overwritten by later prompts."""
-        lora = self.lora_feed([None])
-        self._run(np.zeros((1, 8), np.int64), np.ones((1, 8), np.int64), self.staging, lora)
-        self._run(np.zeros((1, 1), np.int64), np.ones((1, 1), np.int64), [(k[:1], v[:1]) for k, v in self.kv], lora)
+        self._run(np.zeros((1, 8), np.int64), np.ones((1, 8), np.int64), [None], staging=True)
+        self._run(np.zeros((1, 1), np.int64), np.ones((1, 1), np.int64), [None], staging=False)
 
     def join(self, row: int, length: int) -> None:
         """Copy the staging row's first `length` positions into decode row `row`."""
@@ -258,13 +321,11 @@ class BatchedDecoder:
 
     def decode(self, tokens: Sequence[int], lengths: Sequence[int], adapters: Sequence[str | None]) -> np.ndarray:
         """One step for rows 0..n-1: row i holds lengths[i] tokens and gets tokens[i]; (n, vocab) logits."""
-        n = len(tokens)
         total = max(lengths) + 1
         if total > self.kv_len:
             raise ValueError(f"{total} tokens do not fit the KV cache of {self.kv_len}")
         mask = (np.arange(total)[None, :] <= np.asarray(lengths)[:, None]).astype(np.int64)
-        kv = [(k[:n], v[:n]) for k, v in self.kv]
-        logits = self._run(np.asarray(tokens, np.int64)[:, None], mask, kv, self.lora_feed(adapters))
+        logits = self._run(np.asarray(tokens, np.int64)[:, None], mask, adapters, staging=False)
         return np.asarray(logits[:, -1], np.float32)
 
 
