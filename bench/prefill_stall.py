@@ -53,7 +53,7 @@ def rep(oa, adapters: list[str], long_text: str) -> dict[str, float]:
 def main() -> int:
     from openai import OpenAI
 
-    from phi_pipeline.bench.run import machine
+    from phi_pipeline.bench.machine import machine
     from phi_pipeline.runtime.engine import EngineSettings
     from phi_pipeline.serve.app import ServeSettings
     from phi_pipeline.serve.server import running

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from phi_pipeline.bench.options import BenchOptions
-from phi_pipeline.bench.run import machine
+from phi_pipeline.bench.machine import machine
 from phi_pipeline.bench.peer import (
     CMAKE_OPTIONS,
     _bundle_round,
@@ -149,7 +149,7 @@ def chat(peer, ggufs: dict[str, Path], loras: dict[str, Path], bundle: Path, arg
          threads: int, work: Path) -> dict[str, Any]:
     """The multi-turn chat workload (phi_pipeline/bench/chat.py) on our server with and without its prefix cache
     and on llama-server (the Q4_0 GGUF, every adapter as a GGUF LoRA, cache_prompt on)."""
-    from phi_pipeline.bench.chat import bench_chat, conversations, eval_rows
+    from phi_pipeline.bench.chat import bench_chat, conversations, eval_rows, rounds_summary, turn_speedups
     from phi_pipeline.bench.serving import PeerServer, Server
 
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -167,8 +167,10 @@ def chat(peer, ggufs: dict[str, Path], loras: dict[str, Path], bundle: Path, arg
                "phi-pipeline serve, --prefill-pacing off": ours("--prefill-pacing", "off"),
                f"llama-server {LORA_QUANT}": lambda: llama.start(n, logs / "llama-server.log")}
     runs = bench_chat(servers, chats, args.chat_tokens, args.chat_rounds)
+    rounds = rounds_summary(runs)
     return {"clients": n, "turns": args.chat_turns, "new_tokens": args.chat_tokens, "rounds": args.chat_rounds,
-            "models": models, "servers": runs}
+            "models": models, "servers": runs, "summary": rounds,
+            "ttft_speedups": {other: turn_speedups(rounds, "phi-pipeline serve", other) for other in list(servers)[1:]}}
 
 
 SECTIONS = ("quality", "speed", "chat")
@@ -233,6 +235,12 @@ def main() -> int:
                 ttft = " / ".join(f"{t['p50']:.3f}" for t in run["ttft_s_per_turn"])
                 say(f"{name:40s} TTFT p50 by turn {ttft} s; inter-token p95 {run['inter_token_s']['p95']:.4f} s; "
                     f"{run['output_tok_s']} tok/s; failed {run['failed']}")
+        for name, s in result["chat"]["summary"].items():
+            ttft = " / ".join(f"{t['median']:.3f}" for t in s["ttft_p50_s_per_turn"])
+            say(f"{name:40s} medians of {args.chat_rounds} rounds: TTFT p50 by turn {ttft} s; inter-token p95 "
+                f"{s['inter_token_p95_s']['median']:.4f} s; {s['output_tok_s']['median']} tok/s")
+        for other, speedups in result["chat"]["ttft_speedups"].items():
+            say(f"phi-pipeline serve answers first {' / '.join(f'{x:.2f}x' for x in speedups)} sooner by turn than {other}")
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     say(f"wrote {args.out}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from phi_pipeline.bench.chat import Conversation, conversations, eval_rows, run_chats
+from phi_pipeline.bench.chat import Conversation, conversations, eval_rows, rounds_summary, run_chats, turn_speedups
 from phi_pipeline.runtime.engine import EngineSettings
 from phi_pipeline.serve.app import ServeSettings
 from serve_support import CHAT_ADAPTER, TEMPLATE_ADAPTER, running
@@ -44,3 +44,17 @@ def test_chat_bench_times_every_turn_of_every_client_and_later_turns_reuse_the_c
     # turns 2 and 3 of the three chat conversations start with the turns before them (the template adapter
     # formats the last message alone, and its fixed template head is a prefix too)
     assert cache["hits"] >= 6 and cache["reused_tokens"] > 0
+
+
+def _run(ttfts: list[float], p95: float, tok_s: float) -> dict:
+    return {"ttft_s_per_turn": [{"p50": t} for t in ttfts], "inter_token_s": {"p95": p95}, "output_tok_s": tok_s}
+
+
+def test_chat_rounds_summary_takes_medians_per_turn_and_speedups_divide_them():
+    servers = {"ours": [_run([0.4, 0.1], 0.09, 160), _run([0.5, 0.3], 0.08, 170), _run([0.3, 0.2], 0.10, 150)],
+               "no cache": [_run([0.5, 0.6], 0.09, 110), _run([0.4, 0.8], 0.09, 120), _run([0.6, 0.4], 0.09, 100)]}
+    rounds = rounds_summary(servers)
+    assert [t["median"] for t in rounds["ours"]["ttft_p50_s_per_turn"]] == [0.4, 0.2]
+    assert rounds["ours"]["ttft_p50_s_per_turn"][1] == {"median": 0.2, "min": 0.1, "max": 0.3, "n": 3}
+    assert rounds["ours"]["inter_token_p95_s"]["median"] == 0.09 and rounds["no cache"]["output_tok_s"]["median"] == 110
+    assert turn_speedups(rounds, "ours", "no cache") == [1.25, 3.0]

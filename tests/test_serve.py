@@ -353,8 +353,11 @@ def test_serving_bench_reports_every_level_of_every_engine_over_rounds_and_the_m
             assert rounds["n"] == 2 and rounds["min"] <= level["output_tok_s"] <= rounds["max"]
         assert engine["speedup_vs_sequential"]["1"]["median"] == 1.0 and engine["speedup_vs_sequential"]["2"]["n"] == 2
         assert isinstance(engine["mixing_cost"], float)
+        # every level resends the same prompts: no server keeps them (batching is measured, not the cache)
+        assert engine["prefix_cache"] is None
     assert all(4 <= n <= 12 for n in result["prompt_tokens"])
     report = "\n".join(report_lines(result))
+    assert "No prompt cache on any server" in report
     assert "| batched | mixed, 2 | 4 |" in report and f"| genai | {CHAT_ADAPTER} only, 2 |" in report
     assert "Cost of mixing (batched)" in report and "2 round(s) per engine" in report
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from phi_pipeline.bench.run import machine
+from phi_pipeline.bench.machine import describe, machine
 from phi_pipeline.web.browser import CHROMIUM
 
 def prompt_ids(bm: Any, n: int) -> list[int]:
@@ -132,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{report['pipeline']} {report['target']} {report['precision']}: page on {report['page_backend']} "
-          f"({report['threads']} threads, {report['browser']}) vs the Python runtime; {report['machine']['cpu']['model']} "
-          f"({', '.join(report['machine']['cpu']['isa'])}); medians of {report['rounds']} rounds")
+          f"({report['threads']} threads, {report['browser']}) vs the Python runtime; {describe(report['machine'])}; medians of {report['rounds']} rounds")
     print(table(report))
     print(f"written to {args.out}")
     return 0

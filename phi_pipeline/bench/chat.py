@@ -20,13 +20,12 @@ import json
 import string
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from phi_pipeline.bench.serving import percentiles, stream_events
-from phi_pipeline.evaluate.stats import load_average
+from phi_pipeline.evaluate.stats import load_average, summary
 
 
 @dataclass(frozen=True)
@@ -126,11 +125,6 @@ def run_chats(url: str, chats: list[Conversation], new_tokens: int, extra: Calla
     }
 
 
-def health(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://{url}/health", timeout=30) as resp:
-        return json.loads(resp.read())
-
-
 def bench_chat(servers: dict[str, Callable[[], Any]], chats: list[Conversation], new_tokens: int, rounds: int) -> dict[str, Any]:
     """Each server (name -> start function returning a serving.Server) in turn: a warm-up turn, then the
     conversations `rounds` times (each round from an empty cache: the server restarts)."""
@@ -144,9 +138,28 @@ def bench_chat(servers: dict[str, Callable[[], Any]], chats: list[Conversation],
                 warm = chats[0]
                 chat_turn(server.url, warm.model, [{"role": "user", "content": "Hello"}], 2, server.extra(warm.model, 2))
                 run = run_chats(server.url, chats, new_tokens, lambda model, s=server: s.extra(model, new_tokens))
-                cache = health(server.url).get("prefix_cache")  # ours only: llama-server's /health has no such field
+                cache = server.health().get("prefix_cache")  # ours only: llama-server's /health has no such field
                 runs.append(run | ({"prefix_cache": cache} if cache else {}))
             finally:
                 server.close()
         out[name] = runs
     return out
+
+
+def rounds_summary(servers: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per server, over its rounds (median, min, max): each turn's TTFT p50, the inter-token p95, output tok/s."""
+    out = {}
+    for name, runs in servers.items():
+        turns = len(runs[0]["ttft_s_per_turn"])
+        out[name] = {
+            "ttft_p50_s_per_turn": [summary([r["ttft_s_per_turn"][t]["p50"] for r in runs]) for t in range(turns)],
+            "inter_token_p95_s": summary([r["inter_token_s"]["p95"] for r in runs]),
+            "output_tok_s": summary([r["output_tok_s"] for r in runs], digits=1),
+        }
+    return out
+
+
+def turn_speedups(rounds: dict[str, dict[str, Any]], ours: str, other: str) -> list[float]:
+    """How many times sooner server `ours` answers first than `other`, per turn (rounds_summary's medians)."""
+    pairs = zip(rounds[ours]["ttft_p50_s_per_turn"], rounds[other]["ttft_p50_s_per_turn"])
+    return [round(theirs["median"] / mine["median"], 2) for mine, theirs in pairs]

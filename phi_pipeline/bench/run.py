@@ -8,8 +8,6 @@ taken under the same conditions; the load average is recorded before and after e
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import time
 import traceback
@@ -18,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from phi_pipeline.bench import roofline
+from phi_pipeline.bench.machine import machine
 from phi_pipeline.bench.decode import (
     TORCH_DTYPES,
     TORCH_PRECISION,
@@ -348,21 +347,6 @@ def adapter_costs(
                            mode="profile", **common)
         out[label] = run_config(cfg, scratch)
     return out
-
-
-def machine() -> dict[str, Any]:
-    from phi_pipeline.versions import package_versions
-
-    from phi_pipeline.evaluate.speed import cpu
-
-    return {
-        "cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu": cpu(),
-        "python": platform.python_version(),
-        "packages": package_versions(),
-        "load_average_start": load_average(),
-    }
 
 
 def run_bench(opts: BenchOptions) -> dict[str, Any]:

@@ -6,7 +6,9 @@ Each level sends the same requests (completions, streamed, a prompt of `prompt_l
 `new_tokens` new tokens via min_tokens, greedy), `clients` at a time, each client sending its next
 request when the last one ends (closed loop). Concurrency 1 is the requests run one after another.
 Mixed: requests cycle through the base model and every adapter; the highest level is run again
-once per model with every request on it, which prices the mixing.
+once per model with every request on it, which prices the mixing. Every level resends the same prompts, so
+the servers keep no prompt cache (ours `--prefix-cache-mb 0`, llama-server `cache_prompt: false`): each request
+prefills its whole prompt, and what is measured is batching; the chat bench (chat.py) measures the cache.
 
 Per level: requests/s, output tokens/s, time to first token (request sent -> first content event)
 and latency (-> [DONE]), p50 and p95 over the requests. Each engine (`serve --engine`: batched, genai)
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
+from phi_pipeline.bench.machine import describe, machine
 from phi_pipeline.evaluate.stats import load_average, summary
 
 CONCURRENCY = (1, 2, 4, 8)
@@ -116,6 +119,10 @@ class Server:
     def models(self) -> list[dict[str, Any]]:
         with urllib.request.urlopen(f"http://{self.url}/v1/models", timeout=30) as resp:
             return json.loads(resp.read())["data"]
+
+    def health(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://{self.url}/health", timeout=30) as resp:
+            return json.loads(resp.read())
 
     def extra(self, model: str, new_tokens: int) -> dict[str, Any]:
         return {"min_tokens": new_tokens}  # exactly new_tokens: end-of-text is ignored before
@@ -220,8 +227,9 @@ class LlamaServer(Server):
     """llama-server in a subprocess: the same base as GGUF, every adapter as a GGUF LoRA loaded at scale 0,
     each request naming its own (`lora` per request, llama-server's own API)."""
 
-    def __init__(self, peer: "PeerServer", slots: int, log: Path):
+    def __init__(self, peer: "PeerServer", slots: int, log: Path, prompt_cache: bool):
         self.peer = peer
+        self.prompt_cache = prompt_cache
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         args = [str(peer.tool), "-m", str(peer.model), "--host", "127.0.0.1", "--port", str(self.port),
@@ -239,7 +247,7 @@ class LlamaServer(Server):
 
     def extra(self, model: str, new_tokens: int) -> dict[str, Any]:
         scales = [{"id": i, "scale": 1.0 if name == model else 0.0} for i, name in enumerate(self.peer.loras)]
-        return {"ignore_eos": True, "lora": scales}
+        return {"ignore_eos": True, "lora": scales, "cache_prompt": self.prompt_cache}
 
 
 @dataclass(frozen=True)
@@ -255,8 +263,9 @@ class PeerServer:
     ctx_per_slot: int
     name: str = "llama-server"
 
-    def start(self, slots: int, log: Path) -> LlamaServer:
-        return LlamaServer(self, slots, log)
+    def start(self, slots: int, log: Path, prompt_cache: bool = True) -> LlamaServer:
+        """prompt_cache: llama-server's `cache_prompt` on every request (its default: on)."""
+        return LlamaServer(self, slots, log, prompt_cache)
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -306,15 +315,16 @@ def bench_serving(
     texts = prompts(bundle, prompt_len, REQUESTS_PER_CLIENT * top * reps)
     order = random.Random(seed)
     out: dict[str, Any] = {
-        "bundle": str(bundle), "every_id_spoken": True, "threads": threads or "default",
+        "bundle": str(bundle), "every_id_spoken": True, "threads": threads or "default", "prompt_cache": False,
         "prompt_tokens": sorted({n for _, n in texts}), "new_tokens": new_tokens, "rounds": rounds, "engines": {},
     }
     for engine in [*engines, *([peer.name] if peer else [])]:
         log = scratch / f"serve-{engine}.log"
         if peer and engine == peer.name:
-            server: Any = peer.start(top, log)
+            server: Any = peer.start(top, log, prompt_cache=False)
         else:
-            server = Server(bundle, threads, max_active=top, max_tokens=new_tokens, log=log, engine=engine)
+            server = Server(bundle, threads, max_active=top, max_tokens=new_tokens, log=log, engine=engine,
+                            extra_args=("--prefix-cache-mb", "0"))
         try:
             server.wait_ready()
             models = [m["id"] for m in server.models()]
@@ -329,6 +339,7 @@ def bench_serving(
             singles = {m: run_level(server.url, [Request(m, r.prompt, r.prompt_tokens, server.extra(m, new_tokens))
                                                   for r in mixed], top, new_tokens)
                        for m in models}
+            prompt_cache = server.health().get("prefix_cache")  # ours says when it has one; llama-server never
         finally:
             server.close()
         levels = {k: _median_run(v) for k, v in runs.items()}
@@ -343,6 +354,7 @@ def bench_serving(
                 for k, v in runs.items()
             },
             "mixing_cost": mixing_cost(levels[str(top)], list(singles.values())),
+            "prefix_cache": prompt_cache,
         }
     return out
 
@@ -398,7 +410,8 @@ def report_lines(s: dict[str, Any]) -> list[str]:
         f"streamed completions of {s['prompt_tokens']} prompt tokens and exactly {s['new_tokens']} new ones, greedy; "
         "clients send their next request when the last one ends. Mixed: requests cycle through the base model and "
         f"every adapter. Clients 1 = the same requests one after another. {s['rounds']} round(s) per engine, levels "
-        "in a shuffled order each round; each mixed row is the round of median output tok/s, with the rounds' spread.",
+        "in a shuffled order each round; each mixed row is the round of median output tok/s, with the rounds' spread."
+        f"{'' if s.get('prompt_cache', True) else ' No prompt cache on any server: every request prefills its whole prompt.'}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -545,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=Path(".phi-pipeline/bench"))
     p.add_argument("--out", type=Path, default=Path("bench"))
     args = p.parse_args(argv)
+    host = machine()
     work = args.work_dir / args.size
     bundle = serving_bundle(args.size, work)
     peer = llama_server(work, bundle, args.prompt_len + args.new_tokens) if args.peer else None
@@ -552,10 +566,12 @@ def main(argv: list[str] | None = None) -> int:
                            new_tokens=args.new_tokens, engines=tuple(args.engines.split(",")), rounds=args.rounds,
                            peer=peer)
     result["batched_steps"] = step_times(bundle)
-    result |= {"size": args.size, "load_average_end": load_average(), "command": " ".join(["python -m phi_pipeline.bench.serving", *(argv or sys.argv[1:])])}
+    command = " ".join(["python -m phi_pipeline.bench.serving", *(argv or sys.argv[1:])])
+    result |= {"size": args.size, "machine": host, "load_average_end": load_average(), "command": command}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = "\n".join(["# Serving benchmark", "", *report_lines(result)])
+    text = "\n".join(["# Serving benchmark", "", f"Command: `{command}` on {describe(host)}.", "",
+                      *report_lines(result)])
     (args.out / "serving.md").write_text(text + "\n")
     print(text)
     return 0
