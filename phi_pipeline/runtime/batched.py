@@ -217,6 +217,7 @@ class BatchedDecoder:
                 weights[name] = np.zeros((dim, 0) if is_lora_a(name) else (0, dim), self._lora_dtype)
         if len(self._group_cache) >= 8:  # the sets of adapters that share a step: a few, each up to their size
             self._group_cache.clear()
+            self._bindings.clear()  # they hold the arrays too: memory stays bounded by the 8 sets
         self._group_cache[group] = weights
         return weights
 
