@@ -96,6 +96,11 @@ def make_serving_graph(model_dir: Path) -> bytes:
     return model.SerializeToString()
 
 
+def _numpy_float(onnx_type: str) -> type:
+    """The numpy type of a float graph input ("tensor(float16)" or "tensor(float)")."""
+    return np.float16 if "float16" in onnx_type else np.float32
+
+
 @dataclass(frozen=True)
 class Adapter:
     """One adapter's LoRA weights by graph input name."""
@@ -106,7 +111,7 @@ class Adapter:
     def rank(self, name: str) -> int:
         """The rank axis of input `name` (a packed group's is the sum of its projections' ranks)."""
         w = self.weights[name]
-        return w.shape[1] if "lora_A" in name else w.shape[0]
+        return w.shape[1] if is_lora_a(name) else w.shape[0]
 
 
 def read_adapter(name: str, path: Path) -> Adapter:
@@ -163,9 +168,8 @@ class BatchedDecoder:
         self.lora_inputs = sorted(n for n in inputs if is_lora_input(n))
         # [in, r] for A, [r, out] for B: the non-rank axis of each input, read from the graph
         self._lora_dims = {n: inputs[n].shape[0] if is_lora_a(n) else inputs[n].shape[1] for n in self.lora_inputs}
-        self._lora_dtype = np.float16 if "float16" in inputs[self.lora_inputs[0]].type else np.float32
-        dtype = np.float16 if "float16" in inputs[self._past[0][0]].type else np.float32
-        self.dtype = dtype
+        self._lora_dtype = _numpy_float(inputs[self.lora_inputs[0]].type)
+        dtype = self.dtype = _numpy_float(inputs[self._past[0][0]].type)
         shape = (max_batch, self.kv_heads, self.kv_len, self.head)
         # written once here, not left to np.zeros' lazily mapped pages: otherwise the first request to use each
         # row faults its pages in (huge pages zeroed by the kernel) inside a join, 0.9 s for SmolLM2 at 8 rows
