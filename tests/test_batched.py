@@ -56,8 +56,7 @@ def decoder(random_bundle, adapters):
 
 def _prefill(decoder, row, ids, adapter, chunk=5):
     for start in range(0, len(ids), chunk):
-        logits = decoder.prefill(ids[start : start + chunk], start, adapter)
-    decoder.join(row, len(ids))
+        logits = decoder.prefill(ids[start : start + chunk], start, adapter, row)
     return logits
 
 
@@ -106,6 +105,29 @@ def test_a_moved_row_keeps_its_cache_and_the_batch_shrinks(decoder, reference):
     logits = decoder.decode([7, 7], [len(kept[0][0]), len(kept[1][0])], [kept[0][1], kept[1][1]])
     for i, (ids, adapter) in enumerate(kept):
         np.testing.assert_allclose(logits[i], reference(ids + [7], adapter)[-1], atol=1e-4)
+
+
+def test_a_prompt_going_in_past_the_batch_leaves_the_decoding_rows_alone(decoder, reference):
+    """A prompt is prefilled in chunks straight into the row past the decoding ones, between their steps:
+    their logits stay each row's alone, and the new row then decodes in place."""
+    rows = [([5, 6, 7], RANK8), ([1, 2, 3, 4], None)]
+    for row, (ids, adapter) in enumerate(rows):
+        _prefill(decoder, row, ids, adapter)
+    prompt, tokens, lengths = [9, 8, 7, 6, 5, 4, 3], [[7], [7]], [3, 4]
+    for start in range(0, len(prompt), 3):  # a chunk, then a step of the two rows
+        first = decoder.prefill(prompt[start : start + 3], start, CHAT_ADAPTER, 2)
+        logits = decoder.decode([t[-1] for t in tokens], lengths, [a for _, a in rows])
+        for i, (ids, adapter) in enumerate(rows):
+            np.testing.assert_allclose(logits[i], reference(ids + tokens[i], adapter)[-1], atol=1e-4)
+            lengths[i] += 1
+            tokens[i].append(4)
+    np.testing.assert_allclose(first, reference(prompt, CHAT_ADAPTER)[-1], atol=1e-4)
+    rows.append((prompt, CHAT_ADAPTER))
+    tokens.append([4])
+    lengths.append(len(prompt))
+    logits = decoder.decode([t[-1] for t in tokens], lengths, [a for _, a in rows])
+    for i, (ids, adapter) in enumerate(rows):
+        np.testing.assert_allclose(logits[i], reference(ids + tokens[i], adapter)[-1], atol=1e-4, err_msg=f"row {i}")
 
 
 def test_grouped_lora_inputs_read_each_adapter_once_and_mask_rows_by_adapter(decoder):

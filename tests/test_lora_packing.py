@@ -191,7 +191,6 @@ def test_batched_decoder_runs_a_packed_split_projection_bundle_as_genai_does(exp
     _, bundle, _ = exported_split
     decoder = BatchedDecoder(bundle, {"a": bundle / "adapters" / "a.onnx_adapter"}, max_batch=2, kv_len=32)
     for row, adapter in enumerate(("a", None)):
-        first = decoder.prefill(PROMPT, 0, adapter)
+        first = decoder.prefill(PROMPT, 0, adapter, row)
         np.testing.assert_allclose(first, _logits(bundle, adapter).reshape(-1), atol=1e-4)
-        decoder.join(row, len(PROMPT))
     decoder.decode([5, 5], [len(PROMPT)] * 2, ["a", None])  # one mixed step runs

@@ -57,10 +57,10 @@ def test_long_prompt_goes_in_between_decode_steps_and_answers_the_same(random_bu
     calls: list[tuple[str, int]] = []
     real_prefill, real_decode = BatchedDecoder.prefill, BatchedDecoder.decode
 
-    def prefill(self, ids, start, adapter):
+    def prefill(self, ids, start, adapter, row):
         calls.append(("prefill", len(ids)))
         time.sleep(0.0002 * len(ids))  # a prompt token costs 0.2 ms: a 10 ms decode step fits about 50
-        return real_prefill(self, ids, start, adapter)
+        return real_prefill(self, ids, start, adapter, row)
 
     def decode(self, tokens, lengths, adapters):
         calls.append(("decode", len(tokens)))
@@ -92,3 +92,46 @@ def test_long_prompt_goes_in_between_decode_steps_and_answers_the_same(random_bu
         assert not any(a[0] == b[0] == "prefill" for a, b in zip(window, window[1:]))  # never two runs in a row
     else:
         assert runs == [128] * (n // 128) + ([n % 128] if n % 128 else [])
+
+
+def test_prompt_going_in_when_a_row_leaves_joins_below_it_and_answers_the_same(random_bundle, monkeypatch):
+    """A prompt is written to the row past the decoding ones; a request that leaves meanwhile (here cancelled
+    after the prompt's first run) shrinks the batch, so the prompt's row moves down when it joins: its answer
+    and the stream still running are what each gets alone."""
+    from phi_pipeline.runtime.batched import BatchedDecoder
+    from phi_pipeline.runtime.engine import BatchedEngine
+
+    moves: list[tuple[int, int]] = []
+    real_move, real_round = BatchedDecoder.move, BatchedEngine._round
+
+    def move(self, src, dst, length):
+        moves.append((src, dst))
+        return real_move(self, src, dst, length)
+
+    def round_(self):  # the short stream's client goes away once the prompt has had a run
+        if self._prefilling is not None and self._prefilling.fed and len(self._rows) == 2:
+            self._rows[1].handle.cancel()
+        return real_round(self)
+
+    monkeypatch.setattr(BatchedDecoder, "move", move)
+    monkeypatch.setattr(BatchedEngine, "_round", round_)
+    pace(monkeypatch, 0.01)
+    prompt = " ".join("abcdefgh"[i % 8] for i in range(300))
+    settings = ServeSettings(random_bundle, max_tokens=400, engine=EngineSettings(prefill_chunk=64, prefix_cache_bytes=0),
+                             engine_kind="batched")
+    with running(settings) as (url, _):
+        oa = client(url)
+        alone = oa.completions.create(model=TEMPLATE_ADAPTER, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+        kept_alone = oa.completions.create(model=CHAT_ADAPTER, prompt="a", max_tokens=40, temperature=0,
+                                           extra_body={"min_tokens": 40}).choices[0].text
+        kept = oa.completions.create(model=CHAT_ADAPTER, prompt="a", max_tokens=40, temperature=0, stream=True,
+                                     extra_body={"min_tokens": 40})
+        pieces = [next(iter(kept)).choices[0].text]
+        short = iter(oa.completions.create(model=CHAT_ADAPTER, prompt="b", max_tokens=400, temperature=0,
+                                           stream=True, extra_body={"min_tokens": 400}))
+        next(short)
+        long = oa.completions.create(model=TEMPLATE_ADAPTER, prompt=prompt, max_tokens=8, temperature=0)
+        pieces += [c.choices[0].text for c in kept if c.choices]
+    assert moves == [(2, 1)]
+    assert long.choices[0].text == alone
+    assert "".join(pieces) == kept_alone

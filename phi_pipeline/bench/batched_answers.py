@@ -51,8 +51,7 @@ def batched_greedy(decoder: Any, batch: Sequence[tuple[list[int], str | None]], 
     each token was chosen from."""
     tokens, lengths, seen = [], [], []
     for row, (prompt, adapter) in enumerate(batch):
-        logits = decoder.prefill(prompt, 0, adapter)
-        decoder.join(row, len(prompt))
+        logits = decoder.prefill(prompt, 0, adapter, row)
         tokens.append([int(np.argmax(logits))])
         lengths.append(len(prompt))
         seen.append([logits])

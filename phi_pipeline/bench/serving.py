@@ -496,8 +496,7 @@ def _fill(decoder: Any, names: list[str | None], batch: int, ids: list[int]) -> 
     """Prefill rows 0..batch-1 with `ids`, row i with adapter names[i % len(names)]; the rows' adapters."""
     rows = [names[i % len(names)] for i in range(batch)]
     for row, adapter in enumerate(rows):
-        decoder.prefill(ids, 0, adapter)
-        decoder.join(row, len(ids))
+        decoder.prefill(ids, 0, adapter, row)
     return rows
 
 

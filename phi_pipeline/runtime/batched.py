@@ -17,8 +17,9 @@ bundle's graph. This module is that driver; the serving engine (engine.py) sched
   requests decoding; a step runs on that prefix, which is a contiguous block because the batch is the
   outer axis. GroupQueryAttention reads each row's own length from the attention mask (`seqlens_k`).
 - A prompt goes in alone (GroupQueryAttention refuses batch > 1 when a call has several tokens and a
-  past), in chunks, into a staging buffer of one row; `join` copies it to the end of the prefix.
-  `remove` moves the last row into a finished row's place, so the prefix stays contiguous.
+  past), in chunks, straight into the first row past the prefix (a one-row view of the same buffers), where
+  it then decodes: no copy when it joins (a copy through a staging row took 2-20 ms of a round).
+  `move` puts the last row into a finished row's place, so the prefix stays contiguous.
 """
 
 from __future__ import annotations
@@ -174,9 +175,8 @@ class BatchedDecoder:
         # written once here, not left to np.zeros' lazily mapped pages: otherwise the first request to use each
         # row faults its pages in (huge pages zeroed by the kernel) inside a join, 0.9 s for SmolLM2 at 8 rows
         self.kv = [(np.full(shape, 0, dtype), np.full(shape, 0, dtype)) for _ in range(self.layers)]
-        self.staging = [(np.full((1, *shape[1:]), 0, dtype), np.full((1, *shape[1:]), 0, dtype)) for _ in range(self.layers)]
         self.adapters: dict[str, Adapter] = {}
-        self._bindings: dict[tuple[bool, tuple[str | None, ...]], tuple[object, dict[str, np.ndarray]]] = {}
+        self._bindings: dict[tuple[int | None, tuple[str | None, ...]], tuple[object, dict[str, np.ndarray]]] = {}
         self._group_cache: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
         for name, path in adapters.items():
             self.add_adapter(name, path)
@@ -248,12 +248,13 @@ class BatchedDecoder:
 
     # --- model runs ----------------------------------------------------------------------------
 
-    def _binding(self, rows: tuple[str | None, ...], staging: bool) -> Any:
-        """An IO binding of the LoRA inputs and KV buffers for a run on these rows (staging: the staging row),
-        kept while the batch's rows stay the same: binding SmolLM2's 444 of them took 1 ms, a tenth of a step."""
+    def _binding(self, rows: tuple[str | None, ...], prompt_row: int | None) -> Any:
+        """An IO binding of the LoRA inputs and KV buffers for a decode step on rows 0..len(rows)-1, or for a
+        prompt run in row `prompt_row`; kept while the batch's rows stay the same: binding SmolLM2's 444 of them
+        took 1 ms, a tenth of a step."""
         import onnxruntime
 
-        entry = self._bindings.get((staging, rows))
+        entry = self._bindings.get((prompt_row, rows))
         if entry is not None:
             return entry[0]
         binding = self.session.io_binding()
@@ -261,62 +262,56 @@ class BatchedDecoder:
         feed = self.lora_feed(rows)
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)
-        kv = self.staging if staging else [(k[: len(rows)], v[: len(rows)]) for k, v in self.kv]
-        for (past_k, past_v), (present_k, present_v), (k, v) in zip(self._past, self._present, kv):
+        lo, hi = (0, len(rows)) if prompt_row is None else (prompt_row, prompt_row + 1)
+        for (past_k, past_v), (present_k, present_v), (k, v) in zip(self._past, self._present, self.kv):
             # one buffer for past and present: GroupQueryAttention writes the new positions in place
             for past, present, buf in ((past_k, present_k, k), (past_v, present_v, v)):
-                value = onnxruntime.OrtValue.ortvalue_from_numpy(buf)
+                value = onnxruntime.OrtValue.ortvalue_from_numpy(buf[lo:hi])  # rows are the outer axis: contiguous
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
-        if len(self._bindings) >= 64:  # batches change as requests come and go: keep the recent ones
+        if len(self._bindings) >= 128:  # batches change as requests come and go: keep the recent ones
             self._bindings.clear()
         # a binding holds raw pointers: the arrays it reads are kept with it (the KV buffers live as long as self)
-        self._bindings[(staging, rows)] = (binding, feed)
+        self._bindings[(prompt_row, rows)] = (binding, feed)
         return binding
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, rows: Sequence[str | None], staging: bool) -> np.ndarray:
-        binding = self._binding(tuple(rows), staging)
+    def _run(self, ids: np.ndarray, mask: np.ndarray, rows: Sequence[str | None], prompt_row: int | None) -> np.ndarray:
+        binding = self._binding(tuple(rows), prompt_row)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_output("logits")  # a new array each run, in the place bound first
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()  # the logits alone: copying every output would copy the KV buffers
 
-    def prefill(self, ids: Sequence[int], start: int, adapter: str | None) -> np.ndarray:
-        """Feed `ids` at positions start.. of the staging row (the request being prefilled); the logits of
-        its last position."""
-        n = len(ids)
-        if start + n > self.kv_len:
-            raise ValueError(f"{start + n} tokens do not fit the KV cache of {self.kv_len}")
-        mask = np.ones((1, start + n), np.int64)
-        logits = self._run(np.asarray([ids], np.int64), mask, [adapter], staging=True)
+    def _check_fits(self, tokens: int) -> None:
+        if tokens > self.kv_len:
+            raise ValueError(f"{tokens} tokens do not fit the KV cache of {self.kv_len}")
+
+    def prefill(self, ids: Sequence[int], start: int, adapter: str | None, row: int) -> np.ndarray:
+        """Feed `ids` at positions start.. of row `row` (the request being prefilled: a row past the decoding
+        prefix); the logits of its last position."""
+        self._check_fits(start + len(ids))
+        mask = np.ones((1, start + len(ids)), np.int64)
+        logits = self._run(np.asarray([ids], np.int64), mask, [adapter], prompt_row=row)
         return np.asarray(logits[0, -1], np.float32)
 
     def warm_up(self) -> None:
         """A prompt run and a decode step of the base model: onnxruntime's first runs allocate and prepare kernels
         (0.7 s for SmolLM2's first prompt), which the server does before it says ready, not in the first client's
-        time to first token. What they leave in the staging row and row 0 is overwritten by later prompts."""
-        self._run(np.zeros((1, 8), np.int64), np.ones((1, 8), np.int64), [None], staging=True)
-        self._run(np.zeros((1, 1), np.int64), np.ones((1, 1), np.int64), [None], staging=False)
+        time to first token. What they leave in row 0 is overwritten by later prompts."""
+        self._run(np.zeros((1, 8), np.int64), np.ones((1, 8), np.int64), [None], prompt_row=0)
+        self._run(np.zeros((1, 1), np.int64), np.ones((1, 1), np.int64), [None], prompt_row=None)
 
-    def join(self, row: int, length: int) -> None:
-        """Copy the staging row's first `length` positions into decode row `row`."""
-        for (k, v), (sk, sv) in zip(self.kv, self.staging):
-            k[row, :, :length] = sk[0, :, :length]
-            v[row, :, :length] = sv[0, :, :length]
+    def snapshot(self, row: int, length: int) -> KV:
+        """Copies of the first `length` positions of row `row`, for the prefix cache."""
+        return [(k[row, :, :length].copy(), v[row, :, :length].copy()) for k, v in self.kv]
 
-    def snapshot(self, row: int | None, length: int) -> KV:
-        """Copies of the first `length` positions of decode row `row` (None: the staging row), for the prefix cache."""
-        buffers, i = (self.staging, 0) if row is None else (self.kv, row)
-        return [(k[i, :, :length].copy(), v[i, :, :length].copy()) for k, v in buffers]
-
-    def restore(self, kv: KV, length: int) -> None:
-        """The first `length` positions of `kv` into the staging row: a prefill from position `length` continues it."""
-        if length > self.kv_len:
-            raise ValueError(f"{length} tokens do not fit the KV cache of {self.kv_len}")
-        for (sk, sv), (k, v) in zip(self.staging, kv, strict=True):
-            sk[0, :, :length] = k[:, :length]
-            sv[0, :, :length] = v[:, :length]
+    def restore(self, kv: KV, length: int, row: int) -> None:
+        """The first `length` positions of `kv` into row `row`: a prefill from position `length` continues it."""
+        self._check_fits(length)
+        for (k, v), (ck, cv) in zip(self.kv, kv, strict=True):
+            k[row, :, :length] = ck[:, :length]
+            v[row, :, :length] = cv[:, :length]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Row `src`'s first `length` positions to row `dst` (keeps the decoding rows a prefix)."""
@@ -327,10 +322,9 @@ class BatchedDecoder:
     def decode(self, tokens: Sequence[int], lengths: Sequence[int], adapters: Sequence[str | None]) -> np.ndarray:
         """One step for rows 0..n-1: row i holds lengths[i] tokens and gets tokens[i]; (n, vocab) logits."""
         total = max(lengths) + 1
-        if total > self.kv_len:
-            raise ValueError(f"{total} tokens do not fit the KV cache of {self.kv_len}")
+        self._check_fits(total)
         mask = (np.arange(total)[None, :] <= np.asarray(lengths)[:, None]).astype(np.int64)
-        logits = self._run(np.asarray(tokens, np.int64)[:, None], mask, adapters, staging=False)
+        logits = self._run(np.asarray(tokens, np.int64)[:, None], mask, adapters, prompt_row=None)
         return np.asarray(logits[:, -1], np.float32)
 
 

@@ -395,6 +395,9 @@ class BatchedEngine(Engine):
         self._rows: list[_Slot] = []
         """Requests decoding; row i of the KV buffers is self._rows[i]'s."""
         self._prefilling: _Slot | None = None
+        self._prefill_row = 0
+        """The KV row the prompt going in is written to, where it then decodes: the first row past the decoding
+        ones when it started (rows leaving meanwhile make it one past: it moves down when it joins)."""
         self._defaults: dict[str, Any] = {}
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes) if settings.prefix_cache_bytes > 0 else None
         self.prefill_budget = PrefillBudget(settings.prefill_chunk, paced=settings.pace_prefill)
@@ -423,7 +426,7 @@ class BatchedEngine(Engine):
     def _step(self, admitted: list[_Slot]) -> None:
         for slot in admitted:
             if self._admit(slot):
-                self._prefilling = slot
+                self._prefilling, self._prefill_row = slot, len(self._rows)
         try:
             self._round()
         except Exception as exc:  # a failed model run fails the requests in it, not the server
@@ -456,20 +459,21 @@ class BatchedEngine(Engine):
                 if slot.fed == 0 and self.prefix_cache is not None:
                     reused, entry = self.prefix_cache.lookup(slot.adapter, prompt)
                     if entry is not None:
-                        decoder.restore(entry.kv, reused)
+                        decoder.restore(entry.kv, reused, self._prefill_row)
                         slot.fed = reused
                 chunk = prompt[slot.fed : slot.fed + self.prefill_budget.tokens(decoding=bool(self._rows))]
                 started = time.perf_counter()
-                logits = decoder.prefill(chunk, slot.fed, slot.adapter)
+                logits = decoder.prefill(chunk, slot.fed, slot.adapter, self._prefill_row)
                 self.prefill_budget.prefilled(len(chunk), time.perf_counter() - started)
                 slot.fed += len(chunk)
                 if slot.fed == len(prompt):
                     self._prefilling = None
                     slot.length = len(prompt)
                     if self._take(slot, logits):
-                        self._keep(slot, None)
+                        self._keep(slot, self._prefill_row)
                     else:
-                        decoder.join(len(self._rows), slot.length)
+                        if self._prefill_row != len(self._rows):
+                            decoder.move(self._prefill_row, len(self._rows), slot.length)
                         self._rows.append(slot)
         if self._rows:
             rows = self._rows
@@ -538,8 +542,8 @@ class BatchedEngine(Engine):
             if self.prefix_cache is not None:
                 self.prefix_cache.drop_adapter(key)
 
-    def _keep(self, slot: _Slot, row: int | None) -> None:
-        """A leaving request's KV (decode row `row`; None: the staging row) into the prefix cache."""
+    def _keep(self, slot: _Slot, row: int) -> None:
+        """A leaving request's KV (its row `row`) into the prefix cache."""
         if self.prefix_cache is not None and self.decoder is not None and slot.length:
             tokens = [*slot.job.prompt, *slot.generated][: slot.length]
             self.prefix_cache.store(slot.adapter, tokens, self.decoder.snapshot(row, slot.length))

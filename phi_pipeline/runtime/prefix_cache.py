@@ -2,8 +2,8 @@
 
 A chat client sends the whole conversation every turn, so turn N starts with the token ids of turns 1..N-1 as
 the server formatted and generated them. When a request leaves the batch its keys and values are kept here
-under its adapter and token ids; a new request whose ids begin with a kept entry's copies that KV into its
-staging row and prefills only the rest. As in llama-server's `cache_prompt` and vLLM's automatic prefix caching:
+under its adapter and token ids; a new request whose ids begin with a kept entry's copies that KV into the
+row its prompt goes into and prefills only the rest. As in llama-server's `cache_prompt` and vLLM's automatic prefix caching:
 - matching is on token ids, not text;
 - the adapter is part of the key: a LoRA changes every layer's keys and values (llama.cpp #26207 is the bug
   of leaving it out);
