@@ -130,6 +130,19 @@ def test_a_prompt_going_in_past_the_batch_leaves_the_decoding_rows_alone(decoder
         np.testing.assert_allclose(logits[i], reference(ids + tokens[i], adapter)[-1], atol=1e-4, err_msg=f"row {i}")
 
 
+def test_a_prefix_kept_in_segments_restores_into_another_row_as_if_prefilled_there(decoder, reference):
+    """The prefix cache keeps a conversation as segments (the restored entry's, then the new positions): restoring
+    them, whole or up to a position inside a later segment, and prefilling the rest gives the logits of the
+    whole prompt prefilled at once."""
+    ids = [5, 17, 99, 12, 7, 300, 2, 8]
+    _prefill(decoder, 0, ids, RANK8)
+    segments = (decoder.snapshot(0, 0, 3), decoder.snapshot(0, 3, len(ids)))
+    for reused in (len(ids) - 1, 5):
+        decoder.restore(segments, reused, 1)
+        logits = decoder.prefill(ids[reused:], reused, RANK8, 1)
+        np.testing.assert_allclose(logits, reference(ids, RANK8)[-1], atol=1e-4, err_msg=f"{reused} restored")
+
+
 def test_grouped_lora_inputs_read_each_adapter_once_and_mask_rows_by_adapter(decoder):
     feed = decoder.lora_feed([CHAT_ADAPTER, None, RANK8, CHAT_ADAPTER])
     name = next(k for k in feed if k.endswith("lora_A.MatMul.weight"))

@@ -15,10 +15,10 @@ from serve_support import CHAT_ADAPTER, client, running
 BASE = "bench-int4"  # the random bundle's pipeline name
 
 
-def _kv(tokens: int, layers: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
-    """KV of `tokens` positions whose values say which position they are (to check what a lookup returns)."""
+def _kv(tokens: int, layers: int = 2) -> tuple[list[tuple[np.ndarray, np.ndarray]]]:
+    """One segment: KV of `tokens` positions whose values say which position they are."""
     pos = np.arange(tokens, dtype=np.float32)[None, :, None] * np.ones((1, 1, 4), np.float32)
-    return [(pos.copy(), -pos) for _ in range(layers)]
+    return ([(pos.copy(), -pos) for _ in range(layers)],)
 
 
 def test_lookup_finds_the_longest_prefix_under_the_same_adapter_only():
@@ -34,7 +34,7 @@ def test_lookup_finds_the_longest_prefix_under_the_same_adapter_only():
 
 
 def test_store_evicts_least_recently_used_entries_past_the_budget():
-    one = sum(k.nbytes + v.nbytes for k, v in _kv(4))
+    one = sum(k.nbytes + v.nbytes for k, v in _kv(4)[0])
     cache = PrefixCache(2 * one)
     cache.store(None, [1, 1, 1, 1], _kv(4))
     cache.store(None, [2, 2, 2, 2], _kv(4))
@@ -79,6 +79,8 @@ def test_later_turns_reuse_the_conversation_and_answer_as_without_the_cache(rand
             if budget:
                 # turns 2 and 3 start with the turns before them; another adapter's entries never match
                 assert health["prefix_cache"]["hits"] == 2 and health["prefix_cache"]["reused_tokens"] > 0
+                if model == CHAT_ADAPTER:  # turn 2 restored turn 1's whole entry and kept it as its first segment
+                    assert max(len(e.kv) for e in srv.engine.prefix_cache._entries.values()) == 2
                 assert _conversation(client(url), BASE if model != BASE else CHAT_ADAPTER, turns[:1])
                 assert httpx2.get(f"{url}/health").json()["prefix_cache"]["hits"] == 2
             else:

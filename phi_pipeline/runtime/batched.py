@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from phi_pipeline.bundle.layout import MODEL_FILE
-from phi_pipeline.runtime.prefix_cache import KV
+from phi_pipeline.runtime.prefix_cache import KV, Segments, positions
 
 _LORA_INPUT = re.compile(r"lora_[AB]\b")
 _ROWS = ".rows"
@@ -302,16 +302,23 @@ class BatchedDecoder:
         self._run(np.zeros((1, 8), np.int64), np.ones((1, 8), np.int64), [None], prompt_row=0)
         self._run(np.zeros((1, 1), np.int64), np.ones((1, 1), np.int64), [None], prompt_row=None)
 
-    def snapshot(self, row: int, length: int) -> KV:
-        """Copies of the first `length` positions of row `row`, for the prefix cache."""
-        return [(k[row, :, :length].copy(), v[row, :, :length].copy()) for k, v in self.kv]
+    def snapshot(self, row: int, start: int, length: int) -> KV:
+        """Copies of positions start..length-1 of row `row`, for the prefix cache."""
+        return [(k[row, :, start:length].copy(), v[row, :, start:length].copy()) for k, v in self.kv]
 
-    def restore(self, kv: KV, length: int, row: int) -> None:
-        """The first `length` positions of `kv` into row `row`: a prefill from position `length` continues it."""
+    def restore(self, segments: Segments, length: int, row: int) -> None:
+        """The first `length` positions of a prefix-cache entry into row `row`: a prefill from position `length`
+        continues it."""
         self._check_fits(length)
-        for (k, v), (ck, cv) in zip(self.kv, kv, strict=True):
-            k[row, :, :length] = ck[:, :length]
-            v[row, :, :length] = cv[:, :length]
+        start = 0
+        for segment in segments:
+            n = min(positions(segment), length - start)
+            if n <= 0:
+                break
+            for (k, v), (ck, cv) in zip(self.kv, segment, strict=True):
+                k[row, :, start : start + n] = ck[:, :n]
+                v[row, :, start : start + n] = cv[:, :n]
+            start += n
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Row `src`'s first `length` positions to row `dst` (keeps the decoding rows a prefix)."""

@@ -41,7 +41,7 @@ from typing import Any, Callable
 from phi_pipeline.bundle.layout import MANIFEST
 from phi_pipeline.runtime.batched import BatchedDecoder, RowSampler
 from phi_pipeline.runtime.genai import BundleModel, Generation, Sampling
-from phi_pipeline.runtime.prefix_cache import PrefixCache
+from phi_pipeline.runtime.prefix_cache import PrefixCache, Segments, positions
 from phi_pipeline.runtime.scheduling import PrefillBudget
 
 log = logging.getLogger("phi_pipeline.serve")
@@ -169,6 +169,9 @@ class _Slot:
     """batched engine: the adapter version the request runs from start to end (a reload does not change it)"""
     generated: list[int] = field(default_factory=list)
     """batched engine: the tokens chosen so far; those fed back are in the KV row after the prompt"""
+    restored: Segments = ()
+    """batched engine: the prefix-cache segments its row starts with when it restored a whole entry; the entry
+    it leaves shares them"""
 
 
 class Engine:
@@ -461,6 +464,8 @@ class BatchedEngine(Engine):
                     if entry is not None:
                         decoder.restore(entry.kv, reused, self._prefill_row)
                         slot.fed = reused
+                        if reused == len(entry.tokens):
+                            slot.restored = entry.kv
                 chunk = prompt[slot.fed : slot.fed + self.prefill_budget.tokens(decoding=bool(self._rows))]
                 started = time.perf_counter()
                 logits = decoder.prefill(chunk, slot.fed, slot.adapter, self._prefill_row)
@@ -546,7 +551,8 @@ class BatchedEngine(Engine):
         """A leaving request's KV (its row `row`) into the prefix cache."""
         if self.prefix_cache is not None and self.decoder is not None and slot.length:
             tokens = [*slot.job.prompt, *slot.generated][: slot.length]
-            self.prefix_cache.store(slot.adapter, tokens, self.decoder.snapshot(row, slot.length))
+            start = sum(positions(segment) for segment in slot.restored)
+            self.prefix_cache.store(slot.adapter, tokens, (*slot.restored, self.decoder.snapshot(row, start, slot.length)))
 
 
 
@@ -587,7 +593,7 @@ def serving_engine(bundle: Path, threads: int | None, settings: EngineSettings, 
     if engine_kind(manifest, kind) == "genai":
         return Engine(lambda: BundleModel(bundle, threads=threads), settings)
     files = {a["name"]: bundle / a["file"] for a in manifest["adapters"] if "file" in a}
-    kv = default_kv_tokens(bundle, settings.max_active + 1)
+    kv = default_kv_tokens(bundle, settings.max_active)
 
     def make_decoder() -> BatchedDecoder:
         return BatchedDecoder(bundle, files, max_batch=settings.max_active, kv_len=kv, threads=threads)
