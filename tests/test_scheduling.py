@@ -8,7 +8,7 @@ import time
 import pytest
 
 from phi_pipeline.runtime.engine import EngineSettings
-from phi_pipeline.runtime.scheduling import PrefillBudget
+from phi_pipeline.runtime.scheduling import PrefillBudget, StepTimes
 from phi_pipeline.serve.app import ServeSettings
 from serve_support import CHAT_ADAPTER, TEMPLATE_ADAPTER, client, pace, running
 
@@ -46,6 +46,17 @@ def test_prefill_budget_stays_within_floor_and_chunk():
 
 def test_prefill_budget_unpaced_always_takes_the_chunk():
     assert set(_run(PrefillBudget(chunk=128, paced=False), 0.02, 0.005, 0.0005, rounds=5)) == {128}
+
+
+def test_step_times_report_medians_of_the_recent_runs_only():
+    times = StepTimes(keep=3)
+    assert times.stats()["decode_step_s_p50"] is None and times.stats()["prefill_runs"] == 0
+    for seconds, rows in ((9.0, 1), (0.02, 8), (0.03, 8), (0.04, 6)):  # the first falls out of the window
+        times.decoded(seconds, rows)
+    times.prefilled(0.05, 32)
+    stats = times.stats()
+    assert stats["decode_steps"] == 3 and stats["decode_step_s_p50"] == 0.03 and stats["decode_rows_p50"] == 8
+    assert stats["prefill_run_s_p50"] == 0.05 and stats["prefill_tokens_p50"] == 32
 
 
 @pytest.mark.parametrize("paced", [True, False])

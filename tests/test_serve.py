@@ -376,9 +376,9 @@ def test_long_prompt_goes_in_chunks_and_a_short_request_is_not_stuck_behind_a_lo
         feeds.append(self.fed - before)
         return done
 
-    def counted_prefill(self, ids, start, adapter):
+    def counted_prefill(self, ids, start, adapter, row):
         feeds.append(len(ids))
-        return real_prefill(self, ids, start, adapter)
+        return real_prefill(self, ids, start, adapter, row)
 
     monkeypatch.setattr(runtime.Generation, "feed", counted)
     monkeypatch.setattr(BatchedDecoder, "prefill", counted_prefill)

@@ -10,7 +10,8 @@ trained on single turns), so its turns do not grow.
 
 Figures per server: time to first token per turn (p50, p95 over the clients), inter-token latency (the gaps
 between a stream's content events) p50 and p95, output tokens/s over the run, and for ours the prefix cache's
-counters from /health. Servers: ours with the prefix cache and with `--prefix-cache-mb 0`, and llama-server on
+counters and the engine's decode step and prompt run times from /health (the inter-token p95 against a decode
+step alone). Servers: ours with the prefix cache and with `--prefix-cache-mb 0`, and llama-server on
 the same model with the same adapters as GGUF LoRAs (`cache_prompt` on, its default; `lora` per request).
 """
 
@@ -138,8 +139,8 @@ def bench_chat(servers: dict[str, Callable[[], Any]], chats: list[Conversation],
                 warm = chats[0]
                 chat_turn(server.url, warm.model, [{"role": "user", "content": "Hello"}], 2, server.extra(warm.model, 2))
                 run = run_chats(server.url, chats, new_tokens, lambda model, s=server: s.extra(model, new_tokens))
-                cache = server.health().get("prefix_cache")  # ours only: llama-server's /health has no such field
-                runs.append(run | ({"prefix_cache": cache} if cache else {}))
+                health = server.health()  # ours only: llama-server's /health has neither field
+                runs.append(run | {k: health[k] for k in ("prefix_cache", "steps") if k in health})
             finally:
                 server.close()
         out[name] = runs
@@ -147,7 +148,8 @@ def bench_chat(servers: dict[str, Callable[[], Any]], chats: list[Conversation],
 
 
 def rounds_summary(servers: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per server, over its rounds (median, min, max): each turn's TTFT p50, the inter-token p95, output tok/s."""
+    """Per server, over its rounds (median, min, max): each turn's TTFT p50, the inter-token p95, output tok/s;
+    for ours also the inter-token p95 over the engine's decode step alone (its p50, from /health)."""
     out = {}
     for name, runs in servers.items():
         turns = len(runs[0]["ttft_s_per_turn"])
@@ -156,6 +158,13 @@ def rounds_summary(servers: dict[str, list[dict[str, Any]]]) -> dict[str, dict[s
             "inter_token_p95_s": summary([r["inter_token_s"]["p95"] for r in runs]),
             "output_tok_s": summary([r["output_tok_s"] for r in runs], digits=1),
         }
+        steps = [r for r in runs if (r.get("steps") or {}).get("decode_step_s_p50")]
+        if steps:
+            out[name]["inter_token_p95_over_decode_step"] = summary(
+                [r["inter_token_s"]["p95"] / r["steps"]["decode_step_s_p50"] for r in steps])
+            out[name]["decode_step_s_p50"] = summary([r["steps"]["decode_step_s_p50"] for r in steps])
+            out[name]["prefill_run_s_p50"] = summary([r["steps"]["prefill_run_s_p50"] for r in steps
+                                                      if r["steps"]["prefill_run_s_p50"] is not None])
     return out
 
 

@@ -42,7 +42,7 @@ from phi_pipeline.bundle.layout import MANIFEST
 from phi_pipeline.runtime.batched import BatchedDecoder, RowSampler
 from phi_pipeline.runtime.genai import BundleModel, Generation, Sampling
 from phi_pipeline.runtime.prefix_cache import PrefixCache, Segments, positions
-from phi_pipeline.runtime.scheduling import PrefillBudget
+from phi_pipeline.runtime.scheduling import PrefillBudget, StepTimes
 
 log = logging.getLogger("phi_pipeline.serve")
 
@@ -404,6 +404,7 @@ class BatchedEngine(Engine):
         self._defaults: dict[str, Any] = {}
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes) if settings.prefix_cache_bytes > 0 else None
         self.prefill_budget = PrefillBudget(settings.prefill_chunk, paced=settings.pace_prefill)
+        self.step_times = StepTimes()
         self._versions: dict[str, str] = {}
         """adapter name -> the key of the weights it is served from now (the decoder's and the prefix cache's)"""
         self._loads = 0
@@ -469,7 +470,9 @@ class BatchedEngine(Engine):
                 chunk = prompt[slot.fed : slot.fed + self.prefill_budget.tokens(decoding=bool(self._rows))]
                 started = time.perf_counter()
                 logits = decoder.prefill(chunk, slot.fed, slot.adapter, self._prefill_row)
-                self.prefill_budget.prefilled(len(chunk), time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self.prefill_budget.prefilled(len(chunk), seconds)
+                self.step_times.prefilled(seconds, len(chunk))
                 slot.fed += len(chunk)
                 if slot.fed == len(prompt):
                     self._prefilling = None
@@ -484,7 +487,9 @@ class BatchedEngine(Engine):
             rows = self._rows
             started = time.perf_counter()
             logits = decoder.decode([r.last for r in rows], [r.length for r in rows], [r.adapter for r in rows])
-            self.prefill_budget.decoded(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.prefill_budget.decoded(seconds)
+            self.step_times.decoded(seconds, len(rows))
             done = []
             for i, row in enumerate(rows):
                 row.length += 1

@@ -13,7 +13,9 @@ length toward the one whose time is a decode step (a fixed point, reached in a f
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
+from statistics import median
 
 SMOOTHING = 0.3
 """Weight of the newest run in the running averages."""
@@ -49,3 +51,27 @@ class PrefillBudget:
 
 def _average(old: float | None, new: float) -> float:
     return new if old is None else (1 - SMOOTHING) * old + SMOOTHING * new
+
+
+class StepTimes:
+    """The engine's recent model runs, for /health: decode steps (seconds, rows) and prompt runs (seconds,
+    tokens). A client's gap between tokens is a decode step, plus a prompt run in the rounds that have one: the
+    chat bench compares its inter-token p95 with the decode step read here."""
+
+    def __init__(self, keep: int = 4096):
+        self._decode: collections.deque[tuple[float, int]] = collections.deque(maxlen=keep)
+        self._prefill: collections.deque[tuple[float, int]] = collections.deque(maxlen=keep)
+
+    def decoded(self, seconds: float, rows: int) -> None:
+        self._decode.append((seconds, rows))
+
+    def prefilled(self, seconds: float, tokens: int) -> None:
+        self._prefill.append((seconds, tokens))
+
+    def stats(self) -> dict[str, float | int | None]:
+        def p50(runs: collections.deque[tuple[float, int]], i: int) -> float | None:
+            return round(median(r[i] for r in runs), 4) if runs else None
+
+        return {"decode_steps": len(self._decode), "decode_step_s_p50": p50(self._decode, 0),
+                "decode_rows_p50": p50(self._decode, 1), "prefill_runs": len(self._prefill),
+                "prefill_run_s_p50": p50(self._prefill, 0), "prefill_tokens_p50": p50(self._prefill, 1)}

@@ -197,6 +197,9 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
         cache = getattr(engine, "prefix_cache", None)
         if cache is not None:
             body["prefix_cache"] = cache.stats()
+        steps = getattr(engine, "step_times", None)
+        if steps is not None:  # the batched engine's
+            body["steps"] = steps.stats()
         return JSONResponse(body, status_code=200 if engine.state == "ready" else 503)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
