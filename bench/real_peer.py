@@ -16,7 +16,8 @@ EXTRAS=cpu,peer`); builds llama.cpp as `make bench-peer` does (phi_pipeline/benc
   Face tokenizer's), cut into llama-perplexity's chunks of `--ctx` tokens, and only the second half of each chunk
   is scored, as llama-perplexity does.
 - chat: 8 clients, 4 turns each, mixed adapters (phi_pipeline/bench/chat.py) on `phi-pipeline serve` as shipped,
-  without its prefix cache, without stall-free prefill pacing, and on llama-server (Q4_0, every adapter as a GGUF LoRA, per-request `lora`).
+  without its prefix cache, without stall-free prefill pacing, with prompt runs of at least 8 tokens (not 32), and
+  on llama-server (Q4_0, every adapter as a GGUF LoRA, per-request `lora`).
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ def chat(peer, ggufs: dict[str, Path], loras: dict[str, Path], bundle: Path, arg
 
     servers = {"phi-pipeline serve": ours(), "phi-pipeline serve, --prefix-cache-mb 0": ours("--prefix-cache-mb", "0"),
                "phi-pipeline serve, --prefill-pacing off": ours("--prefill-pacing", "off"),
+               "phi-pipeline serve, --prefill-min-tokens 8": ours("--prefill-min-tokens", "8"),
                f"llama-server {LORA_QUANT}": lambda: llama.start(n, logs / "llama-server.log")}
     runs = bench_chat(servers, chats, args.chat_tokens, args.chat_rounds)
     rounds = rounds_summary(runs)
@@ -258,8 +260,10 @@ def main() -> int:
                     f"{run['output_tok_s']} tok/s; failed {run['failed']}")
         for name, s in result["chat"]["summary"].items():
             ttft = " / ".join(f"{t['median']:.3f}" for t in s["ttft_p50_s_per_turn"])
+            steps = s.get("inter_token_p95_over_decode_step")
             say(f"{name:40s} medians of {args.chat_rounds} rounds: TTFT p50 by turn {ttft} s; inter-token p95 "
-                f"{s['inter_token_p95_s']['median']:.4f} s; {s['output_tok_s']['median']} tok/s")
+                f"{s['inter_token_p95_s']['median']:.4f} s" + (f" ({steps['median']:.2f}x a decode step of "
+                f"{s['decode_step_s_p50']['median']:.4f} s)" if steps else "") + f"; {s['output_tok_s']['median']} tok/s")
         for other, speedups in result["chat"]["ttft_speedups"].items():
             say(f"phi-pipeline serve answers first {' / '.join(f'{x:.2f}x' for x in speedups)} sooner by turn than {other}")
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -184,7 +184,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve_cli(args.bundle, host=args.host, port=args.port, threads=args.threads, api_key=args.api_key,
                      max_active=args.max_active, max_queue=args.max_queue, max_tokens=args.max_tokens,
                      engine=args.engine, prefix_cache_mb=args.prefix_cache_mb, public_key=args.public_key,
-                     prefill_pacing=args.prefill_pacing)
+                     prefill_pacing=args.prefill_pacing, prefill_min_tokens=args.prefill_min_tokens)
 
 
 def _cmd_web(args: argparse.Namespace) -> int:
@@ -346,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batched engine: decode-step (default): while requests decode, a prompt goes in by runs that "
                    "take about one decode step each, so streams keep their pace (stall-free); off: 128 prompt tokens a "
                    "run, whatever waits")
+    p.add_argument("--prefill-min-tokens", type=int, default=32,
+                   help="batched engine, decode-step pacing: the fewest prompt tokens a run takes while others decode "
+                   "(default 32, at most 128); fewer shortens the streams' longest gaps and lengthens the time to "
+                   "first token (docs/serving.md)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("web", help="write a bundle's in-browser page (onnxruntime-web, an adapter per message) as static "

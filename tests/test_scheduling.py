@@ -44,6 +44,13 @@ def test_prefill_budget_stays_within_floor_and_chunk():
     assert set(_run(PrefillBudget(chunk=64, floor=4), decode_s=0.001, fixed_s=0.01, per_token_s=0.01, rounds=10)) == {4}
 
 
+def test_engine_takes_its_prefill_floor_from_the_settings():
+    from phi_pipeline.runtime.engine import BatchedEngine
+
+    engine = BatchedEngine(lambda: None, lambda: None, EngineSettings(prefill_min_tokens=8))
+    assert engine.prefill_budget.floor == 8 and BatchedEngine(lambda: None, lambda: None).prefill_budget.floor == 32
+
+
 def test_prefill_budget_unpaced_always_takes_the_chunk():
     assert set(_run(PrefillBudget(chunk=128, paced=False), 0.02, 0.005, 0.0005, rounds=5)) == {128}
 

@@ -449,9 +449,10 @@ def test_serve_cli_refuses_bad_arguments_with_exit_code_2(tmp_path, capsys):
 
     assert main(["serve", str(tmp_path)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
-    assert main(["serve", str(tmp_path), "--max-active", "0", "--max-queue", "-1"]) == 2
+    assert main(["serve", str(tmp_path), "--max-active", "0", "--max-queue", "-1", "--prefill-min-tokens", "0"]) == 2
     err = capsys.readouterr().err
     assert "--max-active must be >= 1" in err and "--max-queue must be >= 0" in err
+    assert "--prefill-min-tokens must be between 1 and 128" in err
 
 
 def test_serving_bench_view_names_every_id_of_the_vocabulary(tmp_path):

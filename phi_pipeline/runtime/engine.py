@@ -58,6 +58,8 @@ class EngineSettings:
     pace_prefill: bool = True
     """Batched engine: while requests decode, a round's prompt run takes what fits in one decode step
     (scheduling.py), so streams keep their pace; False: always prefill_chunk tokens."""
+    prefill_min_tokens: int = 32
+    """Batched engine, paced: the fewest prompt tokens a run takes while others decode (PrefillBudget.floor)."""
     prefix_cache_bytes: int = 1 << 30
     """Batched engine: host RAM kept for finished requests' KV, reused by a later prompt that starts with the
     same tokens under the same adapter (prefix_cache.py); 0: every prompt is prefilled whole."""
@@ -403,7 +405,8 @@ class BatchedEngine(Engine):
         ones when it started (rows leaving meanwhile make it one past: it moves down when it joins)."""
         self._defaults: dict[str, Any] = {}
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes) if settings.prefix_cache_bytes > 0 else None
-        self.prefill_budget = PrefillBudget(settings.prefill_chunk, paced=settings.pace_prefill)
+        self.prefill_budget = PrefillBudget(settings.prefill_chunk, floor=settings.prefill_min_tokens,
+                                            paced=settings.pace_prefill)
         self.step_times = StepTimes()
         self._versions: dict[str, str] = {}
         """adapter name -> the key of the weights it is served from now (the decoder's and the prefix cache's)"""

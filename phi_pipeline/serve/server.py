@@ -116,13 +116,16 @@ def _web_page_words(bundle: Path, api_key: str | None, url: str) -> str:
 
 def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key: str | None, max_active: int,
               max_queue: int, max_tokens: int, engine: str = "auto", prefix_cache_mb: int = 1024,
-              public_key: str | None = None, prefill_pacing: str = "decode-step") -> int:
+              public_key: str | None = None, prefill_pacing: str = "decode-step", prefill_min_tokens: int = 32) -> int:
     from phi_pipeline.runtime.engine import EngineSettings, engine_kind
 
     problems = [f"{name} must be >= 1" for name, v in
                 (("--threads", threads or 1), ("--max-active", max_active), ("--max-tokens", max_tokens)) if v < 1]
     problems += [f"{name} must be >= 0" for name, v in (("--max-queue", max_queue), ("--prefix-cache-mb", prefix_cache_mb))
                  if v < 0]
+    chunk = EngineSettings.prefill_chunk
+    if not 1 <= prefill_min_tokens <= chunk:
+        problems.append(f"--prefill-min-tokens must be between 1 and {chunk} (a run's most tokens)")
     if public_key is not None:
         from phi_pipeline.bundle.signing import check_public_key
 
@@ -139,7 +142,8 @@ def serve_cli(bundle: str, *, host: str, port: int, threads: int | None, api_key
     settings = ServeSettings(path, threads=threads, api_key=api_key, max_tokens=max_tokens,
                              engine=EngineSettings(max_active=max_active, max_queue=max_queue,
                                                    prefix_cache_bytes=prefix_cache_mb << 20,
-                                                   pace_prefill=prefill_pacing == "decode-step"), engine_kind=kind,
+                                                   pace_prefill=prefill_pacing == "decode-step",
+                                                   prefill_min_tokens=prefill_min_tokens), engine_kind=kind,
                              public_key=Path(public_key) if public_key else None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # uvicorn's look
     server = build_server(settings, host, port)
