@@ -70,9 +70,11 @@ class StepTimes:
         self._prefill.append((seconds, tokens))
 
     def stats(self) -> dict[str, float | int | None]:
-        def p50(runs: collections.deque[tuple[float, int]], i: int) -> float | None:
+        # copied first: /health reads on the server's thread while the engine's thread appends
+        decode, prefill = tuple(self._decode), tuple(self._prefill)
+
+        def p50(runs: tuple[tuple[float, int], ...], i: int) -> float | None:
             return round(median(r[i] for r in runs), 4) if runs else None
 
-        return {"decode_steps": len(self._decode), "decode_step_s_p50": p50(self._decode, 0),
-                "decode_rows_p50": p50(self._decode, 1), "prefill_runs": len(self._prefill),
-                "prefill_run_s_p50": p50(self._prefill, 0), "prefill_tokens_p50": p50(self._prefill, 1)}
+        return {"decode_steps": len(decode), "decode_step_s_p50": p50(decode, 0), "decode_rows_p50": p50(decode, 1),
+                "prefill_runs": len(prefill), "prefill_run_s_p50": p50(prefill, 0), "prefill_tokens_p50": p50(prefill, 1)}
