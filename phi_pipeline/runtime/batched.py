@@ -173,7 +173,8 @@ class BatchedDecoder:
         dtype = self.dtype = _numpy_float(inputs[self._past[0][0]].type)
         shape = (max_batch, self.kv_heads, self.kv_len, self.head)
         # written once here, not left to np.zeros' lazily mapped pages: otherwise the first request to use each
-        # row faults its pages in (huge pages zeroed by the kernel) inside its first prompt run, 0.9 s for SmolLM2 at 8 rows
+        # row faults its pages in (huge pages zeroed by the kernel) inside its first prompt run, 0.9 s for SmolLM2
+        # at 8 rows
         self.kv = [(np.full(shape, 0, dtype), np.full(shape, 0, dtype)) for _ in range(self.layers)]
         self.adapters: dict[str, Adapter] = {}
         self._bindings: dict[tuple[int | None, tuple[str | None, ...]], tuple[object, dict[str, np.ndarray]]] = {}

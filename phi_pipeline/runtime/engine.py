@@ -560,7 +560,8 @@ class BatchedEngine(Engine):
         if self.prefix_cache is not None and self.decoder is not None and slot.length:
             tokens = [*slot.job.prompt, *slot.generated][: slot.length]
             start = sum(positions(segment) for segment in slot.restored)
-            self.prefix_cache.store(slot.adapter, tokens, (*slot.restored, self.decoder.snapshot(row, start, slot.length)))
+            new = self.decoder.snapshot(row, start, slot.length)
+            self.prefix_cache.store(slot.adapter, tokens, (*slot.restored, new))
 
 
 

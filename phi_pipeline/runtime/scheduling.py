@@ -76,5 +76,6 @@ class StepTimes:
         def p50(runs: tuple[tuple[float, int], ...], i: int) -> float | None:
             return round(median(r[i] for r in runs), 4) if runs else None
 
-        return {"decode_steps": len(decode), "decode_step_s_p50": p50(decode, 0), "decode_rows_p50": p50(decode, 1),
-                "prefill_runs": len(prefill), "prefill_run_s_p50": p50(prefill, 0), "prefill_tokens_p50": p50(prefill, 1)}
+        return {"decode_steps": len(decode), "decode_step_s_p50": p50(decode, 0),
+                "decode_rows_p50": p50(decode, 1), "prefill_runs": len(prefill),
+                "prefill_run_s_p50": p50(prefill, 0), "prefill_tokens_p50": p50(prefill, 1)}
