@@ -181,7 +181,8 @@ def test_short_finetune_adapter_is_byte_identical_when_rerun(fast_project, tmp_p
     from phi_pipeline.orchestration.runner import run_olive
 
     project = tmp_path / "project"
-    shutil.copytree(fast_project, project, ignore=shutil.ignore_patterns("dist"))
+    # symlinks=True: other tests link the project's venvs in (tests/test_npu_*.py); copied, they cost gigabytes
+    shutil.copytree(fast_project, project, symlinks=True, ignore=shutil.ignore_patterns("dist"))
     monkeypatch.chdir(project)
     plan = load_plan("pipelines/fast.yaml", "cpu")
     adapter = plan.adapters[0]
