@@ -27,9 +27,10 @@ class PrefillBudget:
     """The most prompt tokens in one run (EngineSettings.prefill_chunk), the whole of a round's when no one decodes."""
     floor: int = 32
     """The fewest tokens a run takes while others decode (EngineSettings.prefill_min_tokens, `serve
-    --prefill-min-tokens`). A run has a fixed cost (SmolLM2 on 2 cores: about 25 ms,
-    2.1 ms a token after it), so below this a prompt would go in mostly paying it: with one stream decoding in
-    11 ms steps, 8-token runs took a 1,500-token prompt 10 s to answer where 32-token runs take about 5 s."""
+    --prefill-min-tokens`). A run has a fixed cost of about one one-row decode step (SmolLM2 on 2 cores: 14.5 ms
+    for 1 token, 27 ms for 8, 74 ms for 32), so below this a prompt would go in mostly paying it: with one stream
+    decoding in 11 ms steps, 8-token runs took a 1,500-token prompt 10 s to answer where 32-token runs take
+    about 5 s."""
     paced: bool = True
     """False: every run takes `chunk` tokens (the engine before stall-free scheduling, for comparison)."""
     _decode_s: float | None = field(default=None, init=False)
