@@ -60,7 +60,7 @@ def test_step_times_report_medians_of_the_recent_runs_only():
     assert times.stats()["decode_step_s_p50"] is None and times.stats()["prefill_runs"] == 0
     for seconds, rows in ((9.0, 1), (0.02, 8), (0.03, 8), (0.04, 6)):  # the first falls out of the window
         times.decoded(seconds, rows)
-    times.prefilled(0.05, 32)
+    times.prefilled(32, 0.05)
     stats = times.stats()
     assert stats["decode_steps"] == 3 and stats["decode_step_s_p50"] == 0.03 and stats["decode_rows_p50"] == 8
     assert stats["prefill_run_s_p50"] == 0.05 and stats["prefill_tokens_p50"] == 32

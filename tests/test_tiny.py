@@ -181,8 +181,9 @@ def test_short_finetune_adapter_is_byte_identical_when_rerun(fast_project, tmp_p
     from phi_pipeline.orchestration.runner import run_olive
 
     project = tmp_path / "project"
-    # symlinks=True: other tests link the project's venvs in (tests/test_npu_*.py); copied, they cost gigabytes
-    shutil.copytree(fast_project, project, symlinks=True, ignore=shutil.ignore_patterns("dist"))
+    # the project's files, not its environments: tests/test_npu_*.py link the venvs in, and a copy of them is
+    # gigabytes (it filled CI's disk)
+    shutil.copytree(fast_project, project, ignore=shutil.ignore_patterns("dist", ".venv*"))
     monkeypatch.chdir(project)
     plan = load_plan("pipelines/fast.yaml", "cpu")
     adapter = plan.adapters[0]

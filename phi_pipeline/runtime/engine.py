@@ -475,7 +475,7 @@ class BatchedEngine(Engine):
                 logits = decoder.prefill(chunk, slot.fed, slot.adapter, self._prefill_row)
                 seconds = time.perf_counter() - started
                 self.prefill_budget.prefilled(len(chunk), seconds)
-                self.step_times.prefilled(seconds, len(chunk))
+                self.step_times.prefilled(len(chunk), seconds)
                 slot.fed += len(chunk)
                 if slot.fed == len(prompt):
                     self._prefilling = None

@@ -67,7 +67,7 @@ class StepTimes:
     def decoded(self, seconds: float, rows: int) -> None:
         self._decode.append((seconds, rows))
 
-    def prefilled(self, seconds: float, tokens: int) -> None:
+    def prefilled(self, tokens: int, seconds: float) -> None:  # PrefillBudget.prefilled's order: fed side by side
         self._prefill.append((seconds, tokens))
 
     def stats(self) -> dict[str, float | int | None]:
